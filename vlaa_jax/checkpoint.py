@@ -1,0 +1,96 @@
+"""Model directories: an Orbax checkpoint of the weights plus everything needed to use them.
+
+A vlaa-jax model directory is self-contained, like an HF one, so that `from_pretrained`, the sampler and
+the trainers need nothing else:
+
+    DIR/config.json       the HF Qwen2.5-VL config (architecture; also how tools recognise the model)
+    DIR/params/           Orbax checkpoint of the parameters, a nested dict keyed by our NNX state paths
+    DIR/vlaa_jax.json     format marker and provenance (source, dtype)
+    DIR/tokenizer*.json, preprocessor_config.json, chat_template.* ...   copied from the source
+
+Training-state checkpoints (optimizer, step, data iterator) are the trainer's business; this module only
+moves model weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+
+FORMAT = "vlaa-jax-model/1"
+PARAMS_SUBDIR = "params"
+MARKER_FILE = "vlaa_jax.json"
+# Files that make an HF directory usable beyond its weights (tokenizer, processor, generation defaults).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "generation_config.json",
+)
+
+
+def is_model_dir(path: str) -> bool:
+    """True for a vlaa-jax (Orbax) model directory, False for anything else (e.g. an HF directory)."""
+    return os.path.isfile(os.path.join(path, MARKER_FILE)) and os.path.isdir(
+        os.path.join(path, PARAMS_SUBDIR))
+
+
+def copy_processor_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copies tokenizer / processor files present in `src_dir`; returns the names copied."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def save_model_dir(out_dir: str, params: Mapping[str, Any], hf_config: Mapping[str, Any], *,
+                   processor_dir: str | None = None, info: Mapping[str, Any] | None = None) -> str:
+    """Writes `params` (nested dict of arrays) as Orbax plus config and processor files to `out_dir`."""
+    out_dir = os.path.abspath(out_dir)
+    params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
+    if os.path.exists(params_dir):
+        raise FileExistsError(f"{params_dir} already exists: choose an empty --out directory")
+    os.makedirs(out_dir, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, params)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dict(hf_config), f, indent=2, sort_keys=True)
+    if processor_dir is not None:
+        copy_processor_files(processor_dir, out_dir)
+    with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
+        json.dump({"format": FORMAT, **(info or {})}, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def read_hf_config(model_dir: str) -> dict[str, Any]:
+    """The config.json of an HF or vlaa-jax model directory, with errors that name the path."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {model_dir!r} is not a model directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_params(model_dir: str, target: Any | None = None) -> Any:
+    """Restores the parameter tree of a vlaa-jax model directory.
+
+    `target` may be an abstract tree (`jax.ShapeDtypeStruct`s with shardings, e.g. from `nnx.eval_shape`):
+    each shard is then read straight onto its devices and the full model never sits on one device.
+    """
+    if not is_model_dir(model_dir):
+        raise FileNotFoundError(
+            f"{model_dir!r} is not a vlaa-jax model directory (no {MARKER_FILE} and {PARAMS_SUBDIR}/); "
+            "convert an HF checkpoint with tools/convert_hf_to_orbax.py")
+    checkpointer = ocp.StandardCheckpointer()
+    return checkpointer.restore(os.path.join(os.path.abspath(model_dir), PARAMS_SUBDIR), target)
