@@ -1,0 +1,158 @@
+"""Qwen2.5-VL image preprocessing in NumPy, number for number equal to HF `Qwen2VLImageProcessorPil`.
+
+Steps (same as HF): RGB conversion of any PIL mode (transparency composited on white), `smart_resize` to
+multiples of 28 within [min_pixels, max_pixels], PIL bicubic resize, rescale by 1/255 (float64 then
+float32), normalise with the OpenAI CLIP mean/std (float32), patchify to [grid_h*grid_w, 3*2*14*14] in
+the merge-window order the vision tower expects, with image_grid_thw = [[1, grid_h, grid_w]].
+
+Rescale + normalise is one 256-entry lookup table per channel (exactly the same float32 values as HF's
+two steps, without touching float64 arrays): most of the speed-up over the HF processor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.records import DataError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
+MAX_ASPECT_RATIO = 200  # HF smart_resize limit
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 1280
+) -> tuple[int, int]:
+    """(h, w) divisible by `factor`, area within [min_pixels, max_pixels], aspect ratio kept (HF rules).
+
+    Raises ValueError, like HF, when the aspect ratio exceeds 200.
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFeatures:
+    """One preprocessed image.
+
+    pixel_values: float32 [grid_h*grid_w, 1176]; image_grid_thw: int32 [1, 3] = [[1, grid_h, grid_w]];
+    original_hw / resized_hw: (height, width) before and after smart_resize. `scale_xy` maps original pixel
+    coordinates to resized ones (x * sx, y * sy): the IoU reward needs it to compare boxes in one frame.
+    """
+
+    pixel_values: np.ndarray
+    image_grid_thw: np.ndarray
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of <|image_pad|> tokens: merged patches, t*h*w / merge_size**2."""
+        return self.num_patches // (MERGE_SIZE * MERGE_SIZE)
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        return self.resized_hw[1] / self.original_hw[1], self.resized_hw[0] / self.original_hw[0]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of any PIL mode; alpha or palette transparency composited on white (as HF convert_to_rgb)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@lru_cache(maxsize=8)
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...], rescale: float) -> np.ndarray:
+    """[3, 256] float32: ((float32(v * rescale) - mean) / std), HF's rescale then normalise, per channel."""
+    v = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    return ((v[None, :] - m) / s).astype(np.float32)
+
+
+def patchify(rgb: np.ndarray, lut: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+             temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
+    """uint8 [H, W, 3] -> normalised float32 [gh*gw, 3*T*p*p], rows in merge-window order (as HF)."""
+    h, w, c = rgb.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = rgb.reshape(gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size, c)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, C, ph, pw)
+    x = x.reshape(gh * gw, c, 1, patch_size * patch_size)
+    out = np.empty((gh * gw, c, temporal_patch_size, patch_size * patch_size), dtype=np.float32)
+    for ch in range(c):
+        out[:, ch, :, :] = lut[ch][x[:, ch]]  # broadcast over the temporal axis (a still image is repeated)
+    return out.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD,
+    patch_size: int = PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+) -> ImageFeatures:
+    """PIL image -> ImageFeatures equal to `Qwen2VLImageProcessorPil(min_pixels=.., max_pixels=..)(image)`."""
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    rh, rw = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    resized = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(resized, dtype=np.uint8)
+    lut = _normalize_lut(tuple(image_mean), tuple(image_std), 1 / 255)
+    pixel_values = patchify(arr, lut, patch_size, merge_size, temporal_patch_size)
+    grid = np.array([[1, rh // patch_size, rw // patch_size]], dtype=np.int32)
+    return ImageFeatures(pixel_values, grid, (height, width), (rh, rw))
+
+
+def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode encoded image bytes fully (truncation shows up here), checking size and aspect ratio.
+
+    Raises DataError (kinds `bad_image`, `tiny_image`, `extreme_aspect_ratio`) naming `name`.
+    `min_side` rejects images whose shorter side is below it (HF would upscale them; 28 rejects
+    anything smaller than one merged patch), 0 disables the check.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}", kind="bad_image", field="image") from e
+    w, h = img.size
+    if w < 1 or h < 1 or min(w, h) < min_side:
+        raise DataError(f"image {name} is {w}x{h}, smaller than min_image_side={min_side}", kind="tiny_image", field="image")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        raise DataError(
+            f"image {name} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} exceeds {max_aspect_ratio}",
+            kind="extreme_aspect_ratio",
+            field="image",
+        )
+    return img

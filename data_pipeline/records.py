@@ -1,0 +1,322 @@
+"""VLAA-Thinking records: the two known file shapes, normalised to one typed `Record`.
+
+Shapes accepted (see shared/vlaa_thinking_format.md):
+- released files: `image`, `question`, `answer` (`<think>..</think><answer>..</answer>`), `gt`, and in the
+  GRPO split `verifier_type`;
+- the pipeline shape on the dataset card: `id`, `image`, `question`, `gt`, `ds_answer`, `caption`, `meta`.
+Files may be one JSON array or JSON Lines (the released `.json` files are reported to be JSON Lines).
+
+Every problem is a `DataError` that names the file, the line and the field. Callers decide whether to
+raise it or to skip the record and count it (`skip_bad_records`); nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+VERIFIER_TYPES: tuple[str, ...] = ("digit", "mcq", "math", "iou", "open_ended")
+
+# Spellings met (or expected) in the files -> canonical reward type.
+VERIFIER_ALIASES: dict[str, str] = {
+    "digit": "digit",
+    "mcq": "mcq",
+    "math": "math",
+    "iou": "iou",
+    "bbox": "iou",
+    "open": "open_ended",
+    "open_ended": "open_ended",
+    "open-ended": "open_ended",
+    "general": "open_ended",
+}
+
+# Reward type of each source (paper Table 1 / dataset card), used when a record has no `verifier_type`
+# (the SFT split). Sources are the first component of the image path.
+SOURCE_VERIFIER: dict[str, str] = {
+    "clevr_math": "digit",
+    "geoqa170k": "mcq",
+    "synthesis": "math",  # Math PUMA
+    "arxivqa": "mcq",
+    "docvqa": "open_ended",
+    "vizwiz": "open_ended",
+    "allava_laion": "open_ended",
+    "coco": "iou",  # LLaVA-CoT COCO
+    "vg": "iou",  # LLaVA-CoT Visual Genome
+}
+
+# Known names of the two files in the dataset repository, newest first.
+SPLIT_FILES: dict[str, tuple[str, ...]] = {
+    "sft": ("VLAA-Thinking-SFT-126K.json", "train-sft.json"),
+    "grpo": ("VLAA-Thinking-GRPO-25K.json", "train-grpo.json"),
+}
+
+
+class DataError(ValueError):
+    """A bad record or image. `kind` groups errors in skip summaries; the message names file/line/field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        record_id: str | None = None,
+    ):
+        self.kind, self.file, self.line, self.field, self.record_id = kind, file, line, field, record_id
+        self.reason = message
+        where = f"{file or '<unknown file>'}:{line if line is not None else '?'}"
+        parts = [where]
+        if record_id is not None:
+            parts.append(f"record {record_id!r}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        super().__init__(f"{', '.join(parts)}: {message} [{kind}]")
+
+    def with_context(self, **kw: Any) -> "DataError":
+        """Same error with missing location fields filled in (file, line, field, record_id)."""
+        args = {k: getattr(self, k) for k in ("kind", "file", "line", "field", "record_id")}
+        args.update({k: v for k, v in kw.items() if args.get(k) is None})
+        return DataError(self.reason, **args)
+
+    def __reduce__(self):  # picklable across Grain worker processes
+        return (_rebuild_error, (self.reason, self.kind, self.file, self.line, self.field, self.record_id))
+
+
+def _rebuild_error(reason, kind, file, line, field, record_id) -> DataError:
+    return DataError(reason, kind=kind, file=file, line=line, field=field, record_id=record_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One normalised VLAA-Thinking example.
+
+    Attributes:
+      id: `id` field if present, else `<file name>:<line>` (stable across runs).
+      source: first component of the image path (e.g. `clevr_math`), lower case.
+      image: image path relative to the images root (posix, normalised, never escaping the root).
+      question: user question (text only; the image goes before it in the prompt).
+      response: assistant response with `<think>`/`<answer>` tags (`answer` or `ds_answer`); "" if absent.
+      ground_truth: `gt` as a string; non-string values (numbers, boxes) are JSON-encoded ("[x1, y1, x2, y2]").
+      verifier_type: one of VERIFIER_TYPES (from `verifier_type`, else from the source; None if unknown).
+      file: file the record came from; line: 1-based line of the record in it (for error messages).
+    """
+
+    id: str
+    source: str
+    image: str
+    question: str
+    response: str
+    ground_truth: str
+    verifier_type: str | None
+    file: str = ""
+    line: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def normalize_verifier_type(value: Any, **where: Any) -> str:
+    """Canonical reward type for a `verifier_type` value; DataError (kind `unknown_verifier_type`) otherwise."""
+    key = str(value).strip().lower() if isinstance(value, str) else None
+    if key not in VERIFIER_ALIASES:
+        raise DataError(
+            f"unknown verifier_type {value!r}; accepted: {sorted(VERIFIER_ALIASES)}",
+            kind="unknown_verifier_type",
+            field="verifier_type",
+            **where,
+        )
+    return VERIFIER_ALIASES[key]
+
+
+def normalize_image_path(path: Any, **where: Any) -> str:
+    """Relative posix image path; DataError if empty, absolute or escaping the images root via `..`."""
+    if not isinstance(path, str) or not path.strip():
+        raise DataError("missing or empty image path", kind="missing_field", field="image", **where)
+    p = path.strip().replace("\\", "/")
+    norm = posixpath.normpath(p)
+    if p.startswith("/") or norm == ".." or norm.startswith("../") or (len(p) > 1 and p[1] == ":"):
+        raise DataError(f"image path {path!r} escapes the images root", kind="path_escape", field="image", **where)
+    return norm
+
+
+def _text_field(raw: dict, names: tuple[str, ...], *, required: bool, where: dict) -> str:
+    for name in names:
+        if name in raw and raw[name] is not None:
+            value = raw[name]
+            if not isinstance(value, str):
+                raise DataError(f"expected a string, got {type(value).__name__}", kind="bad_field", field=name, **where)
+            if required and not value.strip():
+                raise DataError("empty", kind="missing_field", field=name, **where)
+            return value
+    if required:
+        raise DataError("missing", kind="missing_field", field="/".join(names), **where)
+    return ""
+
+
+def parse_record(
+    raw: Any, *, file: str = "", line: int = 0, split: str = "grpo", require_response: bool | None = None
+) -> Record:
+    """Normalise one raw JSON object (either known shape) into a Record.
+
+    `split` ("sft" | "grpo") decides what is required: SFT needs a non-empty response; GRPO needs a
+    ground truth and a known reward type. `require_response` overrides the SFT default.
+    """
+    where: dict[str, Any] = {"file": file, "line": line}
+    if not isinstance(raw, dict):
+        raise DataError(f"expected a JSON object, got {type(raw).__name__}", kind="malformed_json", **where)
+    rid = raw.get("id")
+    rid = str(rid) if rid is not None else f"{os.path.basename(file) or 'record'}:{line}"
+    where["record_id"] = rid
+    image = normalize_image_path(raw.get("image"), **where)
+    source = image.split("/", 1)[0].lower() if "/" in image else "unknown"
+    question = _text_field(raw, ("question",), required=True, where=where)
+    need_response = (split == "sft") if require_response is None else require_response
+    response = _text_field(raw, ("answer", "ds_answer", "response"), required=need_response, where=where)
+    gt = raw.get("gt")
+    if gt is None or (isinstance(gt, str) and not gt.strip()) or (isinstance(gt, (list, dict)) and not gt):
+        if split == "grpo":
+            raise DataError("missing or empty ground truth", kind="missing_field", field="gt", **where)
+        gt_str = ""
+    else:
+        gt_str = gt if isinstance(gt, str) else json.dumps(gt)
+    if raw.get("verifier_type") is not None:
+        verifier = normalize_verifier_type(raw["verifier_type"], **where)
+    else:
+        verifier = SOURCE_VERIFIER.get(source)
+        if verifier is None and split == "grpo":
+            raise DataError(
+                f"no verifier_type and source {source!r} has no known reward type",
+                kind="missing_field",
+                field="verifier_type",
+                **where,
+            )
+    return Record(
+        id=rid,
+        source=source,
+        image=image,
+        question=question,
+        response=response,
+        ground_truth=gt_str,
+        verifier_type=verifier,
+        file=file,
+        line=line,
+    )
+
+
+def iter_raw_json(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line, object) for a JSON array file or a JSON Lines file.
+
+    A malformed JSON Lines line yields (line, DataError) so the caller can skip and count it; a broken
+    JSON array raises, since nothing after the break can be located.
+    """
+    path = os.fspath(path)
+    text = Path(path).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        decoder = json.JSONDecoder()
+        pos = len(text) - len(stripped) + 1
+        line = 1 + text.count("\n", 0, pos)
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                if text[pos] == "\n":
+                    line += 1
+                pos += 1
+            if pos >= len(text):
+                raise DataError("unterminated JSON array", kind="malformed_json", file=path, line=line)
+            if text[pos] == "]":
+                return
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON: {e.msg}", kind="malformed_json", file=path, line=e.lineno) from e
+            yield line, obj
+            line += text.count("\n", pos, end)
+            pos = end
+    for i, row in enumerate(text.splitlines(), start=1):
+        if not row.strip():
+            continue
+        try:
+            yield i, json.loads(row)
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"malformed JSON line: {e.msg} (column {e.colno})", kind="malformed_json", file=path, line=i)
+
+
+@dataclasses.dataclass
+class BadRecordSummary:
+    """Counts of skipped (or truncated) records by kind, with the first few messages of each kind."""
+
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, kind: str, message: str, n: int = 1) -> None:
+        self.counts[kind] += n
+        lst = self.examples.setdefault(kind, [])
+        if len(lst) < self.max_examples:
+            lst.append(message)
+
+    def merge(self, other: "BadRecordSummary") -> None:
+        for kind, n in other.counts.items():
+            for msg in other.examples.get(kind, [])[: max(0, self.max_examples - len(self.examples.get(kind, [])))]:
+                self.add(kind, msg, 0)
+            self.counts[kind] += n
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BadRecordSummary":
+        s = cls()
+        s.counts.update(d.get("counts", {}))
+        s.examples = {k: list(v) for k, v in d.get("examples", {}).items()}
+        return s
+
+    def __str__(self) -> str:
+        if not self.counts:
+            return "no bad records"
+        return ", ".join(f"{k}: {n}" for k, n in sorted(self.counts.items()))
+
+
+def read_records(
+    path: str | os.PathLike,
+    *,
+    split: str,
+    skip_bad_records: bool = False,
+    summary: BadRecordSummary | None = None,
+) -> list[Record]:
+    """All records of one split file. Bad ones raise DataError, or are skipped and counted in `summary`."""
+    records = []
+    for line, raw in iter_raw_json(path):
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            records.append(parse_record(raw, file=os.fspath(path), line=line, split=split))
+        except DataError as e:
+            if not skip_bad_records:
+                raise
+            if summary is None:
+                raise ValueError("skip_bad_records=True needs a summary to count skipped records in") from e
+            summary.add(e.kind, str(e))
+    return records
+
+
+def find_split_file(manual_dir: str | os.PathLike, split: str) -> Path:
+    """The JSON file of `split` ("sft" | "grpo") in a local copy of the dataset repository."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+    for name in SPLIT_FILES[split]:
+        p = Path(manual_dir) / name
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"none of {SPLIT_FILES[split]} found in {manual_dir}")
