@@ -61,5 +61,15 @@ def main(argv) -> None:
     print(json.dumps({"summary": summary}, default=str))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad `--config.key=value` override reported as one clean line."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any parse / config-file error ends here, as one line
+        msg = str(e).replace("\\n", " ").replace("\n", " ")
+        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

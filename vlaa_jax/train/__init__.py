@@ -1,0 +1,1 @@
+"""Training: optimizer (optim.py), the sharded train step (step.py), checkpoints, metrics, trainers."""
