@@ -1,0 +1,113 @@
+"""Optax AdamW with linear warm-up + cosine decay to a floor, global-norm clipping, frozen parameters.
+
+Frozen parameters (e.g. the vision tower during SFT) get no optimizer state and no update
+(`optax.masked`); weight decay skips vectors (norm scales, biases), as is usual for transformers.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+
+def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                min_learning_rate: float = 0.0) -> optax.Schedule:
+  """0 -> `learning_rate` linearly over `warmup_steps`, then cosine down to `min_learning_rate`."""
+  if total_steps <= 0:
+    raise ValueError(f"optim.total_steps must be positive, got {total_steps}")
+  if not 0 <= warmup_steps <= total_steps:
+    raise ValueError(f"optim.warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+  if not 0 <= min_learning_rate <= learning_rate:
+    raise ValueError(
+        f"optim.min_learning_rate={min_learning_rate} must lie in [0, learning_rate={learning_rate}]")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=min_learning_rate)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'a/b/0/kernel' for a pytree key path (nnx.State paths included)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(p for p in parts if p != "value")
+
+
+def path_mask(params: Any, patterns: Sequence[str]) -> Any:
+  """True for every leaf whose path ('vision/blocks/0/attn/qkv/kernel') matches one of `patterns`."""
+  regexes = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(r.search(path_str(path)) for r in regexes), params)
+
+
+def trainable_mask(params: Any, frozen: Sequence[str] = ()) -> Any:
+  """True where a parameter is trained: not matched by any regex in `frozen` (e.g. ('^vision',))."""
+  frozen_mask = path_mask(params, frozen)
+  return jax.tree.map(lambda f: not f, frozen_mask)
+
+
+def _decay_mask(params: Any) -> Any:
+  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def make_optimizer(
+    params: Any,
+    *,
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_learning_rate: float = 0.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+    frozen: Sequence[str] = (),
+) -> optax.GradientTransformation:
+  """AdamW + schedule + clipping for (abstract) `params`; parameters matching `frozen` stay fixed.
+
+  `params` is only used for its structure and ranks (abstract shapes are fine).
+  """
+  schedule = lr_schedule(learning_rate, total_steps, warmup_steps, min_learning_rate)
+  chain = []
+  if max_grad_norm:
+    chain.append(optax.clip_by_global_norm(max_grad_norm))
+  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=_decay_mask))
+  tx = optax.chain(*chain)
+  if frozen:
+    train = trainable_mask(params, frozen)
+    if not any(jax.tree.leaves(train)):
+      raise ValueError(f"optim.frozen={tuple(frozen)} freezes every parameter")
+    tx = optax.chain(
+        optax.masked(tx, train),
+        optax.masked(optax.set_to_zero(), jax.tree.map(lambda t: not t, train)))
+  return tx
+
+
+def optimizer_from_config(params: Any, config: Any) -> optax.GradientTransformation:
+  """`make_optimizer` from an `optim` sub-config (fields named as its keyword arguments)."""
+  opt = config.optim if hasattr(config, "optim") else config
+  keys = ("learning_rate", "total_steps", "warmup_steps", "min_learning_rate", "weight_decay",
+          "b1", "b2", "eps", "max_grad_norm", "frozen")
+  kwargs = {k: getattr(opt, k) for k in keys if hasattr(opt, k) or (hasattr(opt, "get") and k in opt)}
+  for required in ("learning_rate", "total_steps"):
+    if required not in kwargs:
+      raise ValueError(f"config optim.{required} is required")
+  if "frozen" in kwargs:
+    kwargs["frozen"] = tuple(kwargs["frozen"])
+  return make_optimizer(params, **kwargs)
+
+
+def learning_rate_fn(config: Any) -> Callable[[int], float]:
+  """The schedule alone (for logging the current learning rate)."""
+  opt = config.optim if hasattr(config, "optim") else config
+  return lr_schedule(opt.learning_rate, opt.total_steps, getattr(opt, "warmup_steps", 0),
+                     getattr(opt, "min_learning_rate", 0.0))
