@@ -1,0 +1,205 @@
+"""A small VLAA-Thinking-shaped dataset drawn by code, with real answers for all five reward types.
+
+Layout written to `out` (the released repository layout):
+    VLAA-Thinking-SFT-126K.json   one JSON array (released shape; every 5th record in the dataset-card
+                                  pipeline shape: id / ds_answer / caption / meta)
+    VLAA-Thinking-GRPO-25K.json   JSON Lines with `verifier_type`
+    images/<source>.tar.gz        clevr_math (digit), geoqa170k (mcq), synthesis (math), coco (iou),
+                                  allava_laion (open_ended)
+    heldout_ids.txt               ids held out for evaluation (every 10th record of each file); the TFDS
+                                  builder puts them in the `validation` split, the rest in `train`.
+Tasks: CLEVR-like counting after removing a colour (digit), a triangle's missing angle with four options
+(mcq), an arithmetic expression with fractions rendered as text (math, LaTeX ground truth), the bounding
+box of a drawn target shape (iou, box normalised to [0, 1] as [x1, y1, x2, y2]), and a scene to describe
+(open-ended, reference description as ground truth). Images are 112-336 px so a CPU demo stays fast.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from data_pipeline.records import SPLIT_FILES, read_records
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40),
+          "purple": (140, 60, 170)}
+SOURCES = ("clevr_math", "geoqa170k", "synthesis", "coco", "allava_laion")
+VERIFIER = {"clevr_math": "digit", "geoqa170k": "mcq", "synthesis": "math", "coco": "iou", "allava_laion": "open_ended"}
+
+
+def _size(rng: random.Random) -> tuple[int, int]:
+    return rng.choice([112, 140, 168, 224, 280, 336]), rng.choice([112, 168, 196, 224, 336])
+
+
+def _think(reasoning: str, answer: str) -> str:
+    return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color) -> None:
+    if kind == "circle":
+        d.ellipse(box, fill=color, outline=(0, 0, 0))
+    elif kind == "square":
+        d.rectangle(box, fill=color, outline=(0, 0, 0))
+    else:
+        x1, y1, x2, y2 = box
+        d.polygon([((x1 + x2) // 2, y1), (x2, y2), (x1, y2)], fill=color, outline=(0, 0, 0))
+
+
+def _counting(rng: random.Random):
+    w, h = _size(rng)
+    img = Image.new("RGB", (w, h), (200, 200, 200))
+    d = ImageDraw.Draw(img)
+    n = rng.randint(3, 7)
+    objs = []
+    for _ in range(n):
+        s = rng.randint(14, 24)
+        x, y = rng.randint(0, w - s - 1), rng.randint(0, h - s - 1)
+        color = rng.choice(list(COLORS))
+        kind = rng.choice(["circle", "square"])
+        _draw_shape(d, kind, (x, y, x + s, y + s), COLORS[color])
+        objs.append((color, kind))
+    remove = rng.choice([c for c, _ in objs])
+    removed = sum(c == remove for c, _ in objs)
+    left = n - removed
+    q = f"Subtract all {remove} objects. How many objects are left?"
+    why = f"There are {n} objects in total. {removed} of them are {remove}. Removing them leaves {n} - {removed} = {left}."
+    return img, "PNG", q, str(left), why, str(left)
+
+
+def _geometry(rng: random.Random):
+    w, h = _size(rng)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    a, b = rng.randint(30, 80), rng.randint(30, 80)
+    c = 180 - a - b
+    pts = [(10, h - 10), (w - 10, h - 10), (rng.randint(20, w - 20), 10)]
+    d.polygon(pts, outline=(0, 0, 0))
+    d.text((14, h - 24), f"{a}°", fill=(0, 0, 0))
+    d.text((w - 40, h - 24), f"{b}°", fill=(0, 0, 0))
+    d.text((pts[2][0] - 4, 14), "?", fill=(200, 0, 0))
+    options = sorted({c, c + 10, abs(c - 10) or 5, c + 20})
+    while len(options) < 4:
+        options.append(options[-1] + 5)
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(c)]
+    choices = "  ".join(f"{L}. {v}°" for L, v in zip("ABCD", options))
+    q = f"In the triangle, two angles are {a}° and {b}°. What is the third angle?\nChoices: {choices}"
+    why = f"The angles of a triangle sum to 180°, so the third angle is 180 - {a} - {b} = {c}°, option {letter}."
+    return img, "PNG", q, letter, why, letter
+
+
+def _arithmetic(rng: random.Random):
+    w, h = rng.choice([224, 280, 336]), rng.choice([112, 140])
+    img = Image.new("RGB", (w, h), (250, 250, 240))
+    d = ImageDraw.Draw(img)
+    p, q_, r = rng.randint(1, 9), rng.randint(2, 9), rng.randint(1, 12)
+    op = rng.choice(["+", "-", "*"])
+    lhs = Fraction(p, q_)
+    val = lhs + r if op == "+" else lhs - r if op == "-" else lhs * r
+    d.text((10, h // 2 - 6), f"{p}/{q_} {op} {r} = ?", fill=(0, 0, 0))
+    latex = str(val.numerator) if val.denominator == 1 else (
+        ("-" if val < 0 else "") + f"\\frac{{{abs(val.numerator)}}}{{{val.denominator}}}")
+    question = "Compute the value of the expression in the image. Give the exact answer."
+    why = f"The expression is {p}/{q_} {op} {r}. Evaluating it exactly gives {val}."
+    return img, "PNG", question, latex, why, f"${latex}$"
+
+
+def _locate(rng: random.Random):
+    w, h = _size(rng)
+    img = Image.new("RGB", (w, h), (120, 160, 120))
+    d = ImageDraw.Draw(img)
+    target_color = rng.choice(list(COLORS))
+    for _ in range(rng.randint(1, 3)):  # distractors of other colours
+        s = rng.randint(12, 24)
+        x, y = rng.randint(0, w - s - 1), rng.randint(0, h - s - 1)
+        _draw_shape(d, "circle", (x, y, x + s, y + s), COLORS[rng.choice([c for c in COLORS if c != target_color])])
+    bw, bh = rng.randint(20, w // 2), rng.randint(20, h // 2)
+    x1, y1 = rng.randint(0, w - bw - 1), rng.randint(0, h - bh - 1)
+    d.rectangle((x1, y1, x1 + bw, y1 + bh), fill=COLORS[target_color], outline=(0, 0, 0))
+    box = [round(x1 / w, 3), round(y1 / h, 3), round((x1 + bw) / w, 3), round((y1 + bh) / h, 3)]
+    q = (f"Please provide the bounding box coordinate of the region this sentence describes: the {target_color} "
+         "rectangle. Answer with [x1, y1, x2, y2] normalised to [0, 1].")
+    why = f"The {target_color} rectangle spans from ({x1}, {y1}) to ({x1 + bw}, {y1 + bh}) in a {w}x{h} image."
+    return img, "JPEG", q, json.dumps(box), why, json.dumps(box)
+
+
+def _scene(rng: random.Random):
+    w, h = _size(rng)
+    sky = rng.choice([("blue", (120, 170, 240)), ("orange", (250, 170, 90)), ("grey", (160, 160, 170))])
+    img = Image.new("RGB", (w, h), sky[1])
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, int(h * 0.7), w, h), fill=(60, 150, 60))
+    parts = [f"a {sky[0]} sky", "green grass"]
+    if rng.random() < 0.6:
+        d.ellipse((w - 40, 8, w - 12, 36), fill=(250, 230, 60))
+        parts.append("a yellow sun")
+    if rng.random() < 0.7:
+        hx = rng.randint(5, max(6, w // 2 - 40))
+        d.rectangle((hx, int(h * 0.45), hx + 40, int(h * 0.7)), fill=(180, 80, 60))
+        d.polygon([(hx - 5, int(h * 0.45)), (hx + 45, int(h * 0.45)), (hx + 20, int(h * 0.3))], fill=(120, 40, 30))
+        parts.append("a small red house")
+    if rng.random() < 0.7:
+        tx = rng.randint(w // 2, w - 20)
+        d.rectangle((tx, int(h * 0.5), tx + 6, int(h * 0.7)), fill=(100, 60, 20))
+        d.ellipse((tx - 12, int(h * 0.3), tx + 18, int(h * 0.55)), fill=(30, 110, 30))
+        parts.append("a tree")
+    desc = "The picture shows " + ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+    q = "Describe the scene in the image in one sentence."
+    why = "I look at the sky, the ground and the objects drawn on it: " + ", ".join(parts) + "."
+    return img, "PNG", q, desc, why, desc
+
+
+TASKS = {"clevr_math": _counting, "geoqa170k": _geometry, "synthesis": _arithmetic, "coco": _locate,
+         "allava_laion": _scene}
+
+
+def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_every: int = 10) -> dict:
+    """Write the demo dataset (n records per split, all five reward types) to `out`; return a summary."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images: dict[str, list[tuple[str, bytes]]] = {s: [] for s in SOURCES}
+    rows: dict[str, list[dict]] = {"sft": [], "grpo": []}
+    for split in ("sft", "grpo"):
+        for i in range(n):
+            source = SOURCES[i % len(SOURCES)]
+            img, fmt, question, gt, why, answer = TASKS[source](rng)
+            name = f"{source}/{split}_{i:06d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            buf = io.BytesIO()
+            img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+            images[source].append((name, buf.getvalue()))
+            response = _think(why, answer)
+            if split == "grpo":
+                row = {"image": name, "question": question, "answer": response, "gt": gt,
+                       "verifier_type": VERIFIER[source]}
+            elif i % 5 == 4:  # dataset-card pipeline shape
+                row = {"id": f"demo-sft-{i:06d}", "image": name, "question": question, "gt": gt,
+                       "ds_answer": response, "caption": why,
+                       "meta": {"caption_model_id": "demo", "rationale": why, "text_question": question, "url": ""}}
+            else:
+                row = {"image": name, "question": question, "answer": response, "gt": gt}
+            rows[split].append(row)
+    sft_file = out / SPLIT_FILES["sft"][0]
+    grpo_file = out / SPLIT_FILES["grpo"][0]
+    sft_file.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows["sft"]) + "\n]\n",
+                        encoding="utf-8")
+    grpo_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows["grpo"]), encoding="utf-8")
+    for source, members in images.items():
+        with tarfile.open(out / "images" / f"{source}.tar.gz", "w:gz") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 0
+                tf.addfile(info, io.BytesIO(data))
+    held = []
+    for split, path in (("sft", sft_file), ("grpo", grpo_file)):
+        recs = read_records(path, split=split)
+        held += [r.id for k, r in enumerate(recs) if heldout_every and k % heldout_every == heldout_every - 1]
+    (out / "heldout_ids.txt").write_text("".join(i + "\n" for i in held))
+    return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES)}

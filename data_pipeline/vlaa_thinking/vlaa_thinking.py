@@ -1,0 +1,189 @@
+"""TFDS builder `vlaa_thinking`: the VLAA-Thinking SFT and GRPO splits as array_record files.
+
+Works without TensorFlow: images are fed as their original encoded bytes (never numpy arrays, which
+would make TFDS call `tf.image.encode_png`), and DatasetInfo is built directly. Reading back with
+`tfds.data_source` / `builder.as_data_source()` gives random access for Grain.
+
+Usage:
+    builder = build_vlaa_thinking("grpo", manual_dir="/data/VLAA-Thinking", data_dir="/data/tfds",
+                                  external_image_roots={"coco": "/data/coco/train2017", "vg": "/data/vg"})
+    ds = builder.as_data_source(split="train")
+
+`manual_dir` is a local copy of the dataset repository: the JSON files plus `images/` (extracted
+folders and/or `images/<source>.tar.gz`, read without extracting). Splits: `train`, and `validation`
+when records are held out: ids listed one per line in `manual_dir/heldout_ids.txt` (the demo data tool
+writes one) and/or a deterministic hash fraction `holdout_per_mille` of the ids. The paper trains on
+everything: use `split="train+validation"` (or no held-out ids) to reproduce it.
+
+Bad records met while building (malformed JSON line, missing field, unknown verifier_type, missing /
+undecodable image, path escaping the images root) raise a DataError naming file, line and field, or with
+`skip_bad_records=True` are skipped and counted in `info.metadata["bad_records"]`, which the loader
+reports. Encoded images are checked by a full PIL decode when `verify_images` (default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipeline.records import BadRecordSummary, DataError, Record, find_split_file, read_records
+from data_pipeline.vlaa_thinking.images import ImageStore
+
+HELDOUT_IDS_FILE = "heldout_ids.txt"
+
+
+@dataclasses.dataclass(eq=False)
+class VlaaThinkingConfig(tfds.core.BuilderConfig):
+    """Config of the `vlaa_thinking` builder.
+
+    Attributes:
+      split_name: "sft" or "grpo": which JSON file of the repository to read.
+      external_image_roots: source prefix -> directory for images outside the repository, e.g.
+        {"coco": "/data/coco/train2017", "vg": "/data/visual_genome"}; a path `coco/x.jpg` is looked up as
+        `<root>/x.jpg` then `<root>/coco/x.jpg`.
+      skip_bad_records: skip and count bad records instead of raising.
+      verify_images: fully decode each image while building (catches truncated / corrupt files early).
+      holdout_per_mille: also hold out ids whose sha256 mod 1000 is below this (0 = none).
+    """
+
+    split_name: str = "sft"
+    external_image_roots: dict = dataclasses.field(default_factory=dict)
+    skip_bad_records: bool = False
+    verify_images: bool = True
+    holdout_per_mille: int = 0
+
+
+def is_held_out(record_id: str, per_mille: int) -> bool:
+    return per_mille > 0 and int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 1000 < per_mille
+
+
+class VlaaThinking(tfds.core.GeneratorBasedBuilder):
+    """VLAA-Thinking (arXiv 2504.11468): image, question, R1-style response, ground truth, reward type."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "SFT and GRPO splits, original encoded images."}
+    BUILDER_CONFIGS = [
+        VlaaThinkingConfig(name="sft", split_name="sft", description="VLAA-Thinking-SFT-126K"),
+        VlaaThinkingConfig(name="grpo", split_name="grpo", description="VLAA-Thinking-GRPO-25K"),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Copy the UCSC-VLAA/VLAA-Thinking dataset repository (the JSON files and images/) into manual_dir. "
+        "COCO train2017 and Visual Genome images: set external_image_roots."
+    )
+
+    def __init__(self, *, external_image_roots: dict | None = None, skip_bad_records: bool | None = None,
+                 verify_images: bool | None = None, holdout_per_mille: int | None = None, **kwargs):
+        """Keyword overrides of the config fields (handy with the stock `sft` / `grpo` configs)."""
+        config = kwargs.get("config")
+        overrides = {k: v for k, v in dict(external_image_roots=external_image_roots, skip_bad_records=skip_bad_records,
+                                           verify_images=verify_images, holdout_per_mille=holdout_per_mille).items()
+                     if v is not None}
+        if overrides:
+            if isinstance(config, str) or config is None:
+                base = {c.name: c for c in self.BUILDER_CONFIGS}[config or "sft"]
+            else:
+                base = config
+            kwargs["config"] = dataclasses.replace(base, **overrides)
+        self._bad_summary = BadRecordSummary()
+        super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        """This file. (TFDS's lookup via importlib resources needs the `importlib_resources` backport.)"""
+        from etils import epath
+
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "image_path": tfds.features.Text(),
+            # Original encoded bytes (PNG/JPEG/...), any mode: decoded and converted by data_pipeline.image.
+            "image": tfds.features.Image(shape=(None, None, None)),
+            "question": tfds.features.Text(),
+            "response": tfds.features.Text(),
+            "ground_truth": tfds.features.Text(),
+            "verifier_type": tfds.features.Text(),
+            "file": tfds.features.Text(),
+            "line": tfds.features.Scalar(dtype=np.int64),
+        })
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.split("\n\n")[0],
+            features=features,
+            homepage="https://huggingface.co/datasets/UCSC-VLAA/VLAA-Thinking",
+            citation="arXiv:2504.11468",
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        cfg: VlaaThinkingConfig = self.builder_config
+        manual = Path(dl_manager.manual_dir)
+        path = find_split_file(manual, cfg.split_name)
+        records = read_records(path, split=cfg.split_name, skip_bad_records=cfg.skip_bad_records,
+                               summary=self._bad_summary)
+        ids_file = manual / HELDOUT_IDS_FILE
+        held = set(ids_file.read_text().split()) if ids_file.is_file() else set()
+        is_val = [r.id in held or is_held_out(r.id, cfg.holdout_per_mille) for r in records]
+        train = [r for r, v in zip(records, is_val) if not v]
+        val = [r for r, v in zip(records, is_val) if v]
+        store = ImageStore(manual / "images", cfg.external_image_roots)
+        self.info.metadata["bad_records"] = self._bad_summary.to_dict()
+        splits = {"train": self._generate_examples(train, store)}
+        if val:
+            splits["validation"] = self._generate_examples(val, store)
+        return splits
+
+    def _generate_examples(self, records: list[Record], store: ImageStore):
+        cfg: VlaaThinkingConfig = self.builder_config
+        by_image: dict[str, list[Record]] = {}
+        for r in records:
+            by_image.setdefault(r.image, []).append(r)
+        for rel, data in store.stream(by_image):
+            for r in by_image[rel]:
+                try:
+                    if isinstance(data, DataError):
+                        raise data.with_context(file=r.file, line=r.line, record_id=r.id)
+                    if cfg.verify_images:
+                        _verify(data, r)
+                except DataError as e:
+                    if not cfg.skip_bad_records:
+                        raise
+                    self._bad_summary.add(e.kind, str(e))
+                    self.info.metadata["bad_records"] = self._bad_summary.to_dict()
+                    logging.warning("vlaa_thinking: skipped %s", e)
+                    continue
+                yield r.line, {
+                    "id": r.id, "source": r.source, "image_path": r.image, "image": data,
+                    "question": r.question, "response": r.response, "ground_truth": r.ground_truth,
+                    "verifier_type": r.verifier_type or "", "file": os.path.basename(r.file), "line": r.line,
+                }
+
+
+def _verify(data: bytes, r: Record) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:
+        raise DataError(f"cannot decode image {r.image}: {type(e).__name__}: {e}", kind="bad_image", field="image",
+                        file=r.file, line=r.line, record_id=r.id) from e
+
+
+def build_vlaa_thinking(split: str, *, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                        **config_overrides) -> VlaaThinking:
+    """Prepare (once) and return the `vlaa_thinking/<split>` builder; `split` is "sft" or "grpo"."""
+    builder = VlaaThinking(config=split, data_dir=os.fspath(data_dir), file_format="array_record", **config_overrides)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
+    )
+    return builder
