@@ -1,0 +1,270 @@
+"""Qwen2.5-VL configuration: our frozen dataclasses <-> a Hugging Face `config.json`.
+
+Two HF layouts exist and both are read:
+  * transformers 5: `text_config` / `vision_config` sub-dicts, rotary in `rope_parameters`;
+  * the released Qwen2.5-VL-3B/7B-Instruct repos (transformers 4.4x): text fields at the top level,
+    `rope_theta` and `rope_scaling: {"type": "mrope", "mrope_section": [...]}`, `vision_config` nested.
+`to_hf_dict` writes the transformers-5 layout. The configs are frozen (hashable) so they can be static
+arguments of jitted functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+MODEL_TYPE = "qwen2_5_vl"
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (ViT with window attention and a 2x2 patch merger)."""
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112              # pixels; 112 = 4x4 merged tokens per window
+    out_hidden_size: int = 2048         # = text hidden size
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: int = 2          # video only (unused for images)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6          # fixed in HF (not in config.json)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Flattened patch length: channels * temporal_patch * patch * patch (1176 for the real model)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder."""
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    max_position_embeddings: int = 128000
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151645
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    """The whole model, plus how we run it (dtypes, rematerialisation, attention kernel)."""
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = True
+    dtype: str = "float32"          # compute dtype of activations and matmuls
+    param_dtype: str = "float32"    # storage dtype of parameters
+    remat_policy: str = "none"      # per block, both towers: none | full | save_dots
+    attention_impl: str = "xla"     # xla | cudnn | splash
+
+    def __post_init__(self):
+        for key in ("dtype", "param_dtype"):
+            object.__setattr__(self, key, _dtype_name(getattr(self, key), key))
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        t, v = self.text, self.vision
+        if sum(t.mrope_section) * 2 != t.head_dim:
+            raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if v.out_hidden_size != t.hidden_size:
+            raise ValueError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
+        if v.temporal_patch_size != 2 or v.window_size % (v.patch_size * v.spatial_merge_size):
+            raise ValueError("expected temporal_patch_size 2 and window_size a multiple of "
+                             "patch_size * spatial_merge_size")
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "Qwen25VLConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _dtype_name(x: Any, key: str) -> str:
+    try:
+        name = jnp.dtype(x).name
+    except TypeError as e:
+        raise ValueError(f"{key}={x!r} is not a dtype; expected one of {DTYPES}") from e
+    if name not in DTYPES:
+        raise ValueError(f"{key}={x!r}: expected one of {DTYPES}")
+    return name
+
+
+def _get(d: Mapping[str, Any], key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is dataclasses.MISSING:
+        raise ValueError(f"{where}: required key {key!r} is missing")
+    return default
+
+
+def from_hf_dict(d: Mapping[str, Any], *, source: str = "config", **run_options: Any) -> Qwen25VLConfig:
+    """Reads an HF Qwen2.5-VL config dict (transformers-5 or released flat layout).
+
+    `source` names the file in error messages; `run_options` sets dtype / param_dtype / remat_policy /
+    attention_impl.
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type != MODEL_TYPE:
+        archs = d.get("architectures")
+        raise ValueError(f"{source}: model_type={model_type!r} (architectures={archs!r}) is not a Qwen2.5-VL "
+                         f"config; expected model_type {MODEL_TYPE!r}")
+    td = d.get("text_config")
+    if td is None:   # released flat layout: text fields at the top level
+        td, twhere = d, source
+    else:
+        twhere = f"{source}: text_config"
+    vd = d.get("vision_config")
+    if vd is None:
+        raise ValueError(f"{source}: required key 'vision_config' is missing")
+    vwhere = f"{source}: vision_config"
+
+    rope = td.get("rope_parameters") or td.get("rope_scaling") or d.get("rope_parameters") \
+        or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"{twhere}: rope type {rope_type!r} is not supported (expected mrope/default)")
+    if "mrope_section" not in rope:
+        raise ValueError(f"{twhere}: rope_parameters/rope_scaling has no 'mrope_section'")
+    rope_theta = rope.get("rope_theta", td.get("rope_theta", d.get("rope_theta", 1000000.0)))
+    if td.get("use_sliding_window"):
+        raise ValueError(f"{twhere}: use_sliding_window=true is not supported")
+    eos = td.get("eos_token_id", d.get("eos_token_id"))
+    text = TextConfig(
+        vocab_size=int(_get(td, "vocab_size", twhere)),
+        hidden_size=int(_get(td, "hidden_size", twhere)),
+        intermediate_size=int(_get(td, "intermediate_size", twhere)),
+        num_hidden_layers=int(_get(td, "num_hidden_layers", twhere)),
+        num_attention_heads=int(_get(td, "num_attention_heads", twhere)),
+        num_key_value_heads=int(_get(td, "num_key_value_heads", twhere, td.get("num_attention_heads"))),
+        rms_norm_eps=float(_get(td, "rms_norm_eps", twhere, 1e-6)),
+        rope_theta=float(rope_theta),
+        mrope_section=tuple(int(x) for x in rope["mrope_section"]),
+        max_position_embeddings=int(_get(td, "max_position_embeddings", twhere, 128000)),
+        hidden_act=str(_get(td, "hidden_act", twhere, "silu")),
+        bos_token_id=td.get("bos_token_id", d.get("bos_token_id")),
+        eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
+        pad_token_id=td.get("pad_token_id", d.get("pad_token_id")),
+    )
+    vrope = vd.get("rope_parameters") or {}
+    vision = VisionConfig(
+        depth=int(_get(vd, "depth", vwhere)),
+        hidden_size=int(_get(vd, "hidden_size", vwhere)),
+        intermediate_size=int(_get(vd, "intermediate_size", vwhere)),
+        num_heads=int(_get(vd, "num_heads", vwhere)),
+        in_channels=int(vd.get("in_channels", vd.get("in_chans", 3))),
+        patch_size=int(vd.get("patch_size", vd.get("spatial_patch_size", 14))),
+        temporal_patch_size=int(vd.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(vd.get("spatial_merge_size", 2)),
+        window_size=int(_get(vd, "window_size", vwhere)),
+        out_hidden_size=int(_get(vd, "out_hidden_size", vwhere)),
+        fullatt_block_indexes=tuple(int(i) for i in _get(vd, "fullatt_block_indexes", vwhere)),
+        tokens_per_second=int(vd.get("tokens_per_second", 2)),
+        hidden_act=str(vd.get("hidden_act", "silu")),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+    )
+    tie = d.get("tie_word_embeddings")
+    if tie is None:
+        tie = td.get("tie_word_embeddings", False)
+    return Qwen25VLConfig(
+        text=text, vision=vision,
+        image_token_id=int(d.get("image_token_id", 151655)),
+        video_token_id=int(d.get("video_token_id", 151656)),
+        vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
+        tie_word_embeddings=bool(tie or td.get("tie_word_embeddings", False)),
+        **run_options,
+    )
+
+
+def to_hf_dict(config: Qwen25VLConfig) -> dict[str, Any]:
+    """The transformers-5 `config.json` dict of `config` (what `Qwen2_5_VLConfig.from_dict` loads)."""
+    t, v = config.text, config.vision
+    text = {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings, "hidden_act": t.hidden_act,
+        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                            "mrope_section": list(t.mrope_section)},
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id,
+        "pad_token_id": t.pad_token_id, "use_sliding_window": False,
+        "dtype": config.param_dtype,
+    }
+    vision = {
+        "model_type": "qwen2_5_vl_vision",
+        "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+        "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+        "hidden_act": v.hidden_act, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": MODEL_TYPE,
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "dtype": config.param_dtype,
+    }
+
+
+def load_config(model_dir: str, **run_options: Any) -> Qwen25VLConfig:
+    """Reads `model_dir/config.json` (HF or vlaa-jax model directory)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {model_dir!r} is not a model directory")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return from_hf_dict(d, source=path, **run_options)

@@ -1,0 +1,192 @@
+"""Host-side layout of a Qwen2.5-VL batch (NumPy only): 3D rotary positions and the vision layout.
+
+Everything whose shape depends on the data is computed here once per batch and handed to jitted code as
+fixed-shape int32 arrays (design.md: "the host lays out, the device computes"). The same functions serve
+the data pipeline, the sampler and `Qwen25VL.__call__`.
+
+Conventions shared with HF (`Qwen2_5_VLModel.get_rope_index`, `transformers.vision_utils`):
+  * `image_grid_thw[i] = (t, h, w)` in patches (14 px); zero rows are padding and are skipped.
+  * `pixel_values` holds the patches of all images of the batch, concatenated in image order, each image's
+    patches in "merge-block order" (every `spatial_merge_size**2` consecutive patches form one merged
+    token), exactly as the HF image processor emits them.
+  * Images are consumed in order across the batch rows: row 0's images first, then row 1's, ...
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+def _valid_grids(image_grid_thw: np.ndarray | None) -> np.ndarray:
+    if image_grid_thw is None:
+        return np.zeros((0, 3), np.int64)
+    g = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    return g[np.prod(g, axis=1) > 0]
+
+
+def mrope_positions(
+    input_ids: np.ndarray,
+    image_grid_thw: np.ndarray | None,
+    attention_mask: np.ndarray | None,
+    *,
+    spatial_merge_size: int = 2,
+    image_token_id: int = 151655,
+    vision_start_token_id: int = 151652,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE (temporal, height, width) position ids, as HF `get_rope_index` computes them.
+
+    Text tokens advance all three positions by one; the tokens of an image with merged grid (t, h, w)
+    starting at position p get (p + t_i, p + h_i, p + w_i), and the text after it resumes at
+    p + max(h, w) (images: t = 1). Padding tokens (attention_mask 0) get position 0 and are skipped.
+    An image is a run of `image_token_id` tokens; `vision_start_token_id` is checked to precede it.
+
+    Returns (position_ids int32 [3, B, L], rope_deltas int32 [B, 1]) where rope_delta = max position + 1 -
+    number of valid tokens: during decoding, the position of the k-th valid token (k >= prompt length)
+    is k + rope_delta on all three axes.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    B, L = ids.shape
+    mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != (B, L):
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    grids = _valid_grids(image_grid_thw)
+    m = spatial_merge_size
+    position_ids = np.zeros((3, B, L), np.int32)
+    deltas = np.zeros((B, 1), np.int32)
+    next_image = 0
+    for b in range(B):
+        tokens = ids[b][mask[b]]
+        n = len(tokens)
+        pos = np.zeros((3, n), np.int64)
+        is_img = tokens == image_token_id
+        # Runs of image tokens: starts where is_img rises.
+        starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
+        cursor, current = 0, 0   # index into tokens, next position value
+        for s in starts:
+            if s < cursor:   # part of a run already consumed by consecutive images
+                continue
+            if s == 0 or tokens[s - 1] != vision_start_token_id:
+                raise ValueError(f"row {b}: image token at {s} is not preceded by <|vision_start|> "
+                                 f"(id {vision_start_token_id})")
+            # text before the image
+            pos[:, cursor:s] = np.arange(s - cursor) + current
+            current += s - cursor
+            if next_image >= len(grids):
+                raise ValueError(f"row {b}: more images in input_ids than rows in image_grid_thw "
+                                 f"({len(grids)} non-zero rows)")
+            t, h, w = (int(x) for x in grids[next_image])
+            next_image += 1
+            gh, gw = h // m, w // m
+            count = t * gh * gw
+            if s + count > n or not is_img[s:s + count].all():
+                raise ValueError(f"row {b}: image {next_image - 1} with grid {(t, h, w)} needs {count} "
+                                 f"consecutive image tokens at {s}")
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            pos[:, s:s + count] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + current
+            current += max(gh, gw)
+            cursor = s + count
+        pos[:, cursor:] = np.arange(n - cursor) + current
+        position_ids[:, b, mask[b]] = pos
+        deltas[b, 0] = (pos.max() + 1 - n) if n else 0
+    if next_image != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} non-zero rows but input_ids hold {next_image} images")
+    return position_ids, deltas
+
+
+class VisionLayout(NamedTuple):
+    """Fixed-shape arrays that place P patches (a bucket; S <= P real) for the vision tower.
+
+    Arrays indexed by "unit" are over merged tokens (`spatial_merge_size**2` patches each, P // unit).
+    The tower works in *window order* (the patches of one attention window contiguous, HF's
+    `window_index`) and the merger output is put back into image order with `reverse_index`.
+      window_index      [P//u]  unit in image order placed at each window-order slot (padding: identity)
+      reverse_index     [P//u]  inverse permutation (argsort of window_index)
+      window_segments   [P]     window-order; one id >= 1 per attention window, 0 = padding patch
+      full_segments     [P]     window-order; one id >= 1 per image frame (full attention), 0 = padding
+      rotary_hw         [P, 2]  window-order (row, col) of each patch inside its image, for 2D RoPE
+      num_patches       []      S, the number of real patches (real merged tokens: S // u, first in
+                                image order; they fill the <|image_pad|> tokens of the batch in order)
+    """
+    window_index: np.ndarray
+    reverse_index: np.ndarray
+    window_segments: np.ndarray
+    full_segments: np.ndarray
+    rotary_hw: np.ndarray
+    num_patches: np.ndarray
+
+
+def vision_layout(
+    image_grid_thw: np.ndarray | None,
+    *,
+    patch_size: int = 14,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    num_patches_padded: int | None = None,
+) -> VisionLayout:
+    """Window order, segment ids and 2D rotary positions of the patches of `image_grid_thw`.
+
+    Reproduces HF `get_vision_window_index` (windows of window_size/patch/merge merged tokens, partial at
+    the bottom/right edge, per frame), `get_vision_cu_seqlens` (one full-attention segment per frame) and
+    `get_vision_position_ids` (block-major (h, w) ids). Padding patches up to `num_patches_padded` get
+    segment id 0 in both segmentations, so they never attend to or are attended by real patches.
+    """
+    grids = _valid_grids(image_grid_thw)
+    m = spatial_merge_size
+    unit = m * m
+    win = window_size // m // patch_size
+    window_index, window_seg_units, full_seg_units, hw = [], [], [], []
+    unit_offset = 0
+    n_windows = 0
+    n_frames = 0
+    for t, h, w in grids.tolist():
+        if h % m or w % m:
+            raise ValueError(f"image grid {(t, h, w)} is not a multiple of spatial_merge_size {m}")
+        gh, gw = h // m, w // m
+        nwh, nww = -(-gh // win), -(-gw // win)
+        # (row, col) window of every merged token, then sort units by (frame, window row, window col,
+        # row, col) -- the order of HF's padded reshape/permute.
+        uh, uw = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        uh, uw = uh.ravel(), uw.ravel()
+        wid = (uh // win) * nww + (uw // win)
+        order = np.lexsort((uw, uh, wid))       # within one frame
+        for f in range(t):
+            window_index.append(order + unit_offset + f * gh * gw)
+            window_seg_units.append(wid[order] + n_windows + f * nwh * nww + 1)
+            full_seg_units.append(np.full(gh * gw, n_frames + f + 1))
+        n_windows += t * nwh * nww
+        n_frames += t
+        # patch (row, col) in block-major order: unit (uh, uw), inner (i, j)
+        ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+        ph = (uh[:, None] * m + ii.ravel()[None]).ravel()
+        pw = (uw[:, None] * m + jj.ravel()[None]).ravel()
+        hw.append(np.tile(np.stack([ph, pw], -1), (t, 1)))
+        unit_offset += t * gh * gw
+    S = unit_offset * unit
+    P = S if num_patches_padded is None else int(num_patches_padded)
+    if P < S or P % unit:
+        raise ValueError(f"num_patches_padded={P} must be >= {S} real patches and a multiple of {unit}")
+    pad_units = P // unit - unit_offset
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.int64)  # noqa: E731
+    widx = np.concatenate([cat(window_index), unit_offset + np.arange(pad_units)])
+    wseg_u = np.concatenate([cat(window_seg_units), np.zeros(pad_units, np.int64)])
+    fseg_u = np.concatenate([cat(full_seg_units), np.zeros(pad_units, np.int64)])
+    hw_img = np.concatenate(hw + [np.zeros((pad_units * unit, 2), np.int64)]) if hw else \
+        np.zeros((P, 2), np.int64)
+    hw_win = hw_img.reshape(-1, unit, 2)[widx].reshape(P, 2)
+    return VisionLayout(
+        window_index=widx.astype(np.int32),
+        reverse_index=np.argsort(widx).astype(np.int32),
+        window_segments=np.repeat(wseg_u, unit).astype(np.int32),
+        full_segments=np.repeat(fseg_u, unit).astype(np.int32),
+        rotary_hw=hw_win.astype(np.int32),
+        num_patches=np.asarray(S, np.int32),
+    )
+
+
+def image_token_count(image_grid_thw: np.ndarray | None, spatial_merge_size: int = 2) -> int:
+    """Number of <|image_pad|> tokens the (non-padding) images of `image_grid_thw` fill."""
+    g = _valid_grids(image_grid_thw)
+    return int(np.prod(g, axis=1).sum()) // spatial_merge_size ** 2

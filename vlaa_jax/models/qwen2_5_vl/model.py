@@ -1,0 +1,119 @@
+"""Qwen2.5-VL: vision tower + decoder, image features scattered into the <|image_pad|> tokens.
+
+Two ways in:
+  * `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)`: HF-shaped convenience
+    call (NumPy or JAX inputs); computes the host layout and returns logits [B, L, vocab] (float32).
+  * `model.forward(input_ids, position_ids, segment_ids, pixel_values=..., vision=..., cache=...)`: the
+    jit-friendly core over precomputed fixed-shape arrays; returns (logits or final hidden states, cache).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlaa_jax import nn
+from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlaa_jax.models.qwen2_5_vl.text import KVCache, TextModel, init_cache
+from vlaa_jax.models.qwen2_5_vl.vision import VisionTransformer
+
+
+def scatter_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
+                           image_token_id: int) -> jax.Array:
+    """Puts features[k] at the k-th <|image_pad|> token of the batch (row-major, like HF masked_scatter).
+    Fixed shapes: features [F, D] may hold more rows than there are image tokens (bucket padding)."""
+    is_img = input_ids == image_token_id
+    k = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+    gathered = jnp.take(features, jnp.clip(k, 0, features.shape[0] - 1), axis=0)
+    return jnp.where(is_img[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2_5_VLForConditionalGeneration in Flax NNX (state paths: visual.*, language_model.*, lm_head)."""
+
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.visual = VisionTransformer(config, rngs=rngs)
+        self.language_model = TextModel(config, rngs=rngs)
+        t = config.text
+        self.lm_head = None if config.tie_word_embeddings else nn.param(
+            rngs, nnx.initializers.normal(1.0 / np.sqrt(t.hidden_size)), (t.hidden_size, t.vocab_size),
+            config.param_dtype, ("embed", "vocab"))
+
+    # ---------------------------------------------------------------------------------- pieces
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection [hidden, vocab] (the transposed embedding when tied), param dtype.
+        For chunked log-probs: logits = hidden @ lm_head_weight()."""
+        if self.lm_head is None:
+            return self.language_model.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [..., D] -> float32 logits [..., vocab]."""
+        w = self.lm_head_weight().astype(self.config.jnp_dtype)
+        return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    def encode_images(self, pixel_values: jax.Array, vision: layout_lib.VisionLayout) -> jax.Array:
+        """pixel_values [P, patch_dim] + layout -> merged image tokens [P // merge**2, hidden]."""
+        return self.visual(pixel_values, vision.window_index, vision.reverse_index, vision.window_segments,
+                           vision.full_segments, vision.rotary_hw)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return init_cache(self.config, batch, max_len, dtype)
+
+    # ------------------------------------------------------------------------------- jit-friendly core
+    def forward(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array, *,
+                pixel_values: jax.Array | None = None, vision: layout_lib.VisionLayout | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False,
+                ) -> tuple[jax.Array, KVCache | None]:
+        """input_ids [B, T], position_ids [3, B, T] (`layout.mrope_positions`), segment_ids [B, T]
+        (attention_mask, 0 = padding), optional pixel_values [P, patch_dim] with `vision` =
+        `layout.vision_layout(..., num_patches_padded=P)`, optional KV cache.
+        Returns (float32 logits [B, T, vocab], or final hidden states [B, T, D] with return_hidden; the
+        updated cache or None)."""
+        x = self.language_model.embed(input_ids)
+        if pixel_values is not None:
+            if vision is None:
+                raise ValueError("pixel_values given without its vision layout")
+            feats = self.encode_images(pixel_values, vision)
+            x = scatter_image_features(x, input_ids, feats, self.config.image_token_id)
+        hidden, cache = self.language_model(x, position_ids, segment_ids, cache)
+        return (hidden if return_hidden else self.logits(hidden)), cache
+
+    # ------------------------------------------------------------------------------- HF-shaped call
+    def __call__(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
+                 image_grid_thw: Any = None, *, return_hidden: bool = False) -> jax.Array:
+        """Logits [B, L, vocab] (float32) like `Qwen2_5_VLForConditionalGeneration(...).logits`; the M-RoPE
+        positions and the vision layout are computed on the host from the inputs."""
+        c = self.config
+        ids = np.asarray(input_ids)
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
+        position_ids, _ = layout_lib.mrope_positions(
+            ids, grid, mask, spatial_merge_size=c.vision.spatial_merge_size,
+            image_token_id=c.image_token_id, vision_start_token_id=c.vision_start_token_id)
+        vision = None
+        if pixel_values is not None:
+            v = c.vision
+            vision = layout_lib.vision_layout(grid, patch_size=v.patch_size,
+                                              spatial_merge_size=v.spatial_merge_size, window_size=v.window_size)
+            n_img_tokens = int((ids == c.image_token_id).sum())
+            if int(vision.num_patches) != np.asarray(pixel_values).shape[0] or \
+                    n_img_tokens != int(vision.num_patches) // v.spatial_merge_size ** 2:
+                raise ValueError(f"pixel_values has {np.asarray(pixel_values).shape[0]} patches and input_ids "
+                                 f"{n_img_tokens} image tokens; image_grid_thw implies {int(vision.num_patches)} "
+                                 "patches")
+            vision = layout_lib.VisionLayout(*(jnp.asarray(a) for a in vision))
+        out, _ = _jit_forward(self, jnp.asarray(ids, jnp.int32), jnp.asarray(position_ids), jnp.asarray(mask),
+                              None if pixel_values is None else jnp.asarray(pixel_values), vision, return_hidden)
+        return out
+
+
+@nnx.jit(static_argnums=(6,))
+def _jit_forward(model, input_ids, position_ids, segment_ids, pixel_values, vision, return_hidden):
+    return model.forward(input_ids, position_ids, segment_ids, pixel_values=pixel_values, vision=vision,
+                         return_hidden=return_hidden)

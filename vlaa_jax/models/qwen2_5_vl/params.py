@@ -1,0 +1,239 @@
+"""HF tensor names and layouts <-> our NNX state paths, both directions, as one table.
+
+HF (transformers 5) names: `model.visual.*`, `model.language_model.*`, `lm_head.weight`; the released
+checkpoints (transformers 4.4x) use `visual.*` and `model.*` and are accepted on read (`canonical_name`).
+Layouts: torch Linear weights are [out, in], ours [in, out]; the fused vision qkv is [D, 3, D] here so the
+`heads` axis shards without cutting across q/k/v; the Conv3d patch embedding is a [patch_dim, D] matmul.
+
+Our side is a nested "pure dict" keyed by the NNX state path with string keys (layer indices as "0",
+"1", ...), the tree Orbax stores and `nnx.replace_by_pure_dict` applies (it maps "0" back to 0).
+Reading is tensor by tensor (`HFCheckpoint`), so peak host memory stays about one copy of the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import numpy as np
+
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class ParamEntry(NamedTuple):
+    hf_name: str
+    path: tuple[str, ...]          # NNX state path (string keys)
+    hf_shape: tuple[int, ...]
+    kind: str                      # copy | linear | qkv_weight | qkv_bias | patch
+
+
+def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
+    """Every parameter of the model: HF name, our path, HF shape and the layout transform."""
+    t, v = config.text, config.vision
+    rows: list[ParamEntry] = []
+
+    def add(hf, path, shape, kind):
+        rows.append(ParamEntry(hf, tuple(path.split(".")), tuple(shape), kind))
+
+    def linear(hf, path, n_in, n_out, bias):
+        add(f"{hf}.weight", f"{path}.kernel", (n_out, n_in), "linear")
+        if bias:
+            add(f"{hf}.bias", f"{path}.bias", (n_out,), "copy")
+
+    def norm(hf, path, dim):
+        add(f"{hf}.weight", f"{path}.scale", (dim,), "copy")
+
+    def mlp(hf, path, dim, hidden, bias):
+        linear(f"{hf}.gate_proj", f"{path}.gate_proj", dim, hidden, bias)
+        linear(f"{hf}.up_proj", f"{path}.up_proj", dim, hidden, bias)
+        linear(f"{hf}.down_proj", f"{path}.down_proj", hidden, dim, bias)
+
+    D = v.hidden_size
+    add("model.visual.patch_embed.proj.weight", "visual.patch_embed.kernel",
+        (D, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), "patch")
+    for i in range(v.depth):
+        hf, p = f"model.visual.blocks.{i}", f"visual.blocks.{i}"
+        norm(f"{hf}.norm1", f"{p}.norm1", D)
+        norm(f"{hf}.norm2", f"{p}.norm2", D)
+        add(f"{hf}.attn.qkv.weight", f"{p}.attn.qkv.kernel", (3 * D, D), "qkv_weight")
+        add(f"{hf}.attn.qkv.bias", f"{p}.attn.qkv.bias", (3 * D,), "qkv_bias")
+        linear(f"{hf}.attn.proj", f"{p}.attn.proj", D, D, True)
+        mlp(f"{hf}.mlp", f"{p}.mlp", D, v.intermediate_size, True)
+    wide = D * v.spatial_merge_size ** 2
+    norm("model.visual.merger.ln_q", "visual.merger.ln_q", D)
+    linear("model.visual.merger.mlp.0", "visual.merger.fc1", wide, wide, True)
+    linear("model.visual.merger.mlp.2", "visual.merger.fc2", wide, v.out_hidden_size, True)
+
+    H, qd, kvd = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    add("model.language_model.embed_tokens.weight", "language_model.embed_tokens", (t.vocab_size, H), "copy")
+    for i in range(t.num_hidden_layers):
+        hf, p = f"model.language_model.layers.{i}", f"language_model.layers.{i}"
+        norm(f"{hf}.input_layernorm", f"{p}.input_layernorm", H)
+        norm(f"{hf}.post_attention_layernorm", f"{p}.post_attention_layernorm", H)
+        linear(f"{hf}.self_attn.q_proj", f"{p}.self_attn.q_proj", H, qd, True)
+        linear(f"{hf}.self_attn.k_proj", f"{p}.self_attn.k_proj", H, kvd, True)
+        linear(f"{hf}.self_attn.v_proj", f"{p}.self_attn.v_proj", H, kvd, True)
+        linear(f"{hf}.self_attn.o_proj", f"{p}.self_attn.o_proj", qd, H, False)
+        mlp(f"{hf}.mlp", f"{p}.mlp", H, t.intermediate_size, False)
+    norm("model.language_model.norm", "language_model.norm", H)
+    if not config.tie_word_embeddings:
+        add("lm_head.weight", "lm_head", (t.vocab_size, H), "linear")
+    return rows
+
+
+def to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+    """HF layout -> our layout."""
+    if kind == "copy":
+        return x
+    if kind == "linear":
+        return x.T
+    if kind == "qkv_weight":                      # [3D, D] -> [D, 3, D]
+        return x.T.reshape(x.shape[1], 3, -1)
+    if kind == "qkv_bias":                        # [3D] -> [3, D]
+        return x.reshape(3, -1)
+    if kind == "patch":                           # [D, C, T, p, p] -> [C*T*p*p, D]
+        return x.reshape(x.shape[0], -1).T
+    raise ValueError(kind)
+
+
+def to_hf(kind: str, x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+    """Our layout -> HF layout (contiguous)."""
+    if kind == "copy":
+        y = x
+    elif kind == "linear":
+        y = x.T
+    elif kind == "qkv_weight":
+        y = x.reshape(x.shape[0], -1).T
+    elif kind in ("qkv_bias", "patch"):
+        y = x.reshape(-1) if kind == "qkv_bias" else x.T
+    else:
+        raise ValueError(kind)
+    return np.ascontiguousarray(y.reshape(hf_shape))
+
+
+def canonical_name(name: str) -> str:
+    """transformers-5 name of an HF tensor name (maps the released checkpoints' `visual.*` / `model.*`)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def hf_to_state(config: Qwen25VLConfig, tensors: Mapping[str, np.ndarray] | Callable[[str], np.ndarray], *,
+                put: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None,
+                source: str = "checkpoint") -> dict[str, Any]:
+    """Builds our nested pure dict from HF tensors, one tensor at a time.
+
+    `tensors`: a mapping or a getter by (transformers-5) name, e.g. an `HFCheckpoint`. `put(array, path)`
+    converts each array as it is made (cast, device_put, shard); default keeps NumPy. Errors name the
+    tensor (and `source`) on a missing tensor or a wrong shape.
+    """
+    get = tensors.__getitem__ if isinstance(tensors, Mapping) or hasattr(tensors, "__getitem__") else tensors
+    out: dict[str, Any] = {}
+    for e in param_table(config):
+        try:
+            x = get(e.hf_name)
+        except KeyError:
+            raise KeyError(f"{source}: tensor {e.hf_name!r} is missing") from None
+        if tuple(x.shape) != e.hf_shape:
+            raise ValueError(f"{source}: tensor {e.hf_name!r} has shape {tuple(x.shape)}, expected {e.hf_shape} "
+                             "for this config")
+        y = to_ours(e.kind, np.asarray(x))
+        node = out
+        for k in e.path[:-1]:
+            node = node.setdefault(k, {})
+        node[e.path[-1]] = put(y, e.path) if put is not None else y
+        del x, y
+    return out
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    node = tree
+    for k in path:
+        if k in node:
+            node = node[k]
+        elif k.isdigit() and int(k) in node:
+            node = node[int(k)]
+        else:
+            raise KeyError(f"state has no {'.'.join(path)!r}")
+    return node
+
+
+def state_to_hf(config: Qwen25VLConfig, state: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (transformers-5 HF name, NumPy array in HF layout) for every parameter, one at a time.
+    `state`: our nested pure dict (str or int keys), or `nnx.state(model)`."""
+    if hasattr(state, "to_pure_dict"):
+        from flax import nnx
+        state = nnx.to_pure_dict(state)
+    for e in param_table(config):
+        x = np.asarray(_lookup(state, e.path))
+        expected = to_ours(e.kind, np.empty(e.hf_shape, np.bool_)).shape
+        if x.shape != expected:
+            raise ValueError(f"state {'.'.join(e.path)!r} has shape {x.shape}, expected {expected} "
+                             f"(HF tensor {e.hf_name!r})")
+        yield e.hf_name, to_hf(e.kind, x, e.hf_shape)
+
+
+class HFCheckpoint:
+    """Lazy, tensor-by-tensor access to the safetensors of an HF directory (single file or sharded via
+    model.safetensors.index.json), keyed by transformers-5 names."""
+
+    def __init__(self, hf_dir: str):
+        from safetensors import safe_open
+        self._safe_open = safe_open
+        self.hf_dir = hf_dir
+        index = os.path.join(hf_dir, SAFETENSORS_INDEX)
+        single = os.path.join(hf_dir, SAFETENSORS_SINGLE)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index (needs 'weight_map'): {e}") from e
+            for shard in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(hf_dir, shard)):
+                    raise FileNotFoundError(f"{index} names shard {shard!r}, which is missing from {hf_dir}")
+        elif os.path.isfile(single):
+            with safe_open(single, framework="numpy") as f:
+                weight_map = {k: SAFETENSORS_SINGLE for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
+        self.files = {canonical_name(k): (v, k) for k, v in weight_map.items()}
+        self._handles: dict[str, Any] = {}
+
+    def keys(self):
+        return self.files.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise KeyError(name)
+        shard, stored = self.files[name]
+        if shard not in self._handles:
+            self._handles[shard] = self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy")
+        return self._handles[shard].get_tensor(stored)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard, stored = self.files[name]
+        if shard not in self._handles:
+            self._handles[shard] = self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy")
+        return tuple(self._handles[shard].get_slice(stored).get_shape())
+
+    def close(self):
+        self._handles.clear()
+
+
+def check_no_unexpected(config: Qwen25VLConfig, names: Any, source: str) -> None:
+    """Errors on tensors the config has no place for (a config/checkpoint mismatch)."""
+    known = {e.hf_name for e in param_table(config)}
+    if config.tie_word_embeddings:
+        known.add("lm_head.weight")           # tied: a saved copy of the embedding is ignored
+    extra = sorted(set(names) - known)
+    if extra:
+        raise ValueError(f"{source}: {len(extra)} tensors have no place in this config, e.g. {extra[:5]}")

@@ -1,0 +1,133 @@
+"""Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v bias, M-RoPE, RMSNorm, SwiGLU, optional KV cache.
+
+Masks come from segment ids ([B, L] int, 0 = padding; an HF attention_mask is a valid segment array)
+plus causality over cache slots, so left padding, right padding and packed rows all use one path.
+
+KV cache (for the sampler): `KVCache` holds per-layer keys/values [B, S, K, H] for S preallocated slots,
+the segment id of every slot (0 = empty or padding) and `index`, the next slot to write. A forward with a
+cache writes its T new tokens at slots [index, index + T) and attends to every filled slot at or before
+its own: prefill is a call with index 0 and the prompt; decoding is a call with T = 1. The caller gives
+the rotary positions of the new tokens (from `layout.mrope_positions`: a decoded token's position is
+its number of valid predecessors + rope_delta on all three axes).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlaa_jax import nn
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+
+
+class KVCache(NamedTuple):
+    k: tuple[jax.Array, ...]     # per layer [B, S, K, H]
+    v: tuple[jax.Array, ...]     # per layer [B, S, K, H]
+    segments: jax.Array          # [B, S] int32, 0 = empty / padding slot
+    index: jax.Array             # [] int32, next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.segments.shape[1]
+
+
+def init_cache(config: Qwen25VLConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
+    t = config.text
+    dtype = config.jnp_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers)),
+                   segments=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.num_heads, self.num_kv_heads, self.head_dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        self.impl = config.attention_impl
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.q_proj = nn.Linear(t.hidden_size, t.num_attention_heads * t.head_dim, names=("embed", "heads"),
+                                use_bias=True, **kw)
+        self.k_proj = nn.Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, names=("embed", "kv_heads"),
+                                use_bias=True, **kw)
+        self.v_proj = nn.Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, names=("embed", "kv_heads"),
+                                use_bias=True, **kw)
+        self.o_proj = nn.Linear(t.num_attention_heads * t.head_dim, t.hidden_size, names=("heads", "embed"),
+                                use_bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = nn.apply_rotary(q, cos, sin), nn.apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            kv_cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = nn.dot_product_attention(q, k, v, mask, implementation=self.impl)
+        return self.o_proj(out.reshape(B, T, -1)), kv_cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.input_layernorm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, **kw)
+        self.mlp = nn.SwiGLU(t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers and final norm (the lm_head lives in the full model)."""
+
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        t = config.text
+        self.config = config
+        self.embed_tokens = nn.param(rngs, nnx.initializers.normal(1.0), (t.vocab_size, t.hidden_size),
+                                     config.param_dtype, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(t.num_hidden_layers)])
+        self.norm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=config.dtype,
+                               param_dtype=config.param_dtype, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds [B, T, D], position_ids [3, B, T], segment_ids [B, T] -> (final-norm hidden
+        [B, T, D], updated cache or None)."""
+        t = self.config.text
+        cos, sin = nn.mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if cache is None:
+            mask = nn.attention_mask(segment_ids, segment_ids, causal=True)
+        else:
+            T = inputs_embeds.shape[1]
+            segments = jax.lax.dynamic_update_slice(cache.segments, segment_ids, (0, cache.index))
+            q_slots = cache.index + jnp.arange(T)[None]
+            mask = nn.attention_mask(segment_ids, segments, causal=True, q_slots=q_slots)
+        step = nn.maybe_remat(lambda layer, *args: layer(*args), self.config.remat_policy)
+        x = inputs_embeds
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = step(layer, x, cos, sin, mask, kv, None if cache is None else cache.index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), segments=segments,
+                            index=cache.index + inputs_embeds.shape[1])
+        return self.norm(x), cache

@@ -1,0 +1,94 @@
+"""Qwen2.5-VL vision tower: patch embedding, ViT blocks with window / full attention, 2x2 patch merger.
+
+Works on all patches of a batch at once ([P, patch_dim], P a bucket), laid out by `layout.vision_layout`:
+the tower runs in window order, attention is restricted by segment ids (windows, or whole image frames
+in `fullatt_block_indexes`), and the merged tokens come back in image order.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlaa_jax import nn
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        v = config.vision
+        self.num_heads, self.head_dim = v.num_heads, v.head_dim
+        self.impl = config.attention_impl
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        # q, k, v fused like HF ([D, 3, D]: the "3" axis stays whole so "heads" shards cleanly).
+        self.qkv = nn.Linear(v.hidden_size, (3, v.hidden_size), names=("embed", None, "heads"),
+                             use_bias=True, **kw)
+        self.proj = nn.Linear(v.hidden_size, v.hidden_size, names=("heads", "embed"), use_bias=True, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        P = x.shape[0]
+        qkv = self.qkv(x).reshape(P, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k = nn.apply_rotary(q, cos, sin), nn.apply_rotary(k, cos, sin)
+        out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl)
+        return self.proj(out[0].reshape(P, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        v = config.vision
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.norm1 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
+        self.attn = VisionAttention(config, rngs=rngs)
+        self.norm2 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
+        self.mlp = nn.SwiGLU(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True, **kw)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each group of merge**2 consecutive patches -> one token via a GELU MLP."""
+
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        v = config.vision
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.unit = v.spatial_merge_size ** 2
+        wide = v.hidden_size * self.unit
+        self.ln_q = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
+        self.fc1 = nn.Linear(wide, wide, names=("embed", "mlp"), use_bias=True, **kw)
+        self.fc2 = nn.Linear(wide, v.out_hidden_size, names=("mlp", "embed"), use_bias=True, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        v = config.vision
+        self.config = config
+        self.patch_embed = nn.Linear(v.patch_dim, v.hidden_size, names=("patch", "embed"), use_bias=False,
+                                     dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(config, rngs=rngs) for _ in range(v.depth)])
+        self.merger = PatchMerger(config, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array, window_index: jax.Array, reverse_index: jax.Array,
+                 window_segments: jax.Array, full_segments: jax.Array, rotary_hw: jax.Array) -> jax.Array:
+        """pixel_values [P, patch_dim] (image order) + layout arrays -> merged tokens [P // unit,
+        out_hidden] in image order (the first num_patches // unit are real)."""
+        v = self.config.vision
+        unit = v.spatial_merge_size ** 2
+        x = self.patch_embed(pixel_values)
+        P, D = x.shape
+        x = x.reshape(P // unit, unit, D)[window_index].reshape(P, D)
+        cos, sin = nn.rotary_2d(rotary_hw, v.head_dim, v.rope_theta)
+        masks = {
+            False: nn.attention_mask(window_segments[None], window_segments[None], causal=False),
+            True: nn.attention_mask(full_segments[None], full_segments[None], causal=False),
+        }
+        step = nn.maybe_remat(lambda blk, *args: blk(*args), self.config.remat_policy)
+        for i, blk in enumerate(self.blocks):
+            x = step(blk, x, cos, sin, masks[i in v.fullatt_block_indexes])
+        return self.merger(x)[reverse_index]

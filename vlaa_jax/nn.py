@@ -1,0 +1,220 @@
+"""Layers shared by the vision tower and the decoder: parameters with logical axes, linear, RMSNorm,
+SwiGLU, rotary embeddings (2D for vision, M-RoPE for text) and the ONE attention function.
+
+Numerics follow HF Qwen2.5-VL: norms and softmax in float32, rotary angles in float32, matmuls in the
+compute dtype. Parameters carry logical axis names (vlaa_jax/sharding.py) in their `out_sharding`
+metadata; which mesh axes they land on is decided by the sharding module, never here.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+
+from vlaa_jax.sharding import LOGICAL_AXES
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+
+
+# ------------------------------------------------------------------------------------------------ params
+
+def _eager_sharding() -> bool:
+    """Shard parameters at creation only where that can work: eager sharding on (Flax default), a mesh
+    set (`jax.set_mesh`) and logical-axis rules active (`nnx.logical_axis_rules`). Otherwise parameters
+    are created unsharded (still annotated), e.g. on one CPU in tests and tools."""
+    return (nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+            and bool(spmd.get_logical_axis_rules()))
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], dtype, names: Sequence[str | None]) -> nnx.Param:
+    """An `nnx.Param` annotated with logical axis `names` (one per dim, None = replicated)."""
+    if len(names) != len(shape):
+        raise ValueError(f"{len(names)} axis names {names} for a parameter of shape {tuple(shape)}")
+    for n in names:
+        if n is not None and n not in LOGICAL_AXES:
+            raise ValueError(f"unknown logical axis {n!r}; known: {LOGICAL_AXES}")
+    value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=_eager_sharding())
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel [*in_shape, *out_shape] (HF torch weight transposed)."""
+
+    def __init__(self, in_features: int, out_shape: int | Sequence[int], *, names: Sequence[str | None],
+                 use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        self.dtype = jnp.dtype(dtype)
+        init = nnx.initializers.normal(1.0 / np.sqrt(in_features))
+        self.kernel = param(rngs, init, (in_features, *out_shape), param_dtype, names)
+        self.bias = param(rngs, nnx.initializers.zeros, out_shape, param_dtype, names[1:]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), k, axes=1)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, normalised in float32 (HF Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class SwiGLU(nnx.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(dim, hidden, names=("embed", "mlp"), **kw)
+        self.up_proj = Linear(dim, hidden, names=("embed", "mlp"), **kw)
+        self.down_proj = Linear(hidden, dim, names=("mlp", "embed"), **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+
+def inv_frequencies(dim: int, theta: float) -> jax.Array:
+    """1 / theta^(2i/dim), i < dim/2, rounded to float32 like torch."""
+    return jnp.asarray(1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)), jnp.float32)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., T, N, H] rotated by cos/sin [..., T, H] (broadcast over heads), in float32."""
+    xf = x.astype(jnp.float32)
+    out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def rotary_2d(hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Vision 2D RoPE: hw int [T, 2] (row, col) -> cos, sin [T, head_dim]. The first quarter of the
+    frequencies rotate by row, the second by column, and the pattern repeats for the second half."""
+    inv = inv_frequencies(head_dim // 2, theta)                      # [head_dim / 4]
+    freqs = hw.astype(jnp.float32)[..., None] * inv                  # [T, 2, head_dim / 4]
+    freqs = freqs.reshape(*hw.shape[:-1], -1)                        # [T, head_dim / 2] = (h | w)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope(position_ids: jax.Array, head_dim: int, theta: float,
+          section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Multimodal RoPE: position_ids [3, B, T] (temporal, height, width) -> cos, sin [B, T, head_dim].
+    Frequency band j uses axis (j-th section) % 3: sections (16, 24, 24) give t, h, w bands."""
+    inv = inv_frequencies(head_dim, theta)                           # [head_dim / 2]
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv        # [3, B, T, head_dim / 2]
+    axis = np.repeat(np.arange(len(section)) % 3, section)           # band -> axis
+    freqs = _select_axis(freqs, axis)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _select_axis(freqs: jax.Array, axis: np.ndarray) -> jax.Array:
+    onehot = axis[None, :] == np.arange(freqs.shape[0])[:, None]     # [3, head_dim / 2] static
+    return jnp.sum(jnp.where(onehot[:, None, None, :], freqs, 0.0), axis=0)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool,
+                   q_slots: jax.Array | None = None, kv_slots: jax.Array | None = None) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: same segment id (0 = padding, never attends or is attended) and, when
+    `causal`, key slot <= query slot (slots default to 0..T-1 / 0..S-1)."""
+    mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
+    mask &= (q_segments[:, :, None] > 0)
+    if causal:
+        T, S = q_segments.shape[1], kv_segments.shape[1]
+        qs = jnp.arange(T)[None] if q_slots is None else q_slots
+        ks = jnp.arange(S)[None] if kv_slots is None else kv_slots
+        mask &= ks[:, None, :] <= qs[:, :, None]
+    return mask[:, None]
+
+
+def _splash(query, key, value, mask, scale):
+    try:
+        mod = importlib.import_module("vlaa_jax.kernels.splash_attention")
+    except ImportError as e:
+        raise ValueError(f"attention_impl='splash' needs vlaa_jax.kernels.splash_attention, which failed to "
+                         f"import ({e}); use 'xla' or 'cudnn'") from e
+    fn = getattr(mod, "dot_product_attention", None)
+    if fn is None:
+        raise ValueError("vlaa_jax.kernels.splash_attention has no dot_product_attention(query, key, value, "
+                         "mask=..., scale=...); use 'xla' or 'cudnn'")
+    return fn(query, key, value, mask=mask, scale=scale)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
+                          implementation: str = "xla", scale: float | None = None) -> jax.Array:
+    """Attention for both towers. query [B, T, N, H], key/value [B, S, K, H] (GQA: N % K == 0), boolean
+    mask [B, 1 or N, T, S] (from `attention_mask`). Softmax in float32. Rows with no allowed key give
+    finite garbage (padding positions).
+
+    implementation: "xla" (`jax.nn.dot_product_attention`, any platform); "cudnn" (cuDNN fused kernel on
+    GPU for bf16/fp16; falls back to "xla" elsewhere, e.g. CPU or float32); "splash"
+    (`vlaa_jax.kernels.splash_attention.dot_product_attention`, imported lazily).
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLS}")
+    if implementation == "splash":
+        return _splash(query, key, value, mask, scale)
+    impl = "xla"
+    if (implementation == "cudnn" and jax.default_backend() == "gpu"
+            and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0):
+        impl = "cudnn"
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=impl)
+
+
+# ------------------------------------------------------------------------------------------------- remat
+
+def remat_policy(name: str):
+    """`jax.checkpoint` policy for the config's remat_policy ("none" -> no remat)."""
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"remat_policy={name!r}: expected one of ('none', 'full', 'save_dots')")
+
+
+def maybe_remat(fn: Callable, policy_name: str) -> Callable:
+    """Wraps a `fn(module, *args)` in `nnx.remat` with the named policy (identity for "none")."""
+    if policy_name == "none":
+        return fn
+    return nnx.remat(fn, policy=remat_policy(policy_name))
