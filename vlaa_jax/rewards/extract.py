@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
-_PAIR = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_OPEN = re.compile(r"<answer>")  # exact tags, as the system prompt asks for them
+_CLOSE = re.compile(r"</answer>")
+_PAIR = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def extract_answer(response: str, fallback_boxed: bool = False) -> str | None:

@@ -1,0 +1,189 @@
+"""The paper's mixed reward (sec. 4.1): one verifier per sample, chosen by its `verifier_type`.
+
+No weighted sum and no separate format term: a response whose answer cannot be extracted (see
+extract.py) gets 0, which is the paper's implicit format reward; the thinking is not scored.
+
+Records are dicts or objects (e.g. data_pipeline.records.Record) with
+  verifier_type  digit | mcq | math | iou (bbox) | open_ended (open, open-ended, general)
+  gt / ground_truth
+  question       (mcq options are parsed from it; open-ended scorer input)
+  image          (open-ended scorer input, a path)
+  options        optional, mcq: list or dict of option texts
+  original_hw, resized_hw   iou: (height, width) of the image before / after smart_resize; may
+                 instead be passed per sample as `image_hw=[(original_hw, resized_hw), ...]`.
+Anything else is a ValueError naming the record (index and id).
+
+Host side: `MixedReward(cfg)(responses, records)` keeps the Math-Verify process pool and the
+reward-model client alive across steps; `compute_rewards(...)` is the one-call form.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vlaa_jax.rewards.digit import digit_reward
+from vlaa_jax.rewards.extract import extract_answer
+from vlaa_jax.rewards.iou import GT_FRAMES, PRED_FRAMES, iou_reward
+from vlaa_jax.rewards.math import MathVerifyPool, shared_pool
+from vlaa_jax.rewards.mcq import mcq_reward
+from vlaa_jax.rewards.open_ended import HTTPScorer, Scorer, open_ended_rewards
+
+REWARD_TYPES = ("digit", "mcq", "math", "iou", "open_ended")
+VERIFIER_ALIASES = {"digit": "digit", "mcq": "mcq", "math": "math", "iou": "iou", "bbox": "iou",
+                    "open_ended": "open_ended", "open": "open_ended", "open-ended": "open_ended",
+                    "general": "open_ended"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    answer_fallback_boxed: bool = False  # no <answer> tag at all -> use the last \boxed{} instead
+    math_timeout_s: float = 5.0          # hard Math-Verify limit per answer, seconds (timeout -> 0)
+    num_workers: int = 2                 # Math-Verify worker processes
+    open_ended_beta: float = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not in the paper
+    reward_model_url: str = ""           # tools/reward_server.py endpoint; "" and no scorer -> reward 0
+    reward_model_timeout_s: float = 60.0  # per HTTP request, seconds
+    reward_model_retries: int = 3        # retries after the first attempt (exponential back-off)
+    iou_pred_frame: str = "auto"         # auto | normalized | resized_pixels | original_pixels (iou.py)
+    iou_gt_frame: str = "auto"           # auto | normalized | original_pixels (iou.py)
+
+    def __post_init__(self):
+        if self.iou_pred_frame not in PRED_FRAMES:
+            raise ValueError(f"reward.iou_pred_frame must be one of {PRED_FRAMES}, got {self.iou_pred_frame!r}")
+        if self.iou_gt_frame not in GT_FRAMES:
+            raise ValueError(f"reward.iou_gt_frame must be one of {GT_FRAMES}, got {self.iou_gt_frame!r}")
+        if self.open_ended_beta <= 0:
+            raise ValueError(f"reward.open_ended_beta must be > 0, got {self.open_ended_beta}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RewardConfig":
+        items = dict(config.items())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - names)
+        if unknown:
+            raise ValueError(f"unknown reward config keys {unknown}; known: {sorted(names)}")
+        return cls(**items)
+
+
+def _get(record: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if isinstance(record, Mapping):
+            if record.get(name) is not None:
+                return record[name]
+        elif getattr(record, name, None) is not None:
+            return getattr(record, name)
+    return default
+
+
+def _describe(record: Any, index: int) -> str:
+    rid = _get(record, "id")
+    return f"record {index}" + (f" (id={rid!r})" if rid is not None else "")
+
+
+def canonical_verifier_type(record: Any, index: int = 0) -> str:
+    raw = _get(record, "verifier_type")
+    key = raw.strip().lower() if isinstance(raw, str) else None
+    if key not in VERIFIER_ALIASES:
+        raise ValueError(f"{_describe(record, index)}: unknown verifier_type {raw!r}; "
+                         f"expected one of {sorted(VERIFIER_ALIASES)}")
+    return VERIFIER_ALIASES[key]
+
+
+class MixedReward:
+    """Batch reward function; owns (or borrows) the Math-Verify pool and the open-ended scorer."""
+
+    def __init__(self, cfg: RewardConfig | Mapping[str, Any] | None = None, *,
+                 scorer: Scorer | None = None, math_pool: MathVerifyPool | None = None):
+        cfg = cfg if isinstance(cfg, RewardConfig) else RewardConfig.from_config(cfg or {})
+        self.cfg = cfg
+        if scorer is None and cfg.reward_model_url:
+            scorer = HTTPScorer(cfg.reward_model_url, timeout_s=cfg.reward_model_timeout_s,
+                                retries=cfg.reward_model_retries)
+        self.scorer = scorer
+        self._math_pool = math_pool
+
+    @property
+    def math_pool(self) -> MathVerifyPool:
+        if self._math_pool is None:
+            self._math_pool = shared_pool(self.cfg.num_workers, self.cfg.math_timeout_s)
+        return self._math_pool
+
+    def __call__(self, responses: Sequence[str], records: Sequence[Any],
+                 image_hw: Sequence[tuple | None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """(rewards float32 [N], stats) for N (response, record) pairs; stats are flat, for logging:
+        `<type>/count`, `<type>/mean` (only for types present), `<type>/extract_fail`, `all/count`,
+        `all/mean`, `extract_fail`, `math_timeouts`, `math_errors`, `open_ended_unscored`."""
+        n = len(responses)
+        if len(records) != n:
+            raise ValueError(f"compute_rewards: {n} responses but {len(records)} records")
+        if image_hw is not None and len(image_hw) != n:
+            raise ValueError(f"compute_rewards: {n} responses but {len(image_hw)} image_hw entries")
+        cfg = self.cfg
+        types = [canonical_verifier_type(r, i) for i, r in enumerate(records)]
+        gts = []
+        for i, r in enumerate(records):
+            gt = _get(r, "gt", "ground_truth")
+            if gt is None or (isinstance(gt, str) and not gt.strip()):
+                raise ValueError(f"{_describe(r, i)}: missing ground truth (gt)")
+            gts.append(gt)
+        answers = [extract_answer(resp, cfg.answer_fallback_boxed) for resp in responses]
+        rewards = np.zeros(n, np.float32)
+        counters = dict(math_timeouts=0, math_errors=0, open_ended_unscored=0)
+        math_items, open_items = [], []
+        for i, (kind, ans, gt, rec) in enumerate(zip(types, answers, gts, records)):
+            try:
+                if kind == "digit":
+                    rewards[i] = digit_reward(ans, gt)
+                elif kind == "mcq":
+                    rewards[i] = mcq_reward(ans, gt, _get(rec, "question"), _get(rec, "options"))
+                elif kind == "iou":
+                    orig, resized = (image_hw[i] if image_hw is not None and image_hw[i] is not None
+                                     else (_get(rec, "original_hw"), _get(rec, "resized_hw")))
+                    rewards[i] = iou_reward(ans, gt, original_hw=orig, resized_hw=resized,
+                                            pred_frame=cfg.iou_pred_frame, gt_frame=cfg.iou_gt_frame)
+                elif ans is not None and kind == "math":
+                    math_items.append(i)
+                elif ans is not None and kind == "open_ended":
+                    open_items.append(i)
+            except ValueError as e:
+                raise ValueError(f"{_describe(rec, i)} ({kind}): {e}") from e
+
+        if math_items:
+            for i, res in zip(math_items, self.math_pool.verify([(answers[i], str(gts[i])) for i in math_items])):
+                rewards[i] = res.score
+                counters["math_timeouts"] += int(res.timed_out)
+                counters["math_errors"] += int(res.error is not None)
+        if open_items:
+            if self.scorer is None:
+                counters["open_ended_unscored"] = len(open_items)
+            else:
+                got = open_ended_rewards([answers[i] for i in open_items], [str(gts[i]) for i in open_items],
+                                         [str(_get(records[i], "question", default="")) for i in open_items],
+                                         [_get(records[i], "image") for i in open_items],
+                                         self.scorer, cfg.open_ended_beta)
+                rewards[open_items] = got
+
+        stats: dict[str, float] = {}
+        failed = np.array([a is None for a in answers], bool)
+        kinds = np.array(types, object)
+        for kind in REWARD_TYPES:
+            sel = kinds == kind
+            stats[f"{kind}/count"] = int(sel.sum())
+            stats[f"{kind}/extract_fail"] = int((sel & failed).sum())
+            if sel.any():
+                stats[f"{kind}/mean"] = float(rewards[sel].mean())
+        stats["all/count"] = n
+        if n:
+            stats["all/mean"] = float(rewards.mean())
+        stats["extract_fail"] = int(failed.sum())
+        stats.update(counters)
+        return rewards, stats
+
+
+def compute_rewards(responses: Sequence[str], records: Sequence[Any],
+                    cfg: RewardConfig | Mapping[str, Any] | None = None, *, scorer: Scorer | None = None,
+                    math_pool: MathVerifyPool | None = None,
+                    image_hw: Sequence[tuple | None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """One-call form of MixedReward (the Math-Verify pool is shared per process and reused)."""
+    return MixedReward(cfg, scorer=scorer, math_pool=math_pool)(responses, records, image_hw)
