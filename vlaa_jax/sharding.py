@@ -344,6 +344,13 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "position_ids": (None, "batch", "length"),
     "pixel_values": (None, None),
     "image_grid_thw": (None, None),
+    # models/qwen2_5_vl/layout.VisionLayout fields (over the patches of the whole batch)
+    "window_index": (None,),
+    "reverse_index": (None,),
+    "window_segments": (None,),
+    "full_segments": (None,),
+    "rotary_hw": (None, None),
+    "num_patches": (),
 }
 
 
@@ -467,6 +474,125 @@ def array_from_reader(shape: Sequence[int], dtype: Any, sharding: NamedSharding,
     return piece
 
   return jax.make_array_from_callback(shape, sharding, callback)
+
+
+# Safetensors dtype names -> NumPy (bfloat16 through ml_dtypes, which NumPy itself lacks).
+def _safetensors_dtypes() -> dict[str, Any]:
+  import ml_dtypes
+  return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+
+
+def safetensors_memmap(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file as a read-only np.memmap: slicing reads only that slice.
+
+  (The `safetensors` NumPy reader cannot return bfloat16, the dtype of the released checkpoints.)
+  """
+  import json
+  import struct
+  with open(path, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+  dtypes = _safetensors_dtypes()
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in dtypes:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == start or not shape:
+      with open(path, "rb") as f:
+        f.seek(8 + n + start)
+        out[name] = np.frombuffer(f.read(end - start), dtypes[info["dtype"]]).reshape(shape)
+    else:
+      out[name] = np.memmap(path, dtype=dtypes[info["dtype"]], mode="r", offset=8 + n + start,
+                            shape=shape)
+  return out
+
+
+def _hf_slice(kind: str, hf: np.ndarray, index: tuple[slice, ...], to_ours: Callable) -> np.ndarray:
+  """Our-layout slice `index` of the HF tensor `hf`, reading only what that slice needs."""
+  if kind == "copy":
+    return hf[index]
+  if kind == "linear":                                   # ours = hf.T
+    return np.asarray(hf[index[1], index[0]]).T
+  if kind in ("qkv_weight", "qkv_bias"):                 # ours[.., c, e] = hf[c * D + e, ..]
+    dq = hf.shape[0] // 3
+    *lead, sc, se = index if kind == "qkv_bias" else (index[0], index[1], index[2])
+    rows = [hf[c * dq + se.start:c * dq + se.stop] for c in range(*sc.indices(3))]
+    if kind == "qkv_bias":
+      return np.stack(rows)
+    return np.stack([np.asarray(r[:, lead[0]]) for r in rows]).transpose(2, 0, 1)
+  if kind == "patch":                                    # ours = hf.reshape(D, -1).T
+    sp, sd = index
+    block = np.asarray(hf[sd])
+    return block.reshape(block.shape[0], -1)[:, sp].T
+  return to_ours(kind, np.asarray(hf))[index]            # any other layout: whole tensor, then slice
+
+
+def load_pretrained_sharded(path: str, mesh: Mesh,
+                            rules: str | Rules | Mapping[str, MeshAxes] | None = None,
+                            **run_options: Any) -> tuple[Any, Any, Any]:
+  """Qwen2.5-VL from an HF directory or a vlaa-jax (Orbax) model directory straight onto `mesh`.
+
+  Returns (model config, graphdef, state). HF safetensors are memory-mapped and every device's
+  shard is read on its own (`jax.make_array_from_callback`); an Orbax directory is restored with a
+  sharded target. Neither ever holds the full model on one device (nor, for HF, in host memory).
+  `run_options`: dtype / param_dtype / remat_policy / attention_impl of the model config.
+  """
+  import os
+  from flax import nnx
+  from vlaa_jax import checkpoint
+  from vlaa_jax.models.qwen2_5_vl import Qwen25VL, load_config, params as hf_params
+  config = load_config(path, **run_options)
+  graphdef, abstract, _ = abstract_state(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)), mesh, rules)
+  if checkpoint.is_model_dir(path):
+    target = jax.tree_util.tree_map(lambda a: a, abstract.to_pure_dict())
+    target = _str_keys(target)
+    pure = checkpoint.load_params(path, target)
+    pure = jax.tree.map(lambda a, t: a.astype(t.dtype) if a.dtype != t.dtype else a, pure, target)
+    nnx.replace_by_pure_dict(abstract, pure)
+    return config, graphdef, abstract
+  ckpt = hf_params.HFCheckpoint(path)
+  hf_params.check_no_unexpected(config, ckpt.keys(), source=path)
+  maps: dict[str, dict[str, np.ndarray]] = {}
+  flat = abstract.to_pure_dict()
+  pure: dict[str, Any] = {}
+  for entry in hf_params.param_table(config):
+    if entry.hf_name not in ckpt.files:
+      raise KeyError(f"{path}: tensor {entry.hf_name!r} is missing")
+    shard, stored = ckpt.files[entry.hf_name]
+    if shard not in maps:
+      maps[shard] = safetensors_memmap(os.path.join(path, shard))
+    hf = maps[shard][stored]
+    if tuple(hf.shape) != entry.hf_shape:
+      raise ValueError(f"{path}: tensor {entry.hf_name!r} has shape {tuple(hf.shape)}, expected "
+                       f"{entry.hf_shape} for this config")
+    target = _lookup_path(flat, entry.path)
+    pure_node = pure
+    for k in entry.path[:-1]:
+      pure_node = pure_node.setdefault(k, {})
+    pure_node[entry.path[-1]] = array_from_reader(
+        target.shape, target.dtype, target.sharding,
+        lambda index, kind=entry.kind, hf=hf: _hf_slice(kind, hf, index, hf_params.to_ours))
+  nnx.replace_by_pure_dict(abstract, pure)
+  return config, graphdef, abstract
+
+
+def _str_keys(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _lookup_path(tree: Mapping, path: Sequence[str]) -> Any:
+  node = tree
+  for k in path:
+    node = node[int(k)] if k not in node and k.isdigit() else node[k]
+  return node
 
 
 # --------------------------------------------------------------------------------------------------
