@@ -198,8 +198,8 @@ def test_gradient_matches_finite_differences(mode):
         for edge in (0.8, 1.3):
             near = np.abs(r - edge) < 1e-3
             logp = np.where(near, logp + 5e-3, logp)
-        f = lambda lp: grpo_loss(lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv),
-                                 jnp.asarray(mask), cfg, kl_coef=0.1)[0]
+        f = jax.jit(lambda lp: grpo_loss(lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv),
+                                         jnp.asarray(mask), cfg, kl_coef=0.1)[0])
         g = np.asarray(jax.grad(f)(jnp.asarray(logp)))
         h = 1e-6
         fd = np.zeros_like(logp)
@@ -237,9 +237,10 @@ def test_on_policy_first_step_is_reinforce_with_baseline():
             lp, _ = token_logprobs(hidden, w, targets, mask, chunk_size=5)
             return aggregate_loss(-adv[:, None] * lp, mask, mode, max_response_length=L)
 
-        np.testing.assert_allclose(jax.grad(loss_fn)(w0), jax.grad(reinforce)(w0), atol=1e-6)
+        np.testing.assert_allclose(jax.jit(jax.grad(loss_fn))(w0), jax.jit(jax.grad(reinforce))(w0),
+                                   atol=1e-6)
         # and the loss value at ratio 1 is -agg(A)
-        np.testing.assert_allclose(float(loss_fn(w0)),
+        np.testing.assert_allclose(float(jax.jit(loss_fn)(w0)),
                                    float(aggregate_loss(-jnp.broadcast_to(adv[:, None], (B, L)), mask,
                                                         mode, max_response_length=L)), atol=1e-6)
 
@@ -250,9 +251,9 @@ def test_micro_batch_accumulation_equals_full_batch(mode):
     logp, old, ref, adv, mask = (jnp.asarray(x, jnp.float32) for x in random_batch(rng, B=8, L=10))
     cfg = GRPOConfig(loss_agg_mode=mode, max_response_length=16)
     f = lambda lp, o, r, a, m, n=None: grpo_loss(lp, o, r, a, m, cfg, normalizer=n)[0]
-    full, g_full = jax.value_and_grad(f)(logp, old, ref, adv, mask)
-    norm = loss_normalizer(mask, mode)
     step = jax.jit(jax.value_and_grad(f))
+    full, g_full = step(logp, old, ref, adv, mask)
+    norm = loss_normalizer(mask, mode)
     total, grads = 0.0, []
     for s in range(0, 8, 2):
         sl = slice(s, s + 2)
@@ -262,7 +263,7 @@ def test_micro_batch_accumulation_equals_full_batch(mode):
     np.testing.assert_allclose(total, float(full), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.concatenate(grads), g_full, rtol=1e-5, atol=1e-7)
     # the naive mean of micro-batch means is a different (wrong) number for ragged batches
-    naive = np.mean([float(f(logp[s:s + 2], old[s:s + 2], ref[s:s + 2], adv[s:s + 2], mask[s:s + 2]))
+    naive = np.mean([float(step(logp[s:s + 2], old[s:s + 2], ref[s:s + 2], adv[s:s + 2], mask[s:s + 2])[0])
                      for s in range(0, 8, 2)])
     assert abs(naive - float(full)) > 1e-4
 
