@@ -9,7 +9,9 @@ input_ids are exactly those of tokenising the full conversation text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,63 @@ VLAA_SYSTEM_PROMPT = (
 _Q, _R = "\x00VLAA_QUESTION\x00", "\x00VLAA_RESPONSE\x00"
 
 
+def _messages(system_prompt: str | None, question: str, image: Any = None) -> list[dict]:
+    msgs = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    img = {"type": "image"} if image is None else {"type": "image", "image": image}
+    msgs.append({"role": "user", "content": [img, {"type": "text", "text": question}]})
+    return msgs
+
+
+class _TokenizerFiles:
+    """Chat template, added-token ids and pad token of a tokenizer directory, read without transformers.
+
+    The template is rendered like transformers does (sandboxed Jinja2, trim_blocks, lstrip_blocks,
+    loopcontrols, raise_exception, tojson); tests compare the result with `apply_chat_template`.
+    """
+
+    def __init__(self, tokenizer_dir: str):
+        d = Path(tokenizer_dir)
+        tok_json = d / "tokenizer.json"
+        if not tok_json.is_file():
+            raise FileNotFoundError(f"{tok_json} not found (a fast tokenizer file is needed)")
+        cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").is_file() else {}
+        template = None
+        if (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text()
+        elif isinstance(cfg.get("chat_template"), str):
+            template = cfg["chat_template"]
+        elif (d / "chat_template.json").is_file():
+            template = json.loads((d / "chat_template.json").read_text()).get("chat_template")
+        if not template:
+            raise ValueError(f"{tokenizer_dir}: no chat template (chat_template.jinja / tokenizer_config.json)")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = raise_exception
+        self._template = env.from_string(template)
+        added = json.loads(tok_json.read_text()).get("added_tokens", [])
+        self._ids = {t["content"]: t["id"] for t in added}
+        self._special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
+                         if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.pad_id = self._ids.get(self._special.get("pad_token"))
+        self.dir = tokenizer_dir
+
+    def token_id(self, token: str) -> int:
+        if token not in self._ids:
+            raise KeyError(f"{self.dir}/tokenizer.json has no added token {token!r}")
+        return self._ids[token]
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self._special)
+
+
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """`transformers.AutoTokenizer` of a checkpoint / processor directory (needs a chat template)."""
     from transformers import AutoTokenizer
@@ -42,47 +101,74 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
 class ChatFormatter:
     """Turns (record, number of image tokens) into token ids, for SFT (with loss mask) or GRPO prompts.
 
-    Attributes:
-      tokenizer: a transformers fast tokenizer with the Qwen2.5-VL chat template and special tokens.
-      system_prompt: system message; None -> no system message (the template inserts its own default).
+    Build with `ChatFormatter.create(tokenizer_dir, system_prompt)`: the chat template is rendered once
+    with the HF tokenizer; encoding then uses only the Rust `tokenizers.Tokenizer` of `tokenizer.json`,
+    which loads in well under a second in each Grain worker (AutoTokenizer takes seconds) and is what
+    the HF tokenizer runs underneath (checked at creation). Picklable.
     """
 
-    tokenizer: Any
-    system_prompt: str | None = VLAA_SYSTEM_PROMPT
+    tokenizer_dir: str
+    system_prompt: str | None
+    prompt_template: str  # rendered prompt with the question marker, ends with "<|im_start|>assistant\n"
+    answer_template: str  # assistant turn with the response marker, e.g. "{R}<|im_end|>\n"
+    image_pad_id: int
+    vision_start_id: int
+    vision_end_id: int
+    im_end_id: int
+    pad_id: int
 
-    def __post_init__(self):
-        tok = self.tokenizer
-        self._backend = tok.backend_tokenizer
-        self.image_pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
-        self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
-        self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-        msgs = self.messages(_Q)
-        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": _R}], tokenize=False)
+    @classmethod
+    def create(cls, tokenizer_dir: str | os.PathLike, system_prompt: str | None = VLAA_SYSTEM_PROMPT,
+               tokenizer: Any = None) -> "ChatFormatter":
+        """Read the chat template and special ids from `tokenizer_dir` (no transformers import: fast in
+        every process); with an HF `tokenizer`, render through its `apply_chat_template` instead."""
+        tokenizer_dir = os.fspath(tokenizer_dir)
+        msgs = _messages(system_prompt, _Q)
+        full_msgs = msgs + [{"role": "assistant", "content": _R}]
+        if tokenizer is not None:
+            prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(full_msgs, tokenize=False)
+            ids = tokenizer.convert_tokens_to_ids
+            pad = tokenizer.pad_token_id
+        else:
+            files = _TokenizerFiles(tokenizer_dir)
+            prompt = files.render(msgs, add_generation_prompt=True)
+            full = files.render(full_msgs, add_generation_prompt=False)
+            ids = files.token_id
+            pad = files.pad_id
+        pad = pad if pad is not None else ids("<|endoftext|>")
         if prompt.count(_Q) != 1 or full.count(_R) != 1 or not full.startswith(prompt):
-            raise ValueError("chat template does not render question/response once each after the prompt")
+            raise ValueError(f"{tokenizer_dir}: chat template does not render question/response once each")
         if prompt.count("<|image_pad|>") != 1:
-            raise ValueError("chat template must render exactly one <|image_pad|> per image")
-        self._prompt_template = prompt
-        self._answer_template = full[len(prompt):]  # e.g. "{response}<|im_end|>\n"
-        # Loss covers the response and the closing <|im_end|> (the model must learn to stop), not what follows.
-        end = self._answer_template.index(_R) + len(_R)
-        tail = self._answer_template[end:]
-        if not tail.startswith("<|im_end|>"):
-            raise ValueError("chat template: the assistant turn must end with <|im_end|>")
-        self._loss_tail_chars = len("<|im_end|>")
+            raise ValueError(f"{tokenizer_dir}: chat template must render one <|image_pad|> per image")
+        answer = full[len(prompt):]
+        if not answer[answer.index(_R) + len(_R):].startswith("<|im_end|>"):
+            raise ValueError(f"{tokenizer_dir}: the assistant turn of the chat template must end with <|im_end|>")
+        return cls(tokenizer_dir, system_prompt, prompt, answer, ids("<|image_pad|>"), ids("<|vision_start|>"),
+                   ids("<|vision_end|>"), ids("<|im_end|>"), pad)
+
+    @property
+    def backend(self):
+        """The Rust tokenizer (loaded lazily, once per process)."""
+        b = self.__dict__.get("_backend")
+        if b is None:
+            from tokenizers import Tokenizer
+
+            path = os.path.join(self.tokenizer_dir, "tokenizer.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found (a fast tokenizer file is needed)")
+            b = self.__dict__["_backend"] = Tokenizer.from_file(path)
+        return b
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_backend"}
 
     def messages(self, question: str, image: Any = None) -> list[dict]:
         """HF chat messages of one record: [system], user = [image, question text]."""
-        msgs = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-        img = {"type": "image"} if image is None else {"type": "image", "image": image}
-        msgs.append({"role": "user", "content": [img, {"type": "text", "text": question}]})
-        return msgs
+        return _messages(self.system_prompt, question, image)
 
     def prompt_text(self, question: str) -> str:
-        return self._prompt_template.replace(_Q, question)
+        return self.prompt_template.replace(_Q, question)
 
     def _expand_image(self, ids: np.ndarray, num_image_tokens: int, where: dict) -> tuple[np.ndarray, int]:
         pos = np.flatnonzero(ids == self.image_pad_id)
@@ -100,7 +186,7 @@ class ChatFormatter:
     def encode_prompt(self, record: Record, num_image_tokens: int) -> np.ndarray:
         """GRPO: int32 ids of the prompt up to `<|im_start|>assistant\\n`, image pads expanded."""
         where = {"file": record.file, "line": record.line, "record_id": record.id}
-        enc = self._backend.encode(self.prompt_text(record.question), add_special_tokens=False)
+        enc = self.backend.encode(self.prompt_text(record.question), add_special_tokens=False)
         ids, _ = self._expand_image(np.asarray(enc.ids, np.int32), num_image_tokens, where)
         return ids
 
@@ -110,12 +196,12 @@ class ChatFormatter:
         if not record.response.strip():
             raise DataError("empty response", kind="missing_field", field="answer", **where)
         prompt = self.prompt_text(record.question)
-        answer = self._answer_template.replace(_R, record.response)
-        enc = self._backend.encode(prompt + answer, add_special_tokens=False)
+        answer = self.answer_template.replace(_R, record.response)
+        enc = self.backend.encode(prompt + answer, add_special_tokens=False)
         ids = np.asarray(enc.ids, np.int32)
         starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
         lo = len(prompt)
-        hi = lo + len(record.response) + self._loss_tail_chars
+        hi = lo + len(record.response) + len("<|im_end|>")  # loss: response + closing <|im_end|>
         mask = ((starts >= lo) & (starts < hi)).astype(np.int32)
         ids, p = self._expand_image(ids, num_image_tokens, where)
         mask = np.concatenate([mask[:p], np.zeros(num_image_tokens, np.int32), mask[p + 1:]])

@@ -79,19 +79,16 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, external_image_roots: dict | None = None, skip_bad_records: bool | None = None,
                  verify_images: bool | None = None, holdout_per_mille: int | None = None, **kwargs):
-        """Keyword overrides of the config fields (handy with the stock `sft` / `grpo` configs)."""
-        config = kwargs.get("config")
-        overrides = {k: v for k, v in dict(external_image_roots=external_image_roots, skip_bad_records=skip_bad_records,
-                                           verify_images=verify_images, holdout_per_mille=holdout_per_mille).items()
-                     if v is not None}
-        if overrides:
-            if isinstance(config, str) or config is None:
-                base = {c.name: c for c in self.BUILDER_CONFIGS}[config or "sft"]
-            else:
-                base = config
-            kwargs["config"] = dataclasses.replace(base, **overrides)
-        self._bad_summary = BadRecordSummary()
+        """Keyword arguments override the config fields of the same name for this build.
+
+        (TFDS refuses a custom config named like a stock one, so overrides live on the builder.)
+        """
         super().__init__(**kwargs)
+        overrides = dict(external_image_roots=external_image_roots, skip_bad_records=skip_bad_records,
+                         verify_images=verify_images, holdout_per_mille=holdout_per_mille)
+        self.options: VlaaThinkingConfig = dataclasses.replace(
+            self.builder_config, **{k: v for k, v in overrides.items() if v is not None})
+        self._bad_summary = BadRecordSummary()
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -125,7 +122,7 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        cfg: VlaaThinkingConfig = self.builder_config
+        cfg: VlaaThinkingConfig = self.options
         manual = Path(dl_manager.manual_dir)
         path = find_split_file(manual, cfg.split_name)
         records = read_records(path, split=cfg.split_name, skip_bad_records=cfg.skip_bad_records,
@@ -143,7 +140,7 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _generate_examples(self, records: list[Record], store: ImageStore):
-        cfg: VlaaThinkingConfig = self.builder_config
+        cfg: VlaaThinkingConfig = self.options
         by_image: dict[str, list[Record]] = {}
         for r in records:
             by_image.setdefault(r.image, []).append(r)
