@@ -1,0 +1,35 @@
+"""Export a vlaa-jax model directory to an HF directory that transformers loads.
+
+    python tools/export_to_hf.py --ckpt ckpt/qwen3b --out hf_out [--max_shard_size 5GB] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vlaa_jax import convert  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = convert.main_args(argv, __doc__, [
+        ("--ckpt", dict(required=True, help="vlaa-jax model directory (config.json + params/)")),
+        ("--out", dict(required=True, help="output HF directory")),
+        ("--max_shard_size", dict(default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")),
+        ("--dtype", dict(default=None, choices=sorted(convert.DTYPES) + ["keep"],
+                         help="cast weights to this dtype (default: keep)")),
+    ])
+    t0 = time.time()
+    try:
+        out = convert.export_to_hf(args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
