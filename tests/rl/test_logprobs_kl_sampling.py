@@ -27,7 +27,7 @@ def lp_inputs():
     return hidden, w, targets, mask
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 39, 1000])  # 39 = B*L exactly; 7 leaves a padded tail
+@pytest.mark.parametrize("chunk", [1, 5, 13, 1000])  # 13 = L exactly; 5 leaves a padded tail
 def test_chunked_logprobs_values_and_gradients(lp_inputs, chunk):
     hidden, w, targets, mask = lp_inputs
     logp, ent = jax.jit(lambda h, w: token_logprobs(h, w, targets, chunk_size=chunk, temperature=0.8))(hidden, w)
@@ -87,13 +87,38 @@ def test_memory_stays_chunked_in_forward_and_gradient():
             pytest.skip("backend gives no memory analysis")
         return analysis.temp_size_in_bytes
 
-    chunked = lambda h, w, t: jnp.sum(token_logprobs(h, w, t, chunk_size=32)[0])
+    chunked = lambda h, w, t: jnp.sum(token_logprobs(h, w, t, chunk_size=16)[0])  # 512 KiB chunks
     plain = lambda h, w, t: jnp.sum(full_reference(h, w, t)[0])
     grad = lambda f: (lambda h, w, t: jax.grad(f, argnums=(0, 1))(h, w, t))
     assert temp_bytes(plain) >= full_bytes
     assert temp_bytes(grad(plain)) >= full_bytes
     assert temp_bytes(chunked) < full_bytes / 4
     assert temp_bytes(grad(chunked)) < full_bytes / 4
+
+
+def test_data_parallel_sharding_is_kept():
+    """B sharded over 8 devices: same numbers, the output stays sharded over B, and the hidden
+    states are never all-gathered (only the lm_head gradient is reduced)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(2)
+    B, L, D, V = 8, 12, 16, 64
+    hidden = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(V, D)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+    data = NamedSharding(mesh, P("data"))
+    rep = NamedSharding(mesh, P())
+    f = lambda h, w, t: token_logprobs(h, w, t, chunk_size=5)[0]
+    fn = jax.jit(f, in_shardings=(data, rep, data), out_shardings=data)
+    args = (jax.device_put(hidden, data), jax.device_put(w, rep), jax.device_put(targets, data))
+    np.testing.assert_allclose(fn(*args), full_reference(hidden, w, targets)[0], rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda h, w, t: jnp.sum(f(h, w, t)), argnums=(0, 1)),
+                   in_shardings=(data, rep, data), out_shardings=(data, rep))
+    for compiled in (fn.lower(*args).compile(), grad.lower(*args).compile()):
+        assert "all-gather" not in compiled.as_text()
 
 
 def test_adaptive_kl_controller_openrlhf_rule():
