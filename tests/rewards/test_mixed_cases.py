@@ -93,6 +93,8 @@ CASES = [
     ("math", R("10^{21}"), {"gt": "1000000000000000000000"}, 1.0),
     ("math", R("100000000000000000001"), {"gt": "100000000000000000000"}, 0.0),
     ("math", R("y = 2x + 1"), {"gt": "2x+1"}, 1.0),
+    ("math", R("The area is 12 cm^2"), {"gt": "12"}, 1.0),  # prose around the number
+    ("math", R("The area is 13 square units"), {"gt": "12"}, 0.0),
     ("math", "<think>So the area is 12.</think> The area is $12$.", {"gt": "12"}, 0.0),  # no tags
     ("math", R("12") + " <answer>13</answer>", {"gt": "12"}, 0.0),  # two answers
     # ---------------------------------------------------------------- iou (LLaVA-CoT COCO / VG)

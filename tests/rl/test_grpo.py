@@ -335,3 +335,15 @@ def test_config_from_dict_and_errors():
         GRPOConfig(loss_agg_mode="mean")
     with pytest.raises(ValueError, match="dual_clip"):
         GRPOConfig(dual_clip=0.5)
+
+
+def test_configs_from_the_grpo_preset():
+    """The trainer's config (configs/grpo.py, ml_collections) builds our dataclasses as it is."""
+    from configs import grpo as grpo_configs
+    from vlaa_jax.rewards import RewardConfig
+    for preset in grpo_configs.PRESETS:
+        c = grpo_configs.get_config(preset)
+        loss_cfg = GRPOConfig.from_config(c.grpo.loss)
+        assert loss_cfg.loss_agg_mode == c.grpo.loss.loss_agg_mode
+        reward_cfg = RewardConfig.from_config(c.reward)
+        assert reward_cfg.math_timeout_s == c.reward.math_timeout_s

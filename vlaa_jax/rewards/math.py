@@ -10,9 +10,8 @@ Workers come from the "forkserver" start method by default: they are forked from
 server process with math_verify preloaded (cheap to replace, and never a fork of a multi-threaded
 JAX process).
 
-How strings are parsed: an answer or ground truth without LaTeX delimiters is wrapped in `$...$`
-(Math-Verify's LaTeX extraction needs an anchor: "\\sqrt{2}/2" alone parses to nothing), falling back
-to the raw string. A ground truth Math-Verify cannot parse is an error (counted, reward 0).
+How strings are parsed: see `_parse` (bare LaTeX is wrapped in `$...$`, prose is parsed as it is).
+A ground truth Math-Verify cannot parse is an error (counted, reward 0).
 """
 from __future__ import annotations
 
@@ -23,20 +22,32 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import re
 import threading
 import time
 from typing import Sequence
 
 _DELIMS = ("$", "\\boxed", "\\[", "\\(")
+_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")  # an English word, not a LaTeX command
 
 
 def _parse(text: str):
+    """Math-Verify parse of an answer/ground truth that usually has no LaTeX delimiters.
+
+    Bare LaTeX ("\\sqrt{2}/2", "\\pi") only parses inside `$...$`; prose ("The area is 12 cm^2")
+    parses best as it is (Math-Verify then looks for the final number/expression), and wrapped would
+    read the words as a product of symbols. So prose tries the raw text first, bare math the wrapped
+    text first; the first non-empty parse wins."""
     from math_verify import parse
-    wrapped = text if any(d in text for d in _DELIMS) else f"${text}$"
-    parsed = parse(wrapped, parsing_timeout=None)
-    if not parsed and wrapped != text:
-        parsed = parse(text, parsing_timeout=None)
-    return parsed
+    if any(d in text for d in _DELIMS):
+        return parse(text, parsing_timeout=None)
+    wrapped = f"${text}$"
+    order = (text, wrapped) if _WORD.search(text) else (wrapped, text)
+    for candidate in order:
+        parsed = parse(candidate, parsing_timeout=None)
+        if parsed:
+            return parsed
+    return []
 
 
 def verify_math(answer: str, gt: str) -> float:

@@ -15,6 +15,10 @@ Anything else is a ValueError naming the record (index and id).
 
 Host side: `MixedReward(cfg)(responses, records)` keeps the Math-Verify process pool and the
 reward-model client alive across steps; `compute_rewards(...)` is the one-call form.
+Failure policy: math timeouts / Math-Verify errors score 0 and are counted; a reward-model server
+that still fails after its retries raises ScorerError (training on silently-zero open-ended rewards
+would be worse); with no scorer configured at all, open-ended answers score 0, counted as
+`open_ended_unscored`.
 """
 from __future__ import annotations
 
