@@ -1,0 +1,258 @@
+"""Batched generation with a preallocated KV cache: one prefill, then a `lax.while_loop` of decode steps.
+
+    prompts = prompt_batch(config, input_ids, attention_mask, pixel_values=..., image_grid_thw=..., pad_id=...)
+    out = generate(graphdef, state, prompts, max_new_tokens=800, num_samples=4,
+                   sampling=SamplingConfig(temperature=0.8), rng=0, stop_ids=(151645, 151643), pad_id=151643)
+    out.tokens [B*n, T], out.logprobs / out.raw_logprobs [B*n, T], out.lengths [B*n], out.stopped [B*n]
+
+How it works (one jitted program per (batch, prompt-length, patch, new-token) bucket):
+  * prefill: the left-padded prompts and their images go through the model once, writing the prompt's
+    keys/values into a cache of `L + T` slots (images are encoded here and only here);
+  * `n` samples per prompt: the prefilled cache, the last logits and the positions are repeated to
+    B*n rows (row `i*n + j` is sample j of prompt i), so the prompt is never recomputed;
+  * decode: a `lax.while_loop` samples a token for every row, writes it, and runs the model on it (T = 1)
+    until every row has emitted a stop id or `max_new_tokens` is reached. Rows that stopped keep running
+    (static shapes) but emit `pad_id` and are masked out of the outputs.
+  * M-RoPE positions during decoding follow HF's `generate`: the k-th real token of a row (counting the
+    prompt's unpadded tokens from 0) sits at k + rope_delta on all three axes, rope_delta coming from
+    `layout.mrope_positions` of the prompt.
+
+Sharded use: pass the mesh and rules the state is sharded with; the batch rows are split over the
+data-parallel axes (`sharding.batch_shardings`), images and their layout are replicated, the cache is
+constrained to (batch, -, kv_heads, -).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlaa_jax import sharding as shd
+from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlaa_jax.models.qwen2_5_vl.text import KVCache
+from vlaa_jax.rollout.sampling import SamplingConfig, choose, row_keys
+
+# Qwen2.5 chat stop tokens: <|im_end|>, <|endoftext|>.
+IM_END_ID = 151645
+ENDOFTEXT_ID = 151643
+VISION_KEYS: tuple[str, ...] = layout_lib.VisionLayout._fields
+# Compiled new-token lengths: a request is rounded up to the next bucket (then stopped at its own count).
+NEW_TOKEN_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 800, 1024, 2048, 4096)
+CACHE_AXES = ("batch", None, "kv_heads", None)
+
+
+class Generation(NamedTuple):
+    """Host results; rows are prompt-major (row i*n + j = sample j of prompt i)."""
+    tokens: np.ndarray        # int32 [R, T] generated ids (the stop token included), pad_id after the end
+    logprobs: np.ndarray      # float32 [R, T] log-prob of the token under the sampling policy (after
+                              # temperature / top-k / top-p); 0 after the end
+    raw_logprobs: np.ndarray  # float32 [R, T] log_softmax of the raw model logits at the token (the
+                              # old-policy log-probs GRPO needs); 0 after the end
+    lengths: np.ndarray       # int32 [R] number of generated tokens (stop token included)
+    stopped: np.ndarray       # bool [R] True: ended with a stop id; False: truncated at max_new_tokens
+
+    @property
+    def mask(self) -> np.ndarray:
+        """int32 [R, T] 1 on generated tokens (up to and including the stop token)."""
+        return (np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]).astype(np.int32)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return ~self.stopped
+
+
+# ---------------------------------------------------------------------------------------- host layout
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def new_token_bucket(max_new_tokens: int, buckets: Sequence[int] = NEW_TOKEN_BUCKETS) -> int:
+    """The compiled decode length for a request of `max_new_tokens`."""
+    return next((b for b in sorted(buckets) if b >= max_new_tokens), max_new_tokens)
+
+
+def default_stop_ids(config: Qwen25VLConfig) -> tuple[int, ...]:
+    """<|im_end|>, <|endoftext|> (when inside the vocabulary) and the config's eos ids."""
+    eos = config.text.eos_token_id
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    ids = [i for i in (IM_END_ID, ENDOFTEXT_ID) if i < config.text.vocab_size] + [int(e) for e in eos]
+    return tuple(dict.fromkeys(ids))
+
+
+def prompt_batch(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
+                 pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None,
+                 pad_id: int, length_multiple: int = 64, patch_multiple: int = 256) -> dict[str, np.ndarray]:
+    """Host arrays of a prompt batch in the loader's field names, ready for `generate`.
+
+    The unpadded tokens of every row (attention_mask 1; the input may be left- or right-padded) are
+    left-padded to a multiple of `length_multiple`; pixel patches are padded to a multiple of
+    `patch_multiple` (compiled buckets). Fields: input_ids, attention_mask [B, L], position_ids [3, B, L],
+    rope_deltas [B, 1] and, with images, pixel_values [P, patch_dim] and vision_<VisionLayout field>."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"prompt input_ids must be [batch, length], got shape {ids.shape}")
+    mask = np.ones_like(ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    B = ids.shape[0]
+    lens = mask.sum(1)
+    if (lens == 0).any():
+        raise ValueError(f"prompt rows {np.flatnonzero(lens == 0).tolist()} have no tokens")
+    L = _round_up(int(lens.max()), length_multiple)
+    out_ids = np.full((B, L), pad_id, np.int32)
+    out_mask = np.zeros((B, L), np.int32)
+    for b in range(B):
+        out_ids[b, L - lens[b]:] = ids[b][mask[b]]
+        out_mask[b, L - lens[b]:] = 1
+    pos, deltas = layout_lib.mrope_positions(
+        out_ids, image_grid_thw, out_mask, spatial_merge_size=config.vision.spatial_merge_size,
+        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id)
+    batch = dict(input_ids=out_ids, attention_mask=out_mask, position_ids=pos.astype(np.int32),
+                 rope_deltas=deltas.astype(np.int32))
+    if pixel_values is not None:
+        v = config.vision
+        pv = np.asarray(pixel_values, np.float32)
+        unit = v.spatial_merge_size ** 2
+        P = _round_up(pv.shape[0], int(np.lcm(patch_multiple, unit)))
+        lay = layout_lib.vision_layout(image_grid_thw, patch_size=v.patch_size,
+                                       spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                       num_patches_padded=P)
+        if int(lay.num_patches) != pv.shape[0]:
+            raise ValueError(f"pixel_values has {pv.shape[0]} patches; image_grid_thw implies {int(lay.num_patches)}")
+        batch["pixel_values"] = np.concatenate([pv, np.zeros((P - pv.shape[0], pv.shape[1]), np.float32)])
+        batch.update({f"vision_{k}": np.asarray(getattr(lay, k), np.int32) for k in VISION_KEYS})
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- device
+
+def _merge(graphdef: nnx.GraphDef, state: Any):
+    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    c = lambda x: shd.constrain(x, CACHE_AXES)  # noqa: E731
+    return cache._replace(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)),
+                          segments=shd.constrain(cache.segments, ("batch", None)))
+
+
+def prefill(model: Any, prompts: Mapping[str, jax.Array], cache_len: int) -> tuple[KVCache, jax.Array]:
+    """Runs the prompts (and encodes their images) into a fresh cache of `cache_len` slots.
+    Returns (cache, float32 logits of the last prompt token [B, V])."""
+    ids = prompts["input_ids"]
+    cache = _constrain_cache(model.init_cache(ids.shape[0], cache_len))
+    vision = None
+    if prompts.get("pixel_values") is not None:
+        vision = layout_lib.VisionLayout(*(prompts[f"vision_{k}"] for k in VISION_KEYS))
+    hidden, cache = model.forward(ids, prompts["position_ids"], prompts["attention_mask"],
+                                  pixel_values=prompts.get("pixel_values"), vision=vision, cache=cache,
+                                  return_hidden=True)
+    return _constrain_cache(cache), model.logits(hidden[:, -1])
+
+
+def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_samples: int, new_tokens: int,
+              greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int):
+    model = _merge(graphdef, state)
+    B, L = prompts["input_ids"].shape
+    R = B * num_samples
+    cache, logits = prefill(model, prompts, L + new_tokens)
+
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+    if num_samples > 1:
+        cache = _constrain_cache(KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                                         segments=rep(cache.segments), index=cache.index))
+        logits = rep(logits)
+    # Position of the first new token: number of real prompt tokens + rope_delta.
+    start = rep(jnp.sum(prompts["attention_mask"], axis=1).astype(jnp.int32) + prompts["rope_deltas"][:, 0])
+    keys = row_keys(rng, R)
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    ones = jnp.ones((R, 1), jnp.int32)
+
+    def cond(c):
+        t, _, _, _, _, _, done, _ = c
+        return (t < limit) & ~jnp.all(done)
+
+    def body(c):
+        t, cache, logits, tokens, lp, raw, done, lengths = c
+        tok, tok_lp, tok_raw = choose(logits, keys, t, greedy=greedy, temperature=temperature, top_k=top_k,
+                                      top_p=top_p if use_top_p else None)
+        active = ~done
+        tok = jnp.where(active, tok, pad_id)
+        write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))  # noqa
+        tokens = write(tokens, tok)
+        lp = write(lp, jnp.where(active, tok_lp, 0.0))
+        raw = write(raw, jnp.where(active, tok_raw, 0.0))
+        lengths = lengths + active.astype(jnp.int32)
+        done = done | (active & jnp.isin(tok, stops))
+        pos = jnp.broadcast_to((start + t)[None, :, None], (3, R, 1))
+        hidden, cache = model.forward(tok[:, None], pos, ones, cache=cache, return_hidden=True)
+        logits = shd.constrain(model.logits(hidden[:, 0]), ("batch", "vocab"))
+        return t + 1, _constrain_cache(cache), logits, tokens, lp, raw, done, lengths
+
+    init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((R, new_tokens), pad_id, jnp.int32),
+            jnp.zeros((R, new_tokens), jnp.float32), jnp.zeros((R, new_tokens), jnp.float32),
+            jnp.zeros((R,), bool), jnp.zeros((R,), jnp.int32))
+    _, _, _, tokens, lp, raw, done, lengths = jax.lax.while_loop(cond, body, init)
+    return tokens, lp, raw, lengths, done
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, **static):
+    return jax.jit(functools.partial(_generate, graphdef=graphdef, **static))
+
+
+def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, max_new_tokens: int,
+             num_samples: int = 1, sampling: SamplingConfig | Mapping[str, Any] | None = None,
+             rng: int | jax.Array = 0, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+             mesh: jax.sharding.Mesh | None = None, rules: Any = None,
+             new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS) -> Generation:
+    """Samples `num_samples` continuations of every prompt.
+
+    graphdef, state: `nnx.split(model)` (state may also be a tuple of states, e.g. (params, rest)).
+    prompts: `prompt_batch(...)` output or a loader GRPO batch with the same fields (left-padded
+        input_ids / attention_mask [B, L], position_ids [3, B, L], rope_deltas [B, 1], optional
+        pixel_values + vision_* layout); extra fields are ignored.
+    sampling: `SamplingConfig` (temperature 0 = greedy). rng: int seed or PRNG key; row r uses
+        fold_in(rng, r), so results do not depend on the mesh or on the other rows.
+    stop_ids: default `default_stop_ids(config)`; pad_id: default the config's pad id (else <|endoftext|>).
+    mesh, rules: the mesh / rules the state is sharded with (B and B*n must divide the data-parallel size).
+    """
+    model_config: Qwen25VLConfig = _merge(graphdef, state).config
+    sampling = SamplingConfig.from_any(sampling)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    missing = [k for k in ("input_ids", "attention_mask", "position_ids", "rope_deltas") if k not in prompts]
+    if missing:
+        raise KeyError(f"prompt batch lacks fields {missing} (build it with rollout.prompt_batch)")
+    stop_ids = default_stop_ids(model_config) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    if pad_id is None:
+        pad_id = model_config.text.pad_token_id if model_config.text.pad_token_id is not None else ENDOFTEXT_ID
+    fields = {k: np.asarray(v) for k, v in prompts.items()
+              if k in ("input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values")
+              or (k.startswith("vision_") and k[len("vision_"):] in VISION_KEYS)}
+    fields = {k: v.astype(np.float32 if k == "pixel_values" else np.int32) for k, v in fields.items()}
+    new_tokens = new_token_bucket(int(max_new_tokens), new_token_buckets)
+    fn = _compiled(graphdef, num_samples=int(num_samples), new_tokens=new_tokens, greedy=sampling.greedy,
+                   top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0, stop_ids=stop_ids, pad_id=int(pad_id))
+    key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
+    args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens))
+    if mesh is not None:
+        B = fields["input_ids"].shape[0]
+        shd.check_batch_divisible(B, mesh, rules, what="prompt batch size")
+        overrides = {k: () for k in fields if k == "pixel_values" or k.startswith("vision_")}
+        fields = shd.shard_batch(fields, shd.batch_shardings(fields, mesh, rules, batch_size=B, overrides=overrides))
+        with shd.activate(mesh, rules):
+            out = fn(state, fields, *args)
+    else:
+        out = fn(state, fields, *args)
+    tokens, lp, raw, lengths, done = jax.device_get(out)
+    T = int(max_new_tokens)
+    return Generation(np.asarray(tokens[:, :T], np.int32), np.asarray(lp[:, :T], np.float32),
+                      np.asarray(raw[:, :T], np.float32), np.asarray(lengths, np.int32), np.asarray(done, bool))
+
