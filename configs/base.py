@@ -50,14 +50,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "vlaa_thinking"  # "vlaa_thinking": TFDS dataset under data.dir; "demo": demo set
     c.data.dir = ""           # TFDS data dir (vlaa_thinking) or demo data dir ("" = workdir/demo_data)
-    c.data.train_split = "train"     # split trained on
-    c.data.eval_split = ""           # split for periodic eval loss ("" = none)
+    c.data.manual_dir = ""    # local copy of the dataset repository (JSON + images/), to build TFDS from
+    c.data.train_split = "sft"       # "<sft|grpo>[:<tfds split>]", e.g. "grpo", "sft:train+validation"
+    c.data.eval_split = ""           # split for periodic eval ("" = none), e.g. "sft:validation"
+    c.data.skip_bad_records = True   # skip + count bad records (reported) instead of stopping the run
     c.data.max_length = 2048         # tokens per SFT sequence (prompt + answer); longer ones truncated
     c.data.max_prompt_length = 1024  # tokens per prompt (GRPO); longer prompts are dropped
     c.data.min_pixels = 4 * 28 * 28      # image resize lower bound in pixels (Qwen2.5-VL processor)
     c.data.max_pixels = 256 * 28 * 28    # image resize upper bound in pixels; not given in the paper
     #                                      for training (eval uses 256*32*32, paper sec. 5)
     c.data.shuffle = True     # shuffle records each epoch (seeded by `seed`)
+    c.data.pack = False       # SFT: pack several examples per row (segment ids) instead of padding
     c.data.num_epochs = 1     # passes over the training split (paper: 1)
     c.data.worker_count = 0   # Grain worker processes (0 = in the main process)
 

