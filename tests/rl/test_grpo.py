@@ -28,7 +28,8 @@ def np_grpo_loss(logp, old, ref, adv, mask, cfg, beta, normalizer=None, entropy=
     if cfg.ratio_level == "token":
         lr = logp - old
     else:
-        seq = np.array([(mask[i] * (logp[i] - old[i])).sum() / max(n[i], 1) for i in range(B)])
+        seq = np.array([sum(logp[i, t] - old[i, t] for t in range(L) if mask[i, t]) / max(n[i], 1)
+                        for i in range(B)])
         lr = np.repeat(seq[:, None], L, axis=1)
     ratio = np.exp(np.clip(lr, -20, 20))
     loss = np.maximum(-A * ratio, -A * np.clip(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high))
@@ -67,6 +68,8 @@ def random_batch(rng, B=6, L=9, spread=0.4, dtype=np.float64):
     mask = (np.arange(L)[None] < lengths[:, None]).astype(np.float64)
     # garbage in padding positions must not leak into anything
     logp = np.where(mask > 0, logp, 7.0)
+    old = np.where(mask > 0, old, -np.inf)
+    ref = np.where(mask > 0, ref, np.nan)
     return [x.astype(dtype) for x in (logp, old, ref, adv)] + [mask.astype(dtype)]
 
 
@@ -209,6 +212,7 @@ def test_gradient_matches_finite_differences(mode):
             fd[i, t] = (float(f(jnp.asarray(logp + e))) - float(f(jnp.asarray(logp - e)))) / (2 * h)
         np.testing.assert_allclose(g, fd, atol=1e-6)
         assert np.all(g[mask == 0] == 0)
+        assert np.all(np.isfinite(g))
 
 
 def test_on_policy_first_step_is_reinforce_with_baseline():

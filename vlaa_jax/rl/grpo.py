@@ -203,9 +203,12 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
     response_length), except "loss"/"pg_loss"/"kl_loss", which use the same normaliser as the loss.
     """
     f32 = jnp.promote_types(jnp.asarray(logp).dtype, jnp.float32)  # float64 under jax.enable_x64
-    logp = logp.astype(f32)
-    old_logp = jax.lax.stop_gradient(old_logp.astype(f32))
     m = jnp.asarray(mask, f32)
+    valid = m > 0  # padding may hold anything (even inf/nan): zero it before any arithmetic
+    logp = jnp.where(valid, logp.astype(f32), 0.0)
+    old_logp = jax.lax.stop_gradient(jnp.where(valid, old_logp.astype(f32), 0.0))
+    if ref_logp is not None:
+        ref_logp = jnp.where(valid, ref_logp.astype(f32), 0.0)
     adv = jnp.asarray(advantages, f32)
     adv = adv[:, None] if adv.ndim == 1 else adv
     adv = jax.lax.stop_gradient(jnp.broadcast_to(adv, logp.shape))
@@ -236,13 +239,13 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
 
     if ref_logp is not None:
         beta = jnp.asarray(cfg.kl_coef if kl_coef is None else kl_coef, f32)
-        kl = kl_penalty(logp, jax.lax.stop_gradient(ref_logp.astype(f32)), cfg.kl_estimator)
+        kl = kl_penalty(logp, jax.lax.stop_gradient(ref_logp), cfg.kl_estimator)
         token_loss = token_loss + beta * kl
         metrics["kl_loss"] = agg(kl)
         metrics["kl"] = tmean(kl)
         metrics["kl_coef"] = beta
     if entropy is not None:
-        entropy = entropy.astype(f32)
+        entropy = jnp.where(valid, entropy.astype(f32), 0.0)
         if cfg.entropy_coef:
             token_loss = token_loss - cfg.entropy_coef * entropy
         metrics["entropy"] = jax.lax.stop_gradient(tmean(entropy))
