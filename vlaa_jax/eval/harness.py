@@ -1,0 +1,239 @@
+"""The evaluation harness: benchmark -> greedy answers -> scores, tables, behaviour metrics, files.
+
+    python -m vlaa_jax.main --config configs/<file>.py:<preset> --workdir DIR --config.mode=eval \
+        --config.eval.data=FILE          (the `eval` block: vlaa_jax/eval/config.py)
+    python tools/evaluate.py --ckpt MODEL_DIR --data FILE [--out DIR]
+
+Steps: `load_benchmark` (benchmarks.py) -> per item the data pipeline's own prompt (the chat template
+with the system prompt, the image resized by smart_resize within [min_pixels, max_pixels] and
+patchified, `ChatFormatter.encode_prompt`) -> batches of `eval.batch_size` prompts through the rollout
+engine (`vlaa_jax.rollout.generate`, greedy, `eval.max_new_tokens`) -> `Judge` (scoring.py) ->
+tables per source / question type / verifier type, behaviour metrics (behaviour.py), accuracy vs
+length. Files in the output folder:
+    predictions.jsonl  one row per item: id, source, question_type, verifier_type, question,
+                       ground_truth, response, answer (as judged), answer_tag_valid, score, correct,
+                       num_tokens, truncated
+    report.json        settings, tables, behaviour metrics, accuracy-vs-length rows, timing
+    table.txt          the plain-text table printed at the end
+`evaluate(items, generate_fn, ...)` is the model-free core: any `generate_fn(items) -> Responses` (the
+model-backed `ModelGenerator`, or another engine) can be scored and reported the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from vlaa_jax.eval import behaviour
+from vlaa_jax.eval.benchmarks import BenchmarkError, EvalItem, load_benchmark
+from vlaa_jax.eval.config import eval_config
+from vlaa_jax.eval.scoring import Judge, format_table, tables
+
+
+class Responses(NamedTuple):
+    """What a generate function returns for a list of items (same order)."""
+    texts: list[str]
+    num_tokens: list[int]            # generated tokens per response (stop token included)
+    truncated: list[bool]            # hit max_new_tokens without a stop token
+    image_hw: list[tuple | None]     # ((orig_h, orig_w), (resized_h, resized_w)) per item, for IoU boxes
+
+
+GenerateFn = Callable[[Sequence[EvalItem]], Responses]
+
+
+# ------------------------------------------------------------------------------------ prompts
+@dataclasses.dataclass
+class PromptBuilder:
+    """EvalItem -> prompt token ids + image features, exactly as the data pipeline builds GRPO prompts."""
+    tokenizer_dir: str
+    system_prompt: str | None
+    min_pixels: int
+    max_pixels: int
+
+    def __post_init__(self):
+        from data_pipeline.chat import ChatFormatter
+        self.formatter = ChatFormatter.create(self.tokenizer_dir, self.system_prompt)
+
+    def __call__(self, item: EvalItem):
+        from data_pipeline.image import decode_image, preprocess_image
+        from data_pipeline.records import DataError, Record
+        try:
+            img = decode_image(item.image.read(), name=item.image.name, min_side=0)
+            feats = preprocess_image(img, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            rec = Record(id=item.id, source=item.source, image=item.image.name, question=item.question,
+                         response="", ground_truth=item.answer, verifier_type=item.verifier_type, file=item.where)
+            ids = self.formatter.encode_prompt(rec, feats.num_tokens)
+        except (DataError, ValueError) as e:
+            raise BenchmarkError(f"{item.where} (id {item.id!r}): {e}") from e
+        return ids, feats
+
+
+def system_prompt_of(name: str) -> str | None:
+    """eval.system_prompt: "vlaa" -> the VLAA-Thinker prompt; "default" -> the template's; else the text."""
+    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
+    return {"vlaa": VLAA_SYSTEM_PROMPT, "default": None, "": None}.get(name, name)
+
+
+# --------------------------------------------------------------------------------- generation
+class ModelGenerator:
+    """`GenerateFn` over a Qwen2.5-VL (graphdef, state) with the rollout engine, greedy.
+
+    Items go in batches of `batch_size` (the last one padded by repeating its last item, so one
+    compiled shape serves all batches of a length bucket)."""
+
+    def __init__(self, graphdef: Any, state: Any, *, model_config: Any, tokenizer: Any, prompts: PromptBuilder,
+                 batch_size: int, max_new_tokens: int, mesh: Any = None, rules: Any = None,
+                 progress: Callable[[int, int], None] | None = None):
+        self.graphdef, self.state, self.mcfg = graphdef, state, model_config
+        self.tokenizer, self.prompts = tokenizer, prompts
+        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        self.mesh, self.rules, self.progress = mesh, rules, progress
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.stop_ids = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id}))
+
+    def __call__(self, items: Sequence[EvalItem]) -> Responses:
+        from vlaa_jax.rollout import SamplingConfig, generate, prompt_batch
+        out = Responses([], [], [], [])
+        for start in range(0, len(items), self.batch_size):
+            chunk = list(items[start:start + self.batch_size])
+            real = len(chunk)
+            chunk += [chunk[-1]] * (self.batch_size - real)
+            built = [self.prompts(it) for it in chunk]
+            width = max(len(ids) for ids, _ in built)
+            ids = np.zeros((len(built), width), np.int32)
+            mask = np.zeros((len(built), width), np.int32)
+            for i, (row, _) in enumerate(built):
+                ids[i, :len(row)], mask[i, :len(row)] = row, 1
+            batch = prompt_batch(self.mcfg, ids, mask, pixel_values=np.concatenate([f.pixel_values for _, f in built]),
+                                 image_grid_thw=np.concatenate([f.image_grid_thw for _, f in built]),
+                                 pad_id=self.pad_id)
+            gen = generate(self.graphdef, self.state, batch, max_new_tokens=self.max_new_tokens,
+                           sampling=SamplingConfig(temperature=0.0), stop_ids=self.stop_ids, pad_id=self.pad_id,
+                           mesh=self.mesh, rules=self.rules)
+            texts = self.tokenizer.batch_decode([gen.tokens[i, :gen.lengths[i]] for i in range(real)],
+                                                skip_special_tokens=True)
+            out.texts.extend(texts)
+            out.num_tokens.extend(int(n) for n in gen.lengths[:real])
+            out.truncated.extend(bool(t) for t in gen.truncated[:real])
+            out.image_hw.extend((f.original_hw, f.resized_hw) for _, f in built[:real])
+            if self.progress is not None:
+                self.progress(min(start + self.batch_size, len(items)), len(items))
+        return out
+
+
+# ------------------------------------------------------------------------------------- report
+def evaluate(items: Sequence[EvalItem], generate_fn: GenerateFn, *, output_dir: str | None = None,
+             judge: Judge | None = None, settings: Mapping[str, Any] | None = None, length_bins: int = 4,
+             write: bool = True) -> dict[str, Any]:
+    """Generates, scores and reports `items`; writes predictions.jsonl / report.json / table.txt to
+    `output_dir` (when given and `write`). Returns the report dict."""
+    t0 = time.time()
+    res = generate_fn(items)
+    t_gen = time.time() - t0
+    if len(res.texts) != len(items):
+        raise ValueError(f"generate_fn returned {len(res.texts)} responses for {len(items)} items")
+    judge = judge or Judge()
+    rows = judge(items, res.texts, image_hw=res.image_hw, num_tokens=res.num_tokens, truncated=res.truncated)
+    scored = [r for r in rows if r.correct is not None]
+    tab = tables(rows)
+    beh = behaviour.behaviour_metrics([r.response for r in rows], lengths=res.num_tokens, prefix="")
+    if scored:
+        beh.update({k: v for k, v in behaviour.behaviour_metrics(
+            [r.response for r in scored], lengths=[r.num_tokens for r in scored],
+            correct=[r.correct for r in scored], num_bins=length_bins, prefix="").items()
+            if k.startswith(("accuracy", "length_correct", "length_incorrect"))})
+    report = {
+        "settings": dict(settings or {}),
+        "num_items": len(items),
+        **tab,
+        "behaviour": beh,
+        "accuracy_vs_length": behaviour.accuracy_by_length([r.num_tokens for r in scored],
+                                                           [r.correct for r in scored], length_bins) if scored else [],
+        "truncated": int(sum(res.truncated)),
+        "time": {"generate_s": t_gen, "total_s": time.time() - t0,
+                 "tokens_per_s": float(sum(res.num_tokens)) / max(t_gen, 1e-9)},
+    }
+    table = format_table(tab, title=f"{len(items)} items: {report['settings'].get('data', '')}")
+    report["table"] = table
+    if output_dir and write:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_nan_safe) + "\n")
+        (out / "table.txt").write_text(table + "\n")
+        report["output_dir"] = str(out)
+    return report
+
+
+def _nan_safe(v: Any) -> Any:
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------- mode=eval
+def _eval_block(config: Any) -> Any:
+    block = eval_config()
+    if "eval" in config:
+        for k in config.eval.keys():
+            if k not in block:
+                raise ValueError(f"config key 'eval.{k}' is unknown; known: {sorted(block.keys())}")
+            block[k] = config.eval[k]
+    return block
+
+
+def default_data(config: Any, workdir: str) -> str:
+    """eval.data, or for the demo set the demo data directory (written there first if missing)."""
+    e = _eval_block(config)
+    if e.data:
+        return e.data
+    if config.data.source == "demo":
+        from vlaa_jax.train import common
+        d = common.data_dir(config, workdir)
+        if not os.path.isdir(d) or not any(Path(d).glob("VLAA-Thinking-GRPO*.json")):
+            from data_pipeline.demo import make_demo_data
+            make_demo_data(d)
+        return d
+    raise ValueError("config key 'eval.data' is empty: give a benchmark file (.tsv / .json / .jsonl) or a "
+                     "VLAA-Thinking dataset directory")
+
+
+def run_eval(config: Any, workdir: str) -> dict[str, Any]:
+    """mode="eval": evaluate the model of `config.model` on `config.eval.data`; returns the summary
+    (tables + behaviour; full files under eval.output_dir or workdir/eval/<benchmark name>)."""
+    import jax
+    from vlaa_jax.train import loop
+
+    e = _eval_block(config)
+    workdir = os.path.abspath(workdir)
+    data = default_data(config, workdir)
+    items = load_benchmark(data, images_root=e.images_root or None, ids_file=e.ids_file or None, limit=e.limit)
+    run = loop.Run.setup(config, workdir)
+    prompts = PromptBuilder(run.tokenizer_dir, system_prompt_of(e.system_prompt), e.min_pixels, e.max_pixels)
+    done = [0]
+
+    def progress(k: int, n: int) -> None:
+        if k * 10 // n != done[0] * 10 // n or k == n:
+            run.message(f"eval: {k}/{n} items generated")
+        done[0] = k
+
+    gen = ModelGenerator(run.graphdef, (run.params, run.rest), model_config=run.mcfg, tokenizer=run.tokenizer,
+                         prompts=prompts, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                         mesh=run.mesh, rules=run.rules, progress=progress)
+    reward_cfg = dict(config.reward.items()) if "reward" in config else {}
+    name = Path(data).stem if os.path.isfile(data) else Path(data).name
+    out_dir = e.output_dir or os.path.join(workdir, "eval", name)
+    settings = {"data": os.path.abspath(data), "model": config.model.path or f"{config.model.init} init",
+                "num_items": len(items), "greedy": True, "max_new_tokens": e.max_new_tokens,
+                "min_pixels": e.min_pixels, "max_pixels": e.max_pixels, "system_prompt": e.system_prompt,
+                "batch_size": e.batch_size}
+    report = evaluate(items, gen, output_dir=out_dir, judge=Judge(reward_cfg), settings=settings,
+                      length_bins=e.length_bins, write=jax.process_index() == 0)
+    run.print_summary([report["table"], f"predictions and report: {out_dir}"])
+    return {k: report[k] for k in ("overall", "by_source", "by_question_type", "by_verifier_type", "behaviour",
+                                   "accuracy_vs_length", "truncated", "time")} | {"output_dir": out_dir}
