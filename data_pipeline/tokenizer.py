@@ -191,3 +191,28 @@ def build_qwen25vl_tokenizer(out_dir: str | os.PathLike, *, use_cache: bool = Tr
     for f in cached.iterdir():
         shutil.copyfile(f, out / f.name)
     return str(out)
+
+
+def load_hf_processor(tokenizer_dir: str | os.PathLike, *, min_pixels: int | None = None,
+                      max_pixels: int | None = None):
+    """HF `Qwen2_5_VLProcessor` of a tokenizer dir (image processor: the PIL one; no video processor).
+
+    The reference our preprocessing is tested and benchmarked against. transformers 5 refuses
+    `video_processor=None` (no torchvision here), so a subclass accepts it.
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class _ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    d = os.fspath(tokenizer_dir)
+    kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    image_processor = Qwen2VLImageProcessorPil(**kw)
+    tok = AutoTokenizer.from_pretrained(d)
+    return _ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                                         chat_template=tok.chat_template)
