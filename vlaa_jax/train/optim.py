@@ -92,22 +92,40 @@ def make_optimizer(
   return tx
 
 
-def optimizer_from_config(params: Any, config: Any) -> optax.GradientTransformation:
-  """`make_optimizer` from an `optim` sub-config (fields named as its keyword arguments)."""
-  opt = config.optim if hasattr(config, "optim") else config
-  keys = ("learning_rate", "total_steps", "warmup_steps", "min_learning_rate", "weight_decay",
-          "b1", "b2", "eps", "max_grad_norm", "frozen")
-  kwargs = {k: getattr(opt, k) for k in keys if hasattr(opt, k) or (hasattr(opt, "get") and k in opt)}
-  for required in ("learning_rate", "total_steps"):
-    if required not in kwargs:
-      raise ValueError(f"config optim.{required} is required")
-  if "frozen" in kwargs:
-    kwargs["frozen"] = tuple(kwargs["frozen"])
-  return make_optimizer(params, **kwargs)
+def _opt_fields(config: Any) -> Any:
+  return config.optim if hasattr(config, "optim") else config
 
 
-def learning_rate_fn(config: Any) -> Callable[[int], float]:
+def _steps(opt: Any, total_steps: int | None) -> tuple[int, int]:
+  """(total, warmup) optimizer updates: `warmup_steps`, else `warmup_ratio` * total."""
+  total = total_steps if total_steps is not None else opt.get("total_steps", None)
+  if not total:
+    raise ValueError("optim: the number of optimizer updates is unknown; pass total_steps= "
+                     "(e.g. train.num_steps, or one epoch's updates)")
+  if opt.get("warmup_steps", None) is not None:
+    warmup = int(opt.get("warmup_steps"))
+  else:
+    warmup = int(round(float(opt.get("warmup_ratio", 0.0)) * total))
+  return int(total), warmup
+
+
+def optimizer_from_config(params: Any, config: Any, total_steps: int | None = None,
+                          frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """`make_optimizer` from the `optim` sub-config (configs/base.py: learning_rate, min_learning_rate,
+  warmup_ratio or warmup_steps, weight_decay, b1, b2, eps, max_grad_norm)."""
+  opt = _opt_fields(config)
+  if "learning_rate" not in opt:
+    raise ValueError("config optim.learning_rate is required")
+  total, warmup = _steps(opt, total_steps)
+  kwargs = {k: opt[k] for k in ("min_learning_rate", "weight_decay", "b1", "b2", "eps",
+                                "max_grad_norm") if k in opt}
+  return make_optimizer(params, learning_rate=float(opt["learning_rate"]), total_steps=total,
+                        warmup_steps=warmup, frozen=tuple(frozen), **kwargs)
+
+
+def learning_rate_fn(config: Any, total_steps: int | None = None) -> Callable[[int], float]:
   """The schedule alone (for logging the current learning rate)."""
-  opt = config.optim if hasattr(config, "optim") else config
-  return lr_schedule(opt.learning_rate, opt.total_steps, getattr(opt, "warmup_steps", 0),
-                     getattr(opt, "min_learning_rate", 0.0))
+  opt = _opt_fields(config)
+  total, warmup = _steps(opt, total_steps)
+  return lr_schedule(float(opt["learning_rate"]), total, warmup,
+                     float(opt.get("min_learning_rate", 0.0)))
