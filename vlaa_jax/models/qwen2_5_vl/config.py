@@ -36,7 +36,7 @@ class VisionConfig:
     window_size: int = 112              # pixels; 112 = 4x4 merged tokens per window
     out_hidden_size: int = 2048         # = text hidden size
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    tokens_per_second: int = 2          # video only (unused for images)
+    tokens_per_second: int = 4          # video only (unused for images); HF default
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6          # fixed in HF (not in config.json)
@@ -200,7 +200,7 @@ def from_hf_dict(d: Mapping[str, Any], *, source: str = "config", **run_options:
         window_size=int(_get(vd, "window_size", vwhere)),
         out_hidden_size=int(_get(vd, "out_hidden_size", vwhere)),
         fullatt_block_indexes=tuple(int(i) for i in _get(vd, "fullatt_block_indexes", vwhere)),
-        tokens_per_second=int(vd.get("tokens_per_second", 2)),
+        tokens_per_second=int(vd.get("tokens_per_second", 4)),
         hidden_act=str(vd.get("hidden_act", "silu")),
         rope_theta=float(vrope.get("rope_theta", 10000.0)),
     )
