@@ -66,11 +66,12 @@ def format_valid(text: str) -> bool:
 
 
 def length_bins(lengths: np.ndarray, num_bins: int) -> np.ndarray:
-    """Quantile bin (0 .. num_bins-1) of each length; ties share a bin."""
+    """Quantile bin (0 .. num_bins-1) of each length; a length equal to an edge goes to the lower bin,
+    so equal lengths share one bin."""
     if len(lengths) == 0:
         return np.zeros(0, int)
     edges = np.quantile(lengths, np.linspace(0, 1, num_bins + 1)[1:-1])
-    return np.searchsorted(edges, lengths, side="right")
+    return np.searchsorted(edges, lengths, side="left")
 
 
 def accuracy_by_length(lengths: Sequence[float], correct: Sequence[bool], num_bins: int = 4) -> list[dict]:

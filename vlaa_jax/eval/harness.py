@@ -166,14 +166,21 @@ def evaluate(items: Sequence[EvalItem], generate_fn: GenerateFn, *, output_dir: 
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-        (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_nan_safe) + "\n")
+        (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n")
         (out / "table.txt").write_text(table + "\n")
         report["output_dir"] = str(out)
     return report
 
 
-def _nan_safe(v: Any) -> Any:
-    return str(v)
+def _json_safe(v: Any) -> Any:
+    """NaN / inf (e.g. the accuracy of an empty group) -> null, so report.json is strict JSON."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, Mapping):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 # ----------------------------------------------------------------------------------- mode=eval
