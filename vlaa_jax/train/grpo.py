@@ -147,14 +147,16 @@ class GRPOTrainer:
         return self._mixed(responses, records, image_hw)
 
     def rollout(self, prompts: Prompts, rng: jax.Array, *, n: int, greedy: bool = False):
+        """n responses per prompt (greedy: temperature 0). Returns (prompt index per row, Generation,
+        decoded response texts)."""
         g, run = self.config.grpo, self.run
-        src = np.repeat(np.arange(len(prompts)), n)
-        gen = generate(run.graphdef, run.params, run.rest, prompts.rows(src, run.mcfg), rng=rng,
-                       max_new_tokens=g.max_new_tokens, temperature=g.temperature, greedy=greedy,
+        gen = generate(run.graphdef, run.params, run.rest, prompts.rows(np.arange(len(prompts)), run.mcfg),
+                       rng=rng, num_samples=n, max_new_tokens=g.max_new_tokens,
+                       temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
                        eos_ids=self.eos_ids, pad_id=self.pad_id, mesh=run.mesh, rules=run.rules)
         texts = run.tokenizer.batch_decode([t[m > 0] for t, m in zip(gen.tokens, gen.mask)],
                                            skip_special_tokens=True)
-        return src, gen, texts
+        return np.repeat(np.arange(len(prompts)), n), gen, texts
 
     def score(self, prompts: Prompts, src: np.ndarray, texts: Sequence[str]):
         records = [prompts.records[i] for i in src]
@@ -200,6 +202,7 @@ class GRPOTrainer:
             for step in range(start + 1, steps + 1):
                 t0 = time.time()
                 prompts = Prompts.from_loader(next(loader))
+                writer.write_data_ids(step, [r["id"] for r in prompts.records])
                 run.rng, sample_key, perm_key = jax.random.split(run.rng, 3)
                 src, gen, texts = self.rollout(prompts, sample_key, n=g.num_samples)
                 t_rollout = time.time() - t0

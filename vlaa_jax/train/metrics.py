@@ -5,6 +5,7 @@ unconditionally. Files in the workdir:
     workdir/tb/            TensorBoard event files (scalars; rollout samples as text)
     workdir/metrics.jsonl  one JSON object per logged step: {"step": s, "<name>": value, ...}
     workdir/samples.jsonl  a few rollouts per log step: {"step", "prompt", "response", "reward", ...}
+    workdir/data_order.jsonl  record ids each step trained on: {"step", "ids"}
 Appending (not truncating) keeps the history of a resumed run in one file.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class MetricsWriter:
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._samples = open(os.path.join(workdir, "samples.jsonl"), "a")
+        self._data = open(os.path.join(workdir, "data_order.jsonl"), "a")
         if progress_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=description,
@@ -72,6 +74,14 @@ class MetricsWriter:
         self._samples.flush()
         self._tb.add_text("rollouts", "\n\n---\n\n".join(lines), step)
 
+    def write_data_ids(self, step: int, ids: Sequence[str]) -> None:
+        """The record ids a step trained on (data_order.jsonl): shows that a resumed run continues
+        the data where it stopped, with nothing re-trained or skipped."""
+        if not self.active:
+            return
+        self._data.write(json.dumps({"step": int(step), "ids": [str(i) for i in ids]}) + "\n")
+        self._data.flush()
+
     def advance(self, n: int = 1) -> None:
         """Moves the progress bar by `n` steps."""
         if self._bar is not None:
@@ -95,6 +105,7 @@ class MetricsWriter:
         self._tb.close()
         self._jsonl.close()
         self._samples.close()
+        self._data.close()
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -85,7 +85,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool | Non
     try:
         for step in range(start + 1, steps + 1):
             t0 = time.time()
-            batch, tokens = host_batch([next(loader) for _ in range(t.grad_accum_steps)], run.mcfg)
+            raw = [next(loader) for _ in range(t.grad_accum_steps)]
+            writer.write_data_ids(step, [i for b in raw for i in b["id"]])
+            batch, tokens = host_batch(raw, run.mcfg)
             device_batch = common.put_batch(batch, run.mesh, run.rules, batch_size=micro,
                                             micro_batched=t.grad_accum_steps > 1)
             run.params, run.opt_state, metrics = train_step(run.params, run.opt_state, run.rest, device_batch)

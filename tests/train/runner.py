@@ -1,0 +1,101 @@
+"""Runs a shortened trainer in its own process for the tests (1 CPU device, as a user's run).
+
+    python -m tests.train.runner --mode sft|grpo --workdir DIR --data_dir DIR [--steps N]
+        [--checkpoint_every K] [--kill_during_save_at S] [--toy_reward] [--negate] [--set key=value ...]
+
+--kill_during_save_at S: the process SIGKILLs itself inside Orbax's asynchronous finalisation of the
+step-S checkpoint (all files written to the temporary directory, not yet renamed): a real crash in the
+middle of an async save, at a deterministic point.
+--toy_reward: reward = fraction of ASCII lower-case letters in the response text (a dense reward the
+policy can earn by preferring particular tokens; the real verifiers give a random tiny model 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+
+def toy_reward(texts, records):
+    import numpy as np
+    r = np.array([sum(c.isascii() and c.islower() for c in t) / max(len(t), 1) for t in texts], np.float32)
+    return r, {"all/mean": float(r.mean())}
+
+
+def test_config(mode: str, data_dir: str, steps: int, checkpoint_every: int):
+    from configs import grpo, sft
+    c = (sft if mode == "sft" else grpo).get_config("demo")
+    c.data.dir = data_dir
+    c.train.num_steps = steps
+    c.train.checkpoint_every = checkpoint_every
+    c.train.keep_checkpoints = 10
+    c.train.progress_bar = False
+    c.train.export_hf = False
+    c.train.log_every = 1
+    c.optim.warmup_ratio = 0.0
+    if mode == "sft":
+        c.train.batch_size, c.train.grad_accum_steps = 4, 2
+        c.train.eval_every = 0
+        c.data.max_length = 256
+    else:
+        g = c.grpo
+        g.rollout_batch_prompts, g.num_samples, g.max_new_tokens = 2, 4, 8
+        g.eval_prompts, g.warm_start_sft_steps = 0, 0
+        c.train.batch_size, c.train.grad_accum_steps = 4, 2
+        c.optim.learning_rate = 1e-3
+    return c
+
+
+def _kill_inside_finalize(step: int) -> None:
+    from orbax.checkpoint._src.path import atomicity
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+        if os.path.basename(str(self.get_final())) == str(step):
+            print(f"KILLING during async save of step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await original(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=("sft", "grpo"), required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--checkpoint_every", type=int, default=3)
+    p.add_argument("--kill_during_save_at", type=int, default=0)
+    p.add_argument("--toy_reward", action="store_true")
+    p.add_argument("--negate", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="dotted.key=json_value")
+    a = p.parse_args(argv)
+    from absl import flags, logging
+    flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.WARNING)
+    c = test_config(a.mode, a.data_dir, a.steps, a.checkpoint_every)
+    if a.negate:
+        c.grpo.negate_advantages = True
+    for item in a.set:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = c
+        for q in parents:
+            node = node[q]
+        node[leaf] = json.loads(value)
+    if a.kill_during_save_at:
+        _kill_inside_finalize(a.kill_during_save_at)
+    from vlaa_jax.train import config_check, grpo, sft
+    config_check.validate(c)
+    if a.mode == "sft":
+        summary = sft.train(c, a.workdir)
+    else:
+        summary = grpo.train(c, a.workdir, reward_fn=toy_reward if a.toy_reward else None)
+    print("SUMMARY " + json.dumps(summary, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
