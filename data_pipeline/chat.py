@@ -37,6 +37,21 @@ def _messages(system_prompt: str | None, question: str, image: Any = None) -> li
     return msgs
 
 
+def _added_tokens(tok_json: Path) -> list[dict]:
+    """`added_tokens` of a tokenizer.json. They come first in the file: decode just them when possible
+    (the whole file is ~18 MB of vocabulary and merges)."""
+    with open(tok_json, encoding="utf-8") as f:
+        head = f.read(1 << 18)
+    key = head.find('"added_tokens"')
+    if key >= 0:
+        start = head.find("[", key)
+        try:
+            return json.JSONDecoder().raw_decode(head, start)[0]
+        except json.JSONDecodeError:
+            pass  # longer than the head: read everything
+    return json.loads(tok_json.read_text(encoding="utf-8")).get("added_tokens", [])
+
+
 class _TokenizerFiles:
     """Chat template, added-token ids and pad token of a tokenizer directory, read without transformers.
 
@@ -70,8 +85,7 @@ class _TokenizerFiles:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
         self._template = env.from_string(template)
-        added = json.loads(tok_json.read_text()).get("added_tokens", [])
-        self._ids = {t["content"]: t["id"] for t in added}
+        self._ids = {t["content"]: t["id"] for t in _added_tokens(tok_json)}
         self._special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
                          if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.pad_id = self._ids.get(self._special.get("pad_token"))

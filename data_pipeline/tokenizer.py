@@ -194,7 +194,7 @@ def build_qwen25vl_tokenizer(out_dir: str | os.PathLike, *, use_cache: bool = Tr
 
 
 def load_hf_processor(tokenizer_dir: str | os.PathLike, *, min_pixels: int | None = None,
-                      max_pixels: int | None = None):
+                      max_pixels: int | None = None, tokenizer=None):
     """HF `Qwen2_5_VLProcessor` of a tokenizer dir (image processor: the PIL one; no video processor).
 
     The reference our preprocessing is tested and benchmarked against. transformers 5 refuses
@@ -213,6 +213,6 @@ def load_hf_processor(tokenizer_dir: str | os.PathLike, *, min_pixels: int | Non
     d = os.fspath(tokenizer_dir)
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     image_processor = Qwen2VLImageProcessorPil(**kw)
-    tok = AutoTokenizer.from_pretrained(d)
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(d)
     return _ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
                                          chat_template=tok.chat_template)

@@ -1,0 +1,174 @@
+"""Grain loaders: batches vs the HF processor + HF get_rope_index, packing, resume, sharding, workers."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.loader import LoaderConfig, make_loader
+from data_pipeline.records import SPLIT_FILES, read_records
+
+IMAGE_PAD = 151655
+
+
+@pytest.fixture(scope="module")
+def references(demo_dir, hf_processor):
+    """id -> HF processor outputs (SFT: whole conversation; GRPO: prompt) for every demo record."""
+    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
+
+    images = {}
+    for arch in (Path(demo_dir) / "images").glob("*.tar.gz"):
+        with tarfile.open(arch) as tf:
+            for m in tf.getmembers():
+                images[m.name] = tf.extractfile(m).read()
+    refs = {}
+    for split in ("sft", "grpo"):
+        for r in read_records(Path(demo_dir) / SPLIT_FILES[split][0], split=split):
+            msgs = [{"role": "system", "content": VLAA_SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question}]}]
+            if split == "sft":
+                msgs.append({"role": "assistant", "content": r.response})
+            text = hf_processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=split == "grpo")
+            img = Image.open(io.BytesIO(images[r.image]))
+            out = hf_processor(text=[text], images=[img], return_tensors="np")
+            refs[(split, r.id)] = dict(out, record=r, size=img.size)
+    return refs
+
+
+def _rows(batch):
+    mask = batch["attention_mask"] if "attention_mask" in batch else (batch["segment_ids"] > 0)
+    return [batch["input_ids"][i][mask[i] == 1] for i in range(len(batch["input_ids"]))]
+
+
+@pytest.mark.parametrize("mode", ["sft", "grpo"])
+def test_batches_match_hf(demo_cfg, qwen_tokenizer_dir, qwen_tokenizer, references, hf_rope_index, mode):
+    loader = make_loader(demo_cfg, mode, qwen_tokenizer_dir)
+    cfg = LoaderConfig.from_config(demo_cfg)
+    for _, batch in zip(range(3), loader):
+        B = cfg.batch_size
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        assert ids.dtype == att.dtype == batch["position_ids"].dtype == batch["image_grid_thw"].dtype == np.int32
+        assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape[1] == 1176
+        assert ids.shape[0] == B and batch["position_ids"].shape == (3, *ids.shape)
+        assert ids.shape[1] in (64, 128, 256, 512 if mode == "sft" else 384)
+        assert batch["example_mask"].tolist() == [1] * B
+        offset = 0
+        for i, rid in enumerate(batch["id"]):
+            ref = references[(mode, rid)]
+            row = ids[i][att[i] == 1]
+            np.testing.assert_array_equal(row, ref["input_ids"][0])
+            real = np.flatnonzero(att[i])
+            if mode == "sft":  # right padding; loss on the response + <|im_end|>
+                assert real[0] == 0 and real[-1] == len(real) - 1
+                assert qwen_tokenizer.decode(ids[i][batch["loss_mask"][i] == 1]) == ref["record"].response + "<|im_end|>"
+            else:  # left padding; reward inputs on the host
+                assert real[-1] == ids.shape[1] - 1 and real[0] == ids.shape[1] - len(real)
+                r = ref["record"]
+                assert (batch["ground_truth"][i], batch["verifier_type"][i]) == (r.ground_truth, r.verifier_type)
+                w, h = ref["size"]
+                assert tuple(batch["image_hw"][i]) == (h, w)
+                rh, rw = batch["resized_hw"][i]
+                assert (rh // 14, rw // 14) == tuple(ref["image_grid_thw"][0][1:])
+                assert batch["scale_xy"][i] == pytest.approx((rw / w, rh / h))
+            np.testing.assert_array_equal(batch["image_grid_thw"][i], ref["image_grid_thw"][0])
+            n = len(ref["pixel_values"])
+            np.testing.assert_allclose(batch["pixel_values"][offset:offset + n], ref["pixel_values"], atol=1e-6, rtol=0)
+            offset += n
+        assert int(batch["num_patches"]) == offset and not batch["pixel_values"][offset:].any()
+        pos, deltas = hf_rope_index(ids, (ids == IMAGE_PAD).astype(np.int64), batch["image_grid_thw"][:B], att)
+        np.testing.assert_array_equal(batch["position_ids"][:, att == 1], pos[:, att == 1])
+        np.testing.assert_array_equal(batch["rope_deltas"], deltas)
+    assert loader.summary()["load"]["total"] == 0
+
+
+def test_packed_sft(demo_cfg, qwen_tokenizer_dir, references, hf_rope_index):
+    loader = make_loader(demo_cfg, "sft", qwen_tokenizer_dir, pack=True, max_images_per_batch=12)
+    n_examples = 0
+    for batch in loader:
+        seg, ids = batch["segment_ids"], batch["input_ids"]
+        assert "attention_mask" not in batch and batch["image_grid_thw"].shape == (12, 3)
+        k, offset = 0, 0
+        for i in range(seg.shape[0]):
+            for s in range(1, seg[i].max() + 1):
+                cols = np.flatnonzero(seg[i] == s)
+                assert np.all(np.diff(cols) == 1)
+                ref = references[("sft", batch["id"][k])]
+                np.testing.assert_array_equal(ids[i, cols], ref["input_ids"][0])
+                one = ref["input_ids"]
+                pos, _ = hf_rope_index(one, (one == IMAGE_PAD).astype(np.int64), ref["image_grid_thw"], np.ones_like(one))
+                np.testing.assert_array_equal(batch["position_ids"][:, i, cols], pos[:, 0])  # restart per segment
+                np.testing.assert_array_equal(batch["image_grid_thw"][k], ref["image_grid_thw"][0])
+                n = len(ref["pixel_values"])
+                np.testing.assert_allclose(batch["pixel_values"][offset:offset + n], ref["pixel_values"], atol=1e-6)
+                offset, k = offset + n, k + 1
+        assert k == len(batch["id"]) and not batch["image_grid_thw"][k:].any()
+        n_examples += k
+    assert n_examples == loader.num_records  # every example packed exactly once (one epoch)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_mid_epoch_yields_next_batch(demo_cfg, qwen_tokenizer_dir, pack):
+    kw = dict(num_epochs=2, pack=pack)
+    a = make_loader(demo_cfg, "sft", qwen_tokenizer_dir, **kw)
+    for _ in range(4):
+        next(a)
+    state = json.loads(json.dumps(a.get_state()))  # a checkpoint is plain JSON
+    expected = [next(a) for _ in range(6)]  # crosses into the second epoch when packing
+    b = make_loader(demo_cfg, "sft", qwen_tokenizer_dir, **kw)
+    b.set_state(state)
+    for want in expected:
+        got = next(b)
+        assert got["id"] == want["id"]
+        for key in ("input_ids", "position_ids", "loss_mask", "pixel_values", "image_grid_thw"):
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_epochs_reshuffle_and_shards_partition(demo_cfg, qwen_tokenizer_dir):
+    def ids(**kw):
+        return [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, drop_remainder=False, **kw) for i in b["id"]]
+
+    two = ids(num_epochs=2)
+    n = len(two) // 2
+    assert sorted(two[:n]) == sorted(two[n:]) and two[:n] != two[n:]
+    assert ids(num_epochs=1) == two[:n] and ids(num_epochs=1, seed=99) != two[:n]
+    shard0 = ids(process_index=0, process_count=2)
+    shard1 = ids(process_index=1, process_count=2)
+    assert not set(shard0) & set(shard1) and sorted(shard0 + shard1) == sorted(two[:n])
+
+
+def test_worker_processes(demo_cfg, qwen_tokenizer_dir):
+    """Two Grain worker processes give the same examples as the in-process loader."""
+    serial = [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in b["id"]]
+    loader = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
+    got = [i for b in loader for i in b["id"]]
+    loader.close()
+    assert sorted(got) == sorted(serial)
+
+
+@pytest.mark.slow
+def test_worker_processes_resume(demo_cfg, qwen_tokenizer_dir):
+    loader = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
+    [next(loader) for _ in range(2)]
+    state = loader.get_state()
+    rest = list(loader)
+    loader.close()
+    again = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
+    again.set_state(state)
+    nxt = next(again)
+    again.close()
+    assert nxt["id"] == rest[0]["id"]
+    np.testing.assert_array_equal(nxt["input_ids"], rest[0]["input_ids"])
+
+
+def test_config_from_configdict(demo_cfg):
+    import ml_collections
+
+    data = {k: v for k, v in demo_cfg.items() if k != "batch_size"}
+    c = ml_collections.ConfigDict({"seed": 5, "data": data, "train": {"batch_size": 16}})
+    lc = LoaderConfig.from_config(c)
+    assert (lc.seed, lc.batch_size, lc.max_length, lc.source) == (3, 16, 512, "demo")  # data.seed wins
+    with pytest.raises(ValueError, match="sft_truncation"):
+        LoaderConfig.from_config(demo_cfg, sft_truncation="cut")
