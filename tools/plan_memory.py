@@ -19,6 +19,7 @@ max_new_tokens`; `data.max_pixels / 14^2` patches).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -241,6 +242,16 @@ def step_flops(config, rows: int, seq_len: int, images: int, patches: int,
 # The plan
 # --------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def abstract_model(config) -> tuple[Any, Any, Any]:
+  """(graphdef, abstract params, abstract rest) of the model: shapes and logical names only."""
+  from flax import nnx
+  from vlaa_jax.models.qwen2_5_vl import Qwen25VL
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param, ...)
+
+
 def plan(config, mesh_shape, *, rules="fsdp_tp", rows: int = 8, seq_len: int = 2048,
          images: int = 1, patches: int = 1024, micro_batches: int = 1, freeze_vision: bool = False,
          reference_model: bool = False, optim: dict | None = None,
@@ -249,8 +260,6 @@ def plan(config, mesh_shape, *, rules="fsdp_tp", rows: int = 8, seq_len: int = 2
 
   `rows` is the global micro-batch (rows per optimizer update / micro_batches).
   """
-  from flax import nnx
-  from vlaa_jax.models.qwen2_5_vl import Qwen25VL
   from vlaa_jax.train import optim as optim_lib
   if -1 in tuple(mesh_shape):
     raise ValueError(f"--mesh {mesh_shape}: give every axis size (no -1) when planning")
@@ -260,9 +269,7 @@ def plan(config, mesh_shape, *, rules="fsdp_tp", rows: int = 8, seq_len: int = 2
   dp = shd.data_parallel_size(mesh, rules)
   if rows % dp:
     raise ValueError(f"micro-batch rows {rows} are not divisible by the data-parallel size {dp}")
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = abstract_model(config)
   frozen = ("^visual/",) if freeze_vision else ()
   tx = optim_lib.make_optimizer(params, learning_rate=1e-5, total_steps=10, frozen=frozen,
                                 **(optim or {}))
