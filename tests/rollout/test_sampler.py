@@ -131,16 +131,20 @@ def _at(x, tokens):
 @untied_only
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.3, top_k=20, top_p=0.8)],
                          ids=["T0.7", "T1.3-k20-p0.8"])
-def test_logprobs_equal_full_forward(tiny, sampling):
-    """n = 3 samples per prompt: the returned raw log-probs are log_softmax of a full forward at the
+def test_cache_logits_and_logprobs_equal_full_forward(tiny, sampling):
+    """n = 3 samples per prompt: the logits of the KV-cache path equal a full forward over prompt +
+    generated tokens; the returned raw log-probs are log_softmax of a full forward at the
     chosen tokens, the policy log-probs are those of the processed (T, top-k, top-p) logits; tokens
     never leave the top-k / top-p set (finite policy log-probs)."""
     cfg = rollout.SamplingConfig(**sampling)
-    out = _generate(tiny, max_new_tokens=12, num_samples=3, sampling=cfg, rng=5)
-    assert out.tokens.shape == (6, 12)
+    out = _generate(tiny, max_new_tokens=12, num_samples=3, sampling=cfg, rng=5, return_logits=True)
+    assert out.tokens.shape == (6, 12) and out.logits.shape == (6, 12, 512)
     full = _full_logits(tiny, out, 3)
     m = out.mask.astype(bool)
     assert m.sum() > 30
+    # the KV-cache path's logits (every step, every row) equal the full forward's
+    rel = np.abs(out.logits[m] - full[m]).max() / np.abs(full[m]).max()
+    assert rel < 1e-4, rel
     raw_ref = _at(_log_softmax(full.astype(np.float64)), out.tokens)
     np.testing.assert_allclose(out.raw_logprobs[m], raw_ref[m], atol=2e-4)
     processed = np.asarray(rollout.process_logits(full, cfg.temperature, top_k=cfg.top_k,

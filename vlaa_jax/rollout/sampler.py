@@ -55,6 +55,7 @@ class Generation(NamedTuple):
                               # old-policy log-probs GRPO needs); 0 after the end
     lengths: np.ndarray       # int32 [R] number of generated tokens (stop token included)
     stopped: np.ndarray       # bool [R] True: ended with a stop id; False: truncated at max_new_tokens
+    logits: np.ndarray | None = None  # float32 [R, T, V] raw logits each token was drawn from (return_logits)
 
     @property
     def mask(self) -> np.ndarray:
@@ -155,7 +156,8 @@ def prefill(model: Any, prompts: Mapping[str, jax.Array], cache_len: int) -> tup
 
 
 def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_samples: int, new_tokens: int,
-              greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int):
+              greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int,
+              return_logits: bool = False):
     model = _merge(graphdef, state)
     B, L = prompts["input_ids"].shape
     R = B * num_samples
@@ -173,11 +175,13 @@ def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_s
     ones = jnp.ones((R, 1), jnp.int32)
 
     def cond(c):
-        t, _, _, _, _, _, done, _ = c
+        t, done = c[0], c[6]
         return (t < limit) & ~jnp.all(done)
 
     def body(c):
-        t, cache, logits, tokens, lp, raw, done, lengths = c
+        t, cache, logits, tokens, lp, raw, done, lengths, *seen = c
+        if return_logits:
+            seen = [jax.lax.dynamic_update_slice(seen[0], logits[:, None], (0, t, 0))]
         tok, tok_lp, tok_raw = choose(logits, keys, t, greedy=greedy, temperature=temperature, top_k=top_k,
                                       top_p=top_p if use_top_p else None)
         active = ~done
@@ -191,13 +195,25 @@ def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_s
         pos = jnp.broadcast_to((start + t)[None, :, None], (3, R, 1))
         hidden, cache = model.forward(tok[:, None], pos, ones, cache=cache, return_hidden=True)
         logits = shd.constrain(model.logits(hidden[:, 0]), ("batch", "vocab"))
-        return t + 1, _constrain_cache(cache), logits, tokens, lp, raw, done, lengths
+        return (t + 1, _constrain_cache(cache), logits, tokens, lp, raw, done, lengths, *seen)
 
     init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((R, new_tokens), pad_id, jnp.int32),
             jnp.zeros((R, new_tokens), jnp.float32), jnp.zeros((R, new_tokens), jnp.float32),
             jnp.zeros((R,), bool), jnp.zeros((R,), jnp.int32))
-    _, _, _, tokens, lp, raw, done, lengths = jax.lax.while_loop(cond, body, init)
-    return tokens, lp, raw, lengths, done
+    if return_logits:
+        init += (jnp.zeros((R, new_tokens, logits.shape[-1]), jnp.float32),)
+    _, _, _, tokens, lp, raw, done, lengths, *seen = jax.lax.while_loop(cond, body, init)
+    return (tokens, lp, raw, lengths, done, *seen)
+
+
+_CONFIGS: dict[Any, Qwen25VLConfig] = {}
+
+
+def _model_config(graphdef: nnx.GraphDef, state: Any) -> Qwen25VLConfig:
+    """The model config of a graphdef (merged once per graphdef: merging a big model costs Python time)."""
+    if graphdef not in _CONFIGS:
+        _CONFIGS[graphdef] = _merge(graphdef, state).config
+    return _CONFIGS[graphdef]
 
 
 @functools.lru_cache(maxsize=32)
@@ -209,7 +225,7 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
              num_samples: int = 1, sampling: SamplingConfig | Mapping[str, Any] | None = None,
              rng: int | jax.Array = 0, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              mesh: jax.sharding.Mesh | None = None, rules: Any = None,
-             new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS) -> Generation:
+             new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, return_logits: bool = False) -> Generation:
     """Samples `num_samples` continuations of every prompt.
 
     graphdef, state: `nnx.split(model)` (state may also be a tuple of states, e.g. (params, rest)).
@@ -220,8 +236,10 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
         fold_in(rng, r), so results do not depend on the mesh or on the other rows.
     stop_ids: default `default_stop_ids(config)`; pad_id: default the config's pad id (else <|endoftext|>).
     mesh, rules: the mesh / rules the state is sharded with (B and B*n must divide the data-parallel size).
+    return_logits: also return the raw logits of every step ([R, T, vocab] float32: for tests and
+        debugging, not for rollouts at the real vocabulary).
     """
-    model_config: Qwen25VLConfig = _merge(graphdef, state).config
+    model_config = _model_config(graphdef, state)
     sampling = SamplingConfig.from_any(sampling)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -239,7 +257,8 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
     fields = {k: v.astype(np.float32 if k == "pixel_values" else np.int32) for k, v in fields.items()}
     new_tokens = new_token_bucket(int(max_new_tokens), new_token_buckets)
     fn = _compiled(graphdef, num_samples=int(num_samples), new_tokens=new_tokens, greedy=sampling.greedy,
-                   top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0, stop_ids=stop_ids, pad_id=int(pad_id))
+                   top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0, stop_ids=stop_ids, pad_id=int(pad_id),
+                   return_logits=bool(return_logits))
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens))
     if mesh is not None:
@@ -251,8 +270,9 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
             out = fn(state, fields, *args)
     else:
         out = fn(state, fields, *args)
-    tokens, lp, raw, lengths, done = jax.device_get(out)
+    tokens, lp, raw, lengths, done, *seen = jax.device_get(out)
     T = int(max_new_tokens)
     return Generation(np.asarray(tokens[:, :T], np.int32), np.asarray(lp[:, :T], np.float32),
-                      np.asarray(raw[:, :T], np.float32), np.asarray(lengths, np.int32), np.asarray(done, bool))
+                      np.asarray(raw[:, :T], np.float32), np.asarray(lengths, np.int32), np.asarray(done, bool),
+                      np.asarray(seen[0][:, :T], np.float32) if seen else None)
 
