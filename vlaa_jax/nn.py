@@ -166,7 +166,7 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: boo
     return mask[:, None]
 
 
-def _splash(query, key, value, mask, scale):
+def _splash(query, key, value, mask, scale, segment_ids, causal):
     try:
         mod = importlib.import_module("vlaa_jax.kernels.splash_attention")
     except ImportError as e:
@@ -176,23 +176,29 @@ def _splash(query, key, value, mask, scale):
     if fn is None:
         raise ValueError("vlaa_jax.kernels.splash_attention has no dot_product_attention(query, key, value, "
                          "mask=..., scale=...); use 'xla' or 'cudnn'")
+    if segment_ids is not None:       # the kernel's fast path: static mask AND segment equality
+        return fn(query, key, value, scale=scale, segment_ids=segment_ids, causal=causal)
     return fn(query, key, value, mask=mask, scale=scale)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
-                          implementation: str = "xla", scale: float | None = None) -> jax.Array:
+                          implementation: str = "xla", scale: float | None = None,
+                          segment_ids: jax.Array | None = None, causal: bool = False) -> jax.Array:
     """Attention for both towers. query [B, T, N, H], key/value [B, S, K, H] (GQA: N % K == 0), boolean
     mask [B, 1 or N, T, S] (from `attention_mask`). Softmax in float32. Rows with no allowed key give
     finite garbage (padding positions).
 
     implementation: "xla" (`jax.nn.dot_product_attention`, any platform); "cudnn" (cuDNN fused kernel on
     GPU for bf16/fp16; falls back to "xla" elsewhere, e.g. CPU or float32); "splash"
-    (`vlaa_jax.kernels.splash_attention.dot_product_attention`, imported lazily).
+    (`vlaa_jax.kernels.splash_attention.dot_product_attention`, imported lazily). For self-attention
+    (T == S, no cache) callers may also give the `segment_ids` [B, T] and `causal` flag the mask was
+    built from: splash then uses its segment-id fast path instead of the dense mask (padding tokens,
+    id 0, may then attend to each other; their outputs are ignored anyway).
     """
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLS}")
     if implementation == "splash":
-        return _splash(query, key, value, mask, scale)
+        return _splash(query, key, value, mask, scale, segment_ids, causal)
     impl = "xla"
     if (implementation == "cudnn" and jax.default_backend() == "gpu"
             and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0):

@@ -180,6 +180,28 @@ def test_param_errors_name_the_tensor(tiny, tiny_hf, tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         q.from_pretrained(str(d))
+    conf["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=r"bad/config.json: model_type='llama'.*not a Qwen2.5-VL"):
+        q.from_pretrained(str(d))
+
+
+def test_sharded_safetensors_and_missing_shard(tiny, tiny_hf, tmp_path):
+    """model.safetensors.index.json + shards load; a missing shard is named."""
+    d = tmp_path / "sharded"
+    tiny_hf.model.save_pretrained(d, max_shard_size="100KB")
+    assert (d / params.SAFETENSORS_INDEX).is_file()
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    b = tiny_hf.batches["right"]
+    padded = np.concatenate([b.pixel_values, np.zeros((8, b.pixel_values.shape[1]), np.float32)])
+    logits = q.from_pretrained(str(d))(b.input_ids, attention_mask=b.attention_mask, pixel_values=padded,
+                                       image_grid_thw=b.image_grid_thw)
+    _, rel = _rel_diff(logits, tiny_hf.logits["right"], b.attention_mask.astype(bool))
+    assert rel <= REL_TOL
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shard '{shards[-1].name}', which is missing"):
+        q.from_pretrained(str(d))
 
 
 def test_from_pretrained_orbax_model_dir(tiny, tiny_hf, tmp_path):
@@ -281,3 +303,20 @@ def test_segment_mask_isolates_segments():
     np.testing.assert_array_equal(m, expected)
     mc = np.asarray(nn.attention_mask(seg, seg, causal=True))[0, 0]
     np.testing.assert_array_equal(mc, expected & np.tril(np.ones((5, 5), bool)))
+
+
+def test_splash_attention_matches_hf(tiny_hf, monkeypatch):
+    """attention_impl="splash" (Pallas splash kernel, interpreted on CPU; segment-id fast path in both
+    towers): same logits. Splash wants lengths that are multiples of 128: text and patches are padded."""
+    if tiny_hf.config["tie_word_embeddings"]:
+        pytest.skip("attention is independent of the lm_head: checked on the untied model")
+    pytest.importorskip("vlaa_jax.kernels.splash_attention")
+    monkeypatch.setenv("VLAA_SPLASH_INTERPRET", "1")
+    b = tiny_hf.batches["left"]
+    extra = 128 - b.input_ids.shape[1]
+    ids, mask = (np.pad(a, ((0, 0), (extra, 0))) for a in (b.input_ids, b.attention_mask))
+    pv = np.concatenate([b.pixel_values, np.zeros((1024 - b.pixel_values.shape[0], 1176), np.float32)])
+    model = q.from_pretrained(tiny_hf.hf_dir, attention_impl="splash")
+    logits = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=b.image_grid_thw)
+    _, rel = _rel_diff(np.asarray(logits)[:, extra:], tiny_hf.logits["left"], b.attention_mask.astype(bool))
+    assert rel <= REL_TOL

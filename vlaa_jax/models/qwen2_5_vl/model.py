@@ -99,14 +99,15 @@ class Qwen25VL(nnx.Module):
         vision = None
         if pixel_values is not None:
             v = c.vision
-            vision = layout_lib.vision_layout(grid, patch_size=v.patch_size,
-                                              spatial_merge_size=v.spatial_merge_size, window_size=v.window_size)
+            pixel_values = np.asarray(pixel_values)
+            n_real = layout_lib.image_token_count(grid, v.spatial_merge_size) * v.spatial_merge_size ** 2
             n_img_tokens = int((ids == c.image_token_id).sum())
-            if int(vision.num_patches) != np.asarray(pixel_values).shape[0] or \
-                    n_img_tokens != int(vision.num_patches) // v.spatial_merge_size ** 2:
-                raise ValueError(f"pixel_values has {np.asarray(pixel_values).shape[0]} patches and input_ids "
-                                 f"{n_img_tokens} image tokens; image_grid_thw implies {int(vision.num_patches)} "
-                                 "patches")
+            if pixel_values.shape[0] < n_real or n_img_tokens * v.spatial_merge_size ** 2 != n_real:
+                raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches and input_ids {n_img_tokens} "
+                                 f"image tokens; image_grid_thw implies {n_real} patches")
+            # Rows beyond the real patches (a bucket) are padding: they get segment id 0.
+            vision = layout_lib.vision_layout(grid, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+                                              window_size=v.window_size, num_patches_padded=pixel_values.shape[0])
             vision = layout_lib.VisionLayout(*(jnp.asarray(a) for a in vision))
         out, _ = _jit_forward(self, jnp.asarray(ids, jnp.int32), jnp.asarray(position_ids), jnp.asarray(mask),
                               None if pixel_values is None else jnp.asarray(pixel_values), vision, return_hidden)

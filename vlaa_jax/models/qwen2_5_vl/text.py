@@ -58,7 +58,7 @@ class Attention(nnx.Module):
         self.o_proj = nn.Linear(t.num_attention_heads * t.head_dim, t.hidden_size, names=("heads", "embed"),
                                 use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache=None, index=None):
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -70,7 +70,9 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             kv_cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = nn.dot_product_attention(q, k, v, mask, implementation=self.impl)
+        # Without a cache, the mask is causal + segment equality: splash can use its fast path.
+        out = nn.dot_product_attention(q, k, v, mask, implementation=self.impl, causal=True,
+                                       segment_ids=segment_ids if kv_cache is None else None)
         return self.o_proj(out.reshape(B, T, -1)), kv_cache
 
 
@@ -83,8 +85,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, **kw)
         self.mlp = nn.SwiGLU(t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, index)
+    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache=None, index=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, kv_cache, index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -123,7 +125,7 @@ class TextModel(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = step(layer, x, cos, sin, mask, kv, None if cache is None else cache.index)
+            x, kv = step(layer, x, cos, sin, mask, segment_ids, kv, None if cache is None else cache.index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

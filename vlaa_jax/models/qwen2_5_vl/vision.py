@@ -25,12 +25,14 @@ class VisionAttention(nnx.Module):
                              use_bias=True, **kw)
         self.proj = nn.Linear(v.hidden_size, v.hidden_size, names=("heads", "embed"), use_bias=True, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 segments: jax.Array) -> jax.Array:
         P = x.shape[0]
         qkv = self.qkv(x).reshape(P, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = nn.apply_rotary(q, cos, sin), nn.apply_rotary(k, cos, sin)
-        out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl)
+        out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl,
+                                       segment_ids=segments[None])
         return self.proj(out[0].reshape(P, -1))
 
 
@@ -43,8 +45,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
         self.mlp = nn.SwiGLU(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True, **kw)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -84,11 +86,10 @@ class VisionTransformer(nnx.Module):
         P, D = x.shape
         x = x.reshape(P // unit, unit, D)[window_index].reshape(P, D)
         cos, sin = nn.rotary_2d(rotary_hw, v.head_dim, v.rope_theta)
-        masks = {
-            False: nn.attention_mask(window_segments[None], window_segments[None], causal=False),
-            True: nn.attention_mask(full_segments[None], full_segments[None], causal=False),
-        }
+        segments = {False: window_segments, True: full_segments}
+        masks = {full: nn.attention_mask(s[None], s[None], causal=False) for full, s in segments.items()}
         step = nn.maybe_remat(lambda blk, *args: blk(*args), self.config.remat_policy)
         for i, blk in enumerate(self.blocks):
-            x = step(blk, x, cos, sin, masks[i in v.fullatt_block_indexes])
+            full = i in v.fullatt_block_indexes
+            x = step(blk, x, cos, sin, masks[full], segments[full])
         return self.merger(x)[reverse_index]
