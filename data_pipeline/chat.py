@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,22 @@ def _messages(system_prompt: str | None, question: str, image: Any = None) -> li
     img = {"type": "image"} if image is None else {"type": "image", "image": image}
     msgs.append({"role": "user", "content": [img, {"type": "text", "text": question}]})
     return msgs
+
+
+_BACKEND_LOCK = threading.Lock()
+_BACKENDS: dict[str, Any] = {}
+
+
+def _load_backend(tokenizer_dir: str):
+    """The `tokenizers.Tokenizer` of `tokenizer_dir/tokenizer.json`, cached per process."""
+    if tokenizer_dir not in _BACKENDS:
+        from tokenizers import Tokenizer
+
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (a fast tokenizer file is needed)")
+        _BACKENDS[tokenizer_dir] = Tokenizer.from_file(path)
+    return _BACKENDS[tokenizer_dir]
 
 
 def _added_tokens(tok_json: Path) -> list[dict]:
@@ -166,12 +183,9 @@ class ChatFormatter:
         """The Rust tokenizer (loaded lazily, once per process)."""
         b = self.__dict__.get("_backend")
         if b is None:
-            from tokenizers import Tokenizer
-
-            path = os.path.join(self.tokenizer_dir, "tokenizer.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found (a fast tokenizer file is needed)")
-            b = self.__dict__["_backend"] = Tokenizer.from_file(path)
+            with _BACKEND_LOCK:  # Grain read threads: load once per process (an 18 MB JSON, ~1-2 s)
+                b = self.__dict__.get("_backend") or _load_backend(self.tokenizer_dir)
+                self.__dict__["_backend"] = b
         return b
 
     def __getstate__(self):

@@ -102,7 +102,7 @@ class LoaderConfig:
     process_index: int | None = None
     process_count: int | None = None
     worker_count: int = 0
-    worker_buffer_size: int = 2
+    worker_buffer_size: int = 8
     read_threads: int = 2
     length_buckets: Sequence[int] | None = None
     pixel_buckets: Sequence[int] | None = None
@@ -416,6 +416,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         self._b, self._drop_remainder = builder, drop_remainder
         self._carry: tuple[dict, Any] | None = None  # (example, parent state before it)
         self._state = parent.get_state()
+        self._emitted = False
 
     def _pull(self) -> tuple[Any, Any]:
         if self._carry is not None:
@@ -438,8 +439,10 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 ex, st = self._pull()
             except StopIteration:
                 if not got_any or self._drop_remainder:
-                    if summary.total:
-                        logging.warning("data: %s at the end of the data", summary)
+                    if summary.total and not self._emitted:
+                        raise ValueError(f"data: no usable example in this shard; bad records: {summary}") from None
+                    if summary.total:  # only when dropping a final partial batch
+                        logging.warning("data: dropped final partial batch; bad records in it: %s", summary)
                     raise
                 break
             if isinstance(ex, Skipped):
@@ -461,11 +464,26 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 rows.append(ex)
                 got_any = True
                 if len(rows) == B:
+                    self._absorb_skipped(summary)
                     break
+        self._emitted = True
         self._state = self._carry[1] if self._carry is not None else self._parent.get_state()
         batch = b.build_packed([r for r in rows]) if b.packed else b.build(rows)
         batch["_summary"] = summary.to_dict()
         return batch
+
+    def _absorb_skipped(self, summary: BadRecordSummary) -> None:
+        """Count the bad records right after a full batch into it, so that bad records at the very end of
+        the data are reported too; the first good example after them is carried into the next batch."""
+        while True:
+            try:
+                ex, st = self._pull()
+            except StopIteration:
+                return
+            if not isinstance(ex, Skipped):
+                self._carry = (ex, st)
+                return
+            summary.add(ex.kind, ex.message)
 
     def get_state(self) -> dict:
         return {"parent": self._state}
