@@ -10,7 +10,8 @@ Panels, in this order, each drawn when at least one run logged it:
   KL                           `kl` (policy vs reference, per token), else `kl_rollout`, else `approx_kl`
   reflection-word rate         `behaviour/reflection_rate` (vlaa_jax.eval.behaviour); when a run did not
                                log it, computed from its `samples.jsonl` (the few rollouts logged per step)
-Non-finite values (written as strings) are skipped. Prints one JSON line: {"png", "panels", "runs"}.
+Non-finite values (written as strings) are skipped. Panels sit `--ncols` to a row. Prints one JSON
+line: {"png", "panels" (titles in order), "runs" (labels), "lines" (curves per panel), "grid" [rows, cols]}.
 """
 from __future__ import annotations
 
@@ -122,14 +123,18 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
                          f"{REFLECTION_KEY}) in {list(workdirs)}")
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    lines = {}
     for ax, (title, series) in zip(axes.flat, panels):
         for label, s in zip(labels, series):
             if s:
                 steps, ys = zip(*sorted(s))
                 ax.plot(steps, _smooth(list(ys), smooth), label=label, marker="." if len(steps) < 30 else None)
+        lines[title] = len(ax.get_lines())
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.remove()
@@ -138,7 +143,8 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"png": os.path.abspath(out), "panels": [t for t, _ in panels], "runs": labels}
+    return {"png": os.path.abspath(out), "panels": [t for t, _ in panels], "runs": labels, "lines": lines,
+            "grid": [nrows, ncols]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
