@@ -242,5 +242,6 @@ def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     report = evaluate(items, gen, output_dir=out_dir, judge=Judge(reward_cfg), settings=settings,
                       length_bins=e.length_bins, write=jax.process_index() == 0)
     run.print_summary([report["table"], f"predictions and report: {out_dir}"])
-    return {k: report[k] for k in ("overall", "by_source", "by_question_type", "by_verifier_type", "behaviour",
-                                   "accuracy_vs_length", "truncated", "time")} | {"output_dir": out_dir}
+    summary = {k: report[k] for k in ("overall", "by_source", "by_question_type", "by_verifier_type", "behaviour",
+                                      "accuracy_vs_length", "truncated", "time")}
+    return _json_safe({**summary, "output_dir": out_dir})
