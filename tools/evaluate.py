@@ -75,8 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.out:
         name = Path(a.data).stem if os.path.isfile(a.data) else Path(a.data).name
         a.out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "eval", name)
+    from vlaa_jax.eval.benchmarks import BenchmarkError
     from vlaa_jax.eval.harness import run_eval
-    summary = run_eval(build_config(a), a.workdir or a.out)
+    try:
+        summary = run_eval(build_config(a), a.workdir or a.out)
+    except (BenchmarkError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({"overall": summary["overall"], "output_dir": summary["output_dir"]}))
     return summary
 

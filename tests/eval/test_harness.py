@@ -101,3 +101,13 @@ def test_evaluate_core_on_vlaa_records(tmp_path):
     assert report["behaviour"]["format_valid"] == 1.0
     rows = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == len(raw) == 10
+
+
+def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
+    from tools import evaluate as evaluate_tool
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("index\tquestion\tanswer\n0\tWhat?\t1\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate_tool.main(["--ckpt", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: header has neither an 'image' nor an 'image_path' column"
