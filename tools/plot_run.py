@@ -126,6 +126,9 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     lines = {}
+    all_steps = [st for _, series in panels for s in series if s for st, _ in s]
+    lo, hi = min(all_steps), max(all_steps)
+    pad = max(0.5, 0.02 * (hi - lo))  # one step axis for every panel
     for ax, (title, series) in zip(axes.flat, panels):
         for label, s in zip(labels, series):
             if s:
@@ -134,6 +137,7 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
         lines[title] = len(ax.get_lines())
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_xlim(lo - pad, hi + pad)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
