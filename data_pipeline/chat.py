@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class _TokenizerFiles:
         env.globals["raise_exception"] = raise_exception
         self._template = env.from_string(template)
         self._ids = {t["content"]: t["id"] for t in _added_tokens(tok_json)}
+        self.added_tokens = tuple(self._ids)
         self._special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
                          if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.pad_id = self._ids.get(self._special.get("pad_token"))
@@ -147,6 +149,7 @@ class ChatFormatter:
     vision_end_id: int
     im_end_id: int
     pad_id: int
+    added_tokens: tuple[str, ...] = ()  # every added token: the tokenizer never merges text across them
 
     @classmethod
     def create(cls, tokenizer_dir: str | os.PathLike, system_prompt: str | None = VLAA_SYSTEM_PROMPT,
@@ -161,12 +164,14 @@ class ChatFormatter:
             full = tokenizer.apply_chat_template(full_msgs, tokenize=False)
             ids = tokenizer.convert_tokens_to_ids
             pad = tokenizer.pad_token_id
+            added = tuple(tokenizer.get_added_vocab())
         else:
             files = _TokenizerFiles(tokenizer_dir)
             prompt = files.render(msgs, add_generation_prompt=True)
             full = files.render(full_msgs, add_generation_prompt=False)
             ids = files.token_id
             pad = files.pad_id
+            added = tuple(files.added_tokens)
         pad = pad if pad is not None else ids("<|endoftext|>")
         if prompt.count(_Q) != 1 or full.count(_R) != 1 or not full.startswith(prompt):
             raise ValueError(f"{tokenizer_dir}: chat template does not render question/response once each")
@@ -176,7 +181,7 @@ class ChatFormatter:
         if not answer[answer.index(_R) + len(_R):].startswith("<|im_end|>"):
             raise ValueError(f"{tokenizer_dir}: the assistant turn of the chat template must end with <|im_end|>")
         return cls(tokenizer_dir, system_prompt, prompt, answer, ids("<|image_pad|>"), ids("<|vision_start|>"),
-                   ids("<|vision_end|>"), ids("<|im_end|>"), pad)
+                   ids("<|vision_end|>"), ids("<|im_end|>"), pad, tuple(sorted(added)))
 
     @property
     def backend(self):
@@ -189,7 +194,61 @@ class ChatFormatter:
         return b
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_backend"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_backend", "_plans")}
+
+    def _plan(self, template: str) -> list[tuple[str, Any]]:
+        """`template` cut at added tokens into ("static", ids) runs and ("dyn", text with a marker) pieces.
+
+        Tokenizers split text at added tokens before normalising and pre-tokenising, so encoding the
+        pieces separately gives exactly the ids of the whole text, and the long static parts (system
+        prompt, chat markup) are encoded once instead of per example.
+        """
+        plans = self.__dict__.setdefault("_plans", {})
+        if template not in plans:
+            pattern = "(" + "|".join(re.escape(t) for t in sorted(self.added_tokens, key=len, reverse=True)) + ")"
+            parts = re.split(pattern, template) if self.added_tokens else [template]
+            plan, static = [], ""
+            for i, part in enumerate(parts):
+                if i % 2 == 0 and (_Q in part or _R in part):
+                    if static:
+                        plan.append(("static", static))
+                    plan.append(("dyn", part))
+                    static = ""
+                else:
+                    static += part
+            if static:
+                plan.append(("static", static))
+            plans[template] = [(k, self._encode_static(v) if k == "static" else v) for k, v in plan]
+        return plans[template]
+
+    def _encode_static(self, text: str) -> np.ndarray:
+        return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def _encode(self, template: str, question: str, response: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss mask) of `template` with the markers replaced; mask = response + the <|im_end|> after it."""
+        ids, mask = [], []
+        after_response = False
+        for kind, v in self._plan(template):
+            if kind == "static":
+                ids.append(v)
+                m = np.zeros(len(v), np.int32)
+                if after_response and len(v) and v[0] == self.im_end_id:
+                    m[0] = 1
+                mask.append(m)
+                after_response = False
+                continue
+            text = v.replace(_Q, question)
+            enc = self.backend.encode(text.replace(_R, response or ""), add_special_tokens=False)
+            piece = np.asarray(enc.ids, np.int32)
+            m = np.zeros(len(piece), np.int32)
+            if _R in text:
+                r0 = text.index(_R)
+                starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(piece))
+                m[(starts >= r0) & (starts < r0 + len(response))] = 1
+                after_response = True
+            ids.append(piece)
+            mask.append(m)
+        return np.concatenate(ids), np.concatenate(mask)
 
     def messages(self, question: str, image: Any = None) -> list[dict]:
         """HF chat messages of one record: [system], user = [image, question text]."""
@@ -212,10 +271,10 @@ class ChatFormatter:
         return out, p
 
     def encode_prompt(self, record: Record, num_image_tokens: int) -> np.ndarray:
-        """GRPO: int32 ids of the prompt up to `<|im_start|>assistant\\n`, image pads expanded."""
+        """GRPO: int32 ids of the prompt up to `<|im_start|>assistant\n`, image pads expanded."""
         where = {"file": record.file, "line": record.line, "record_id": record.id}
-        enc = self.backend.encode(self.prompt_text(record.question), add_special_tokens=False)
-        ids, _ = self._expand_image(np.asarray(enc.ids, np.int32), num_image_tokens, where)
+        ids, _ = self._encode(self.prompt_template, record.question, None)
+        ids, _ = self._expand_image(ids, num_image_tokens, where)
         return ids
 
     def encode_sft(self, record: Record, num_image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,14 +282,7 @@ class ChatFormatter:
         where = {"file": record.file, "line": record.line, "record_id": record.id}
         if not record.response.strip():
             raise DataError("empty response", kind="missing_field", field="answer", **where)
-        prompt = self.prompt_text(record.question)
-        answer = self.answer_template.replace(_R, record.response)
-        enc = self.backend.encode(prompt + answer, add_special_tokens=False)
-        ids = np.asarray(enc.ids, np.int32)
-        starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
-        lo = len(prompt)
-        hi = lo + len(record.response) + len("<|im_end|>")  # loss: response + closing <|im_end|>
-        mask = ((starts >= lo) & (starts < hi)).astype(np.int32)
+        ids, mask = self._encode(self.prompt_template + self.answer_template, record.question, record.response)
         ids, p = self._expand_image(ids, num_image_tokens, where)
         mask = np.concatenate([mask[:p], np.zeros(num_image_tokens, np.int32), mask[p + 1:]])
         return ids, mask

@@ -6,7 +6,8 @@ float32), normalise with the OpenAI CLIP mean/std (float32), patchify to [grid_h
 the merge-window order the vision tower expects, with image_grid_thw = [[1, grid_h, grid_w]].
 
 Rescale + normalise is one 256-entry lookup table per channel (exactly the same float32 values as HF's
-two steps, without touching float64 arrays): most of the speed-up over the HF processor.
+two steps, without touching float64 arrays), applied as late as possible: examples and batches carry the
+uint8 patches, and `normalize_patches` fills the padded float32 batch array in the trainer's process.
 """
 from __future__ import annotations
 
@@ -54,19 +55,27 @@ def smart_resize(
 class ImageFeatures:
     """One preprocessed image.
 
-    pixel_values: float32 [grid_h*grid_w, 1176]; image_grid_thw: int32 [1, 3] = [[1, grid_h, grid_w]];
+    patches_u8: uint8 [grid_h*grid_w, 3, 14*14], the resized RGB image cut into patches in the vision
+      tower's order, before rescale/normalise and before repeating the frame over the temporal patch
+      (8x fewer bytes than pixel_values: what crosses from Grain workers to the trainer process).
+    pixel_values: float32 [grid_h*grid_w, 1176] (computed from patches_u8; equals the HF processor).
+    image_grid_thw: int32 [1, 3] = [[1, grid_h, grid_w]].
     original_hw / resized_hw: (height, width) before and after smart_resize. `scale_xy` maps original pixel
     coordinates to resized ones (x * sx, y * sy): the IoU reward needs it to compare boxes in one frame.
     """
 
-    pixel_values: np.ndarray
+    patches_u8: np.ndarray
     image_grid_thw: np.ndarray
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
 
     @property
+    def pixel_values(self) -> np.ndarray:
+        return normalize_patches(self.patches_u8)
+
+    @property
     def num_patches(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.patches_u8.shape[0])
 
     @property
     def num_tokens(self) -> int:
@@ -96,18 +105,30 @@ def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...], rescale: flo
     return ((v[None, :] - m) / s).astype(np.float32)
 
 
-def patchify(rgb: np.ndarray, lut: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
-             temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
-    """uint8 [H, W, 3] -> normalised float32 [gh*gw, 3*T*p*p], rows in merge-window order (as HF)."""
+def patchify_u8(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [gh*gw, 3, p*p], rows in merge-window order (as HF's patchify)."""
     h, w, c = rgb.shape
     gh, gw = h // patch_size, w // patch_size
     x = rgb.reshape(gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size, c)
     x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, C, ph, pw)
-    x = x.reshape(gh * gw, c, 1, patch_size * patch_size)
-    out = np.empty((gh * gw, c, temporal_patch_size, patch_size * patch_size), dtype=np.float32)
+    return np.ascontiguousarray(x.reshape(gh * gw, c, patch_size * patch_size))
+
+
+def normalize_patches(patches_u8: np.ndarray, out: np.ndarray | None = None, *,
+                      image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN, image_std: tuple[float, ...] = OPENAI_CLIP_STD,
+                      temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
+    """uint8 [N, C, p*p] -> float32 [N, C*T*p*p]: rescale + normalise (HF's float32 values exactly, by
+    lookup table), the still frame repeated over the temporal patch. Writes into `out[:N]` if given."""
+    n, c, pp = patches_u8.shape
+    lut = _normalize_lut(tuple(image_mean), tuple(image_std), 1 / 255)
+    if out is None:
+        out = np.empty((n, c * temporal_patch_size * pp), np.float32)
+    view = out[:n].reshape(n, c, temporal_patch_size, pp)
     for ch in range(c):
-        out[:, ch, :, :] = lut[ch][x[:, ch]]  # broadcast over the temporal axis (a still image is repeated)
-    return out.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+        vals = np.take(lut[ch], patches_u8[:, ch])
+        for t in range(temporal_patch_size):
+            view[:, ch, t] = vals
+    return out[:n]
 
 
 def preprocess_image(
@@ -115,22 +136,17 @@ def preprocess_image(
     *,
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 1280,
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD,
     patch_size: int = PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
 ) -> ImageFeatures:
-    """PIL image -> ImageFeatures equal to `Qwen2VLImageProcessorPil(min_pixels=.., max_pixels=..)(image)`."""
+    """PIL image -> ImageFeatures; `.pixel_values` equals `Qwen2VLImageProcessorPil(min_pixels, max_pixels)`."""
     rgb = to_rgb(image)
     width, height = rgb.size
     rh, rw = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
     resized = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(resized, dtype=np.uint8)
-    lut = _normalize_lut(tuple(image_mean), tuple(image_std), 1 / 255)
-    pixel_values = patchify(arr, lut, patch_size, merge_size, temporal_patch_size)
+    patches = patchify_u8(np.asarray(resized, dtype=np.uint8), patch_size, merge_size)
     grid = np.array([[1, rh // patch_size, rw // patch_size]], dtype=np.int32)
-    return ImageFeatures(pixel_values, grid, (height, width), (rh, rw))
+    return ImageFeatures(patches, grid, (height, width), (rh, rw))
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,

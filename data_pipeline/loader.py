@@ -42,7 +42,7 @@ import grain
 import numpy as np
 
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
-from data_pipeline.image import decode_image, preprocess_image
+from data_pipeline.image import decode_image, normalize_patches, preprocess_image
 from data_pipeline.records import BadRecordSummary, DataError, Record
 
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -229,7 +229,7 @@ class Preprocessor:
         c = self.cfg
         img = decode_image(bytes(image_bytes), name=rec.image, min_side=c.min_image_side)
         feats = preprocess_image(img, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
-        out: dict[str, Any] = {"pixel_values": feats.pixel_values, "image_grid_thw": feats.image_grid_thw,
+        out: dict[str, Any] = {"patches_u8": feats.patches_u8, "image_grid_thw": feats.image_grid_thw,
                                "id": rec.id}
         where = {"file": rec.file, "line": rec.line, "record_id": rec.id}
         if self.mode == "sft":
@@ -306,16 +306,15 @@ class BatchBuilder:
                                vision_start_token_id=self.vision_start_id)
 
     def _pixels(self, examples: Sequence[dict], out: dict) -> None:
-        pv = [e["pixel_values"] for e in examples]
+        """Image slots and uint8 patches; `finalize_batch` turns them into padded float32 pixel_values."""
+        pv = [e["patches_u8"] for e in examples]
         total = sum(len(p) for p in pv)
         P = _pick_bucket(total, self.pixel_buckets, "pixel_values rows")
-        pixel_values = np.zeros((P, PATCH_DIM), np.float32)
-        if pv:
-            np.concatenate(pv, axis=0, out=pixel_values[:total])
         grids = np.zeros((self.max_images, 3), np.int32)
         if examples:
             grids[: len(examples)] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
-        out.update(pixel_values=pixel_values, image_grid_thw=grids, num_patches=np.int32(total))
+        patches = np.concatenate(pv, axis=0) if pv else np.zeros((0, 3, 196), np.uint8)
+        out.update(_patches_u8=patches, _pixel_rows=np.int32(P), image_grid_thw=grids, num_patches=np.int32(total))
         if self.cfg.vision_window_size:
             from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
 
@@ -544,6 +543,52 @@ def open_data_source(cfg: LoaderConfig, config_name: str, tfds_split: str = "tra
     return source, dict(builder.info.metadata.get("bad_records", {}))
 
 
+def finalize_batch(batch: dict) -> dict:
+    """uint8 patches -> padded float32 `pixel_values` [P, 1176] (exact HF values), in the consuming process.
+
+    Runs after the worker processes: a batch crosses processes as uint8 patches without the temporal
+    repeat (8x fewer bytes than float32 pixel values, and no bucket padding).
+    """
+    patches = batch.pop("_patches_u8")
+    pixel_values = np.zeros((int(batch.pop("_pixel_rows")), PATCH_DIM), np.float32)
+    normalize_patches(patches, out=pixel_values)
+    batch["pixel_values"] = pixel_values
+    return batch
+
+
+class EpochShuffleMapDataset(grain.MapDataset):
+    """Shuffle reseeded each epoch: a NumPy permutation of the epoch (seed, epoch), computed once per epoch.
+
+    Same contract as `MapDataset.shuffle` before `repeat` (index = epoch * n + i); Grain's per-index
+    `index_shuffle` cost ~1 ms per element on this host, the permutation costs nanoseconds per element.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = int(seed)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"EpochShuffleMapDataset(seed={self._seed})"
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+            self._perms = {epoch: perm, **{k: v for k, v in self._perms.items() if k == epoch - 1}}
+        return perm
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        epoch, i = divmod(int(index), n)
+        return self._parent[int(self._perm(epoch)[i]) + epoch * n]
+
+
 class Loader:
     """Iterator of batches with checkpointable state and a report of skipped / truncated records."""
 
@@ -596,7 +641,7 @@ def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: 
     if count > 1:
         ds = ds[index::count]
     if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
+        ds = EpochShuffleMapDataset(ds, cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     fmt = _formatter(os.fspath(tokenizer_dir), cfg.system_prompt)
     ds = ds.map(Preprocessor(fmt, mode, cfg))
@@ -608,7 +653,7 @@ def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: 
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                                per_worker_buffer_size=cfg.worker_buffer_size))
-    return it_ds
+    return it_ds.map(finalize_batch)
 
 
 def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *, mode: str | None = None,
