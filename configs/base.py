@@ -26,6 +26,8 @@ TINY_MODEL = dict(
     vision_num_heads=2,         # vision attention heads
     vision_window_size=56,      # window attention side in pixels (56 = 2x2 merged tokens)
     vision_fullatt_block_indexes=[1],  # vision blocks with full (not windowed) attention
+    embedding_init_std=0.02,    # std of the random embedding (= tied output layer); 0.02 = HF's
+    #                             initializer_range (near-uniform start); larger = a peaked random policy
 )
 
 

@@ -73,7 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.source = "demo"
         c.data.dir = ""                  # workdir/demo_data, created on first run
         c.data.train_split = "grpo:train"
-        c.data.eval_split = "grpo:validation"  # prompts scored before/after (grpo.eval_prompts)
+        # Prompts scored greedily before/after: the first grpo.eval_prompts of the (unshuffled) train
+        # split, which cycle through all five reward types (the demo's validation split holds one type).
+        c.data.eval_split = "grpo:train"
         c.data.max_prompt_length = 192
         c.data.min_pixels = 56 * 56
         c.data.max_pixels = 56 * 56      # 4x4 patches -> 4 image tokens per image

@@ -6,6 +6,7 @@
 --kill_during_save_at S: the process SIGKILLs itself inside Orbax's asynchronous finalisation of the
 step-S checkpoint (all files written to the temporary directory, not yet renamed): a real crash in the
 middle of an async save, at a deterministic point.
+--nan_steps 2,3: (SFT) the loss of those steps is NaN.
 --toy_reward: reward = fraction of ASCII lower-case letters in the response text (a dense reward the
 policy can earn by preferring particular tokens; the real verifiers give a random tiny model 0).
 """
@@ -61,6 +62,23 @@ def _kill_inside_finalize(step: int) -> None:
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
+def _nan_at(sft_module, steps: set) -> None:
+    """Makes the loss of the given SFT steps NaN: their loss normaliser becomes NaN (a real NaN that
+    flows through the loss and the backward pass of the jitted step)."""
+    import numpy as np
+    original = sft_module.host_batch
+    calls = {"n": 0}
+
+    def host_batch(batches, mcfg):
+        calls["n"] += 1
+        batch, tokens = original(batches, mcfg)
+        if calls["n"] in steps:
+            batch["loss_normalizer"] = np.full_like(batch["loss_normalizer"], np.nan)
+        return batch, tokens
+
+    sft_module.host_batch = host_batch
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=("sft", "grpo"), required=True)
@@ -71,6 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("--kill_during_save_at", type=int, default=0)
     p.add_argument("--toy_reward", action="store_true")
     p.add_argument("--negate", action="store_true")
+    p.add_argument("--nan_steps", default="", help="SFT: comma-separated steps whose loss (and hence "
+                   "gradients) become NaN, injected through the batch's loss normaliser")
     p.add_argument("--set", action="append", default=[], help="dotted.key=json_value")
     a = p.parse_args(argv)
     from absl import flags, logging
@@ -89,6 +109,8 @@ def main(argv=None) -> None:
     if a.kill_during_save_at:
         _kill_inside_finalize(a.kill_during_save_at)
     from vlaa_jax.train import config_check, grpo, sft
+    if a.nan_steps:
+        _nan_at(sft, {int(x) for x in a.nan_steps.split(",")})
     config_check.validate(c)
     if a.mode == "sft":
         summary = sft.train(c, a.workdir)

@@ -98,15 +98,15 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VLC
 def create_model(config: ml_collections.ConfigDict, mcfg: qwen.Qwen25VLConfig, mesh, rules
                  ) -> tuple[Any, Any, Any]:
     """(graphdef, params, rest) placed on `mesh`: random init for "tiny", the weights of model.path
-    otherwise. A tiny model's embedding is re-drawn with std 0.02 (HF's initializer_range) so the tied
-    output layer starts near uniform, as a freshly initialised HF model does."""
+    otherwise. A tiny model's embedding is re-drawn with std `model.tiny.embedding_init_std` (0.02 =
+    HF's initializer_range: the tied output layer starts near uniform, as a fresh HF model's does)."""
     if config.model.init == "tiny":
-        seed = config.seed
+        seed, std = config.seed, config.model.tiny.embedding_init_std
 
         def create():
             model = qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(seed))
             emb = model.language_model.embed_tokens
-            emb[...] = 0.02 * jax.random.normal(jax.random.key(seed + 1), emb.shape, emb.dtype)
+            emb[...] = std * jax.random.normal(jax.random.key(seed + 1), emb.shape, emb.dtype)
             return model
 
         graphdef, state = shd.create_sharded(create, mesh, rules)

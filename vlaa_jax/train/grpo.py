@@ -252,7 +252,8 @@ class GRPOTrainer:
             run.finish_saves()
         after = self.evaluate_prompts() if g.eval_prompts else None
         summary = {"mode": "grpo", "steps": steps, "resumed_from": start, "reward_history": history,
-                   "eval_before": before, "eval_after": after, "skipped_nonfinite": run.skipped,
+                   "eval_before": before, "eval_after": after, "eval_prompts": g.eval_prompts,
+                   "eval_split": config.data.eval_split or config.data.train_split, "skipped_nonfinite": run.skipped,
                    "kl_coef": run.kl_coef, "data": loader.summary()}
         if t.export_hf:
             summary.update(run.export())
@@ -374,7 +375,7 @@ def summary_lines(s: Mapping[str, Any]) -> list[str]:
         lines.append(f"  rollout reward (mean of first / last {k} steps): {first:.3f} -> {last:.3f}")
     if s["eval_before"] is not None and s["eval_after"] is not None:
         b, a = s["eval_before"], s["eval_after"]
-        lines.append("  greedy reward on held-out prompts, by verifier type:")
+        lines.append(f"  greedy reward on {s['eval_prompts']} fixed prompts of {s['eval_split']!r}, by verifier type:")
         lines.append(f"    {'type':<12}{'before':>8}{'after':>8}")
         for key in [k for k in a if k not in ("all", "extract_fail")] + ["all"]:
             lines.append(f"    {key:<12}{b.get(key, float('nan')):>8.3f}{a.get(key, float('nan')):>8.3f}")

@@ -1,0 +1,72 @@
+"""The demo presets end to end through the real CLI (`python -m vlaa_jax.main`), shortened to a few
+steps: progress bar, final summary, metrics / TensorBoard / samples files, and an HF export that
+transformers loads and that computes the same logits as our model."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.train.helpers import REPO
+
+
+def _main(preset: str, workdir, *overrides: str, cache_dir: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "vlaa_jax.main", "--config", preset, "--workdir", str(workdir), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _check_hf_export(workdir):
+    """transformers loads the exported directory (model, tokenizer, image processor) and its logits
+    match our model's on the same tokens."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from vlaa_jax.models import qwen2_5_vl
+    hf_dir, model_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "model")
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    AutoImageProcessor.from_pretrained(hf_dir)
+    ids = tok("<answer>3</answer> The picture shows a tree.", return_tensors="np")["input_ids"]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    ours = np.asarray(qwen2_5_vl.from_pretrained(model_dir)(ids))
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_sft_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
+    proc = _main("configs/sft.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
+                 "--config.train.num_steps=4", "--config.train.eval_every=2", "--config.train.eval_batches=1",
+                 "--config.train.checkpoint_every=2", cache_dir=jax_cache_dir)
+    assert "sft: 100%" in proc.stderr and "4/4" in proc.stderr  # tqdm progress bar
+    assert "SFT finished: 4 steps" in proc.stdout and "eval loss: step 0:" in proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["eval_loss"][-1][1] < summary["eval_loss"][0][1]  # the demo learns something
+    for name in ("metrics.jsonl", "data_order.jsonl", "config.json", "checkpoints/4"):
+        assert os.path.exists(tmp_path / name), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    _check_hf_export(str(tmp_path))
+
+
+def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
+    proc = _main("configs/grpo.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
+                 "--config.train.num_steps=2", "--config.grpo.warm_start_sft_steps=2",
+                 "--config.grpo.eval_prompts=5", "--config.grpo.max_new_tokens=16",
+                 "--config.grpo.rollout_batch_prompts=2", "--config.train.batch_size=8",
+                 cache_dir=jax_cache_dir)
+    out = proc.stdout
+    assert "grpo: 100%" in proc.stderr and "GRPO finished: 2 steps" in out
+    assert "before" in out and "after" in out and "no answer" in out
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    for key in ("reward", "accuracy", "response_length", "clipfrac", "kl", "entropy", "lr", "tokens_per_s",
+                "time/rollout_s", "time/reward_s", "time/update_s"):
+        assert key in rows[-1], key
+    samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+    assert samples and {"prompt", "response", "reward"} <= set(samples[0])
+    assert os.path.isfile(tmp_path / "warm_start" / "model" / "config.json")
+    _check_hf_export(str(tmp_path))
