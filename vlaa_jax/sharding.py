@@ -484,11 +484,8 @@ def _safetensors_dtypes() -> dict[str, Any]:
           "BOOL": np.bool_}
 
 
-def safetensors_memmap(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a .safetensors file as a read-only np.memmap: slicing reads only that slice.
-
-  (The `safetensors` NumPy reader cannot return bfloat16, the dtype of the released checkpoints.)
-  """
+def safetensors_header(path: str) -> dict[str, tuple[Any, tuple[int, ...], int, int]]:
+  """name -> (NumPy dtype, shape, byte offset, byte length) of every tensor of a .safetensors file."""
   import json
   import struct
   with open(path, "rb") as f:
@@ -502,15 +499,24 @@ def safetensors_memmap(path: str) -> dict[str, np.ndarray]:
     if info["dtype"] not in dtypes:
       raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end == start or not shape:
-      with open(path, "rb") as f:
-        f.seek(8 + n + start)
-        out[name] = np.frombuffer(f.read(end - start), dtypes[info["dtype"]]).reshape(shape)
-    else:
-      out[name] = np.memmap(path, dtype=dtypes[info["dtype"]], mode="r", offset=8 + n + start,
-                            shape=shape)
+    out[name] = (dtypes[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
   return out
+
+
+def safetensors_tensor(path: str, entry: tuple[Any, tuple[int, ...], int, int]) -> np.ndarray:
+  """One tensor as a read-only np.memmap: slicing it reads only that slice from disk."""
+  dtype, shape, offset, length = entry
+  if length == 0 or not shape:
+    with open(path, "rb") as f:
+      f.seek(offset)
+      return np.frombuffer(f.read(length), dtype).reshape(shape)
+  return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def safetensors_memmap(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file as a read-only np.memmap (bfloat16 included, which the
+  `safetensors` NumPy reader cannot return)."""
+  return {name: safetensors_tensor(path, e) for name, e in safetensors_header(path).items()}
 
 
 def _hf_slice(kind: str, hf: np.ndarray, index: tuple[slice, ...], to_ours: Callable) -> np.ndarray:
@@ -550,24 +556,26 @@ def load_pretrained_sharded(path: str, mesh: Mesh,
   config = load_config(path, **run_options)
   graphdef, abstract, _ = abstract_state(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)), mesh, rules)
   if checkpoint.is_model_dir(path):
-    target = jax.tree_util.tree_map(lambda a: a, abstract.to_pure_dict())
-    target = _str_keys(target)
+    target = _str_keys(abstract.to_pure_dict())
     pure = checkpoint.load_params(path, target)
     pure = jax.tree.map(lambda a, t: a.astype(t.dtype) if a.dtype != t.dtype else a, pure, target)
     nnx.replace_by_pure_dict(abstract, pure)
     return config, graphdef, abstract
   ckpt = hf_params.HFCheckpoint(path)
   hf_params.check_no_unexpected(config, ckpt.keys(), source=path)
-  maps: dict[str, dict[str, np.ndarray]] = {}
+  headers: dict[str, dict[str, Any]] = {}
   flat = abstract.to_pure_dict()
   pure: dict[str, Any] = {}
   for entry in hf_params.param_table(config):
     if entry.hf_name not in ckpt.files:
       raise KeyError(f"{path}: tensor {entry.hf_name!r} is missing")
     shard, stored = ckpt.files[entry.hf_name]
-    if shard not in maps:
-      maps[shard] = safetensors_memmap(os.path.join(path, shard))
-    hf = maps[shard][stored]
+    file = os.path.join(path, shard)
+    if shard not in headers:
+      headers[shard] = safetensors_header(file)
+    # A memmap per tensor, dropped once its shards are on the devices, so pages read so far do not
+    # stay mapped (resident) for the whole load.
+    hf = safetensors_tensor(file, headers[shard][stored])
     if tuple(hf.shape) != entry.hf_shape:
       raise ValueError(f"{path}: tensor {entry.hf_name!r} has shape {tuple(hf.shape)}, expected "
                        f"{entry.hf_shape} for this config")
@@ -578,6 +586,7 @@ def load_pretrained_sharded(path: str, mesh: Mesh,
     pure_node[entry.path[-1]] = array_from_reader(
         target.shape, target.dtype, target.sharding,
         lambda index, kind=entry.kind, hf=hf: _hf_slice(kind, hf, index, hf_params.to_ours))
+    del hf
   nnx.replace_by_pure_dict(abstract, pure)
   return config, graphdef, abstract
 

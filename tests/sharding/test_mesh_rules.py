@@ -245,26 +245,34 @@ def test_safetensors_memmap_reads_bfloat16(tmp_path):
 
 
 def test_splash_attention_matches_xla_in_interpreter():
+  """Packed segments, left padding (segment 0: rows with no allowed key) and a length that is not a
+  multiple of 128 (padded inside), through the segment-id and the dense-mask paths, with gradients
+  under a mesh (shard_map)."""
   from vlaa_jax.kernels import splash_attention as splash
-  B, T, N, K, H = 2, 128, 4, 2, 32
+  B, T, N, K, H = 2, 100, 4, 2, 32
   ks = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(ks[0], (B, T, N, H)), jax.random.normal(ks[1], (B, T, K, H)),
              jax.random.normal(ks[2], (B, T, K, H)))
   seg = np.ones((B, T), np.int32)
-  seg[0, 100:] = 2
+  seg[0, 70:] = 2
+  seg[1, :10] = 0
   seg[1, 50:] = 3
+  real = seg > 0
   mask = nn.attention_mask(jnp.asarray(seg), jnp.asarray(seg), causal=True)
   ref = nn.dot_product_attention(q, k, v, mask)
   with pytest.raises(ValueError, match="needs a TPU.*'xla'"):
     splash.dot_product_attention(q, k, v, mask)
   out = splash.dot_product_attention(q, k, v, segment_ids=jnp.asarray(seg), causal=True,
                                      interpret=True)
-  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
+  weights = jnp.asarray(real, jnp.float32)[:, :, None, None]
   with shd.activate(shd.make_mesh((2, 2, 2))):
     fn = jax.jit(jax.value_and_grad(
-        lambda q: splash.dot_product_attention(q, k, v, mask, interpret=True).sum()))
+        lambda q: (splash.dot_product_attention(q, k, v, mask, interpret=True) * weights).sum()))
     val, grad = fn(q)
-  ref_val, ref_grad = jax.value_and_grad(lambda q: nn.dot_product_attention(q, k, v, mask).sum())(q)
+  ref_val, ref_grad = jax.value_and_grad(
+      lambda q: (nn.dot_product_attention(q, k, v, mask) * weights).sum())(q)
+  assert np.all(np.isfinite(np.asarray(grad)))
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   np.testing.assert_allclose(grad, ref_grad, atol=1e-4)
 

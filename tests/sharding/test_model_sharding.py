@@ -128,3 +128,17 @@ def test_train_step_with_micro_batches_and_frozen_vision(tiny_ref):
   up = new_params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert up.sharding.spec == P("fsdp", "tensor")
   assert params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"].is_deleted()  # donated
+
+
+def test_splash_attention_model_matches_xla(tiny_ref, monkeypatch):
+  """Both towers with attention_impl="splash" (Pallas interpreter on CPU) on a (2, 2, 2) mesh give
+  the XLA logits on every real token."""
+  from flax import nnx
+  monkeypatch.setenv("VLAA_SPLASH_INTERPRET", "1")
+  mesh = shd.make_mesh((2, 2, 2))
+  _, graphdef, state = shd.load_pretrained_sharded(tiny_ref.hf_dir, mesh, attention_impl="splash")
+  batch = shd.shard_batch(tiny_ref.batch, shd.batch_shardings(tiny_ref.batch, mesh, batch_size=8))
+  with shd.activate(mesh):
+    logits = jax.jit(lambda s, b: vl_forward(nnx.merge(graphdef, s), b))(state, batch)
+  real = tiny_ref.batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], tiny_ref.logits[real], atol=1e-4, rtol=0)

@@ -24,8 +24,10 @@ import os
 import jax
 import jax.numpy as jnp
 
-# Kernel blocks (tokens). 512 is the library default; smaller sequences use one block of their size.
+# Kernel blocks (tokens): 512 is the library default; blocks are multiples of the 128 TPU lanes, and
+# sequences are padded to a multiple of 128 (padding never mixes with real tokens).
 DEFAULT_BLOCK = 512
+LANES = 128
 
 
 def _check_backend(interpret: bool) -> None:
@@ -35,13 +37,17 @@ def _check_backend(interpret: bool) -> None:
         f"{jax.default_backend()!r}; use attention_impl='xla' (any platform) or 'cudnn' (GPU)")
 
 
+def _block(n: int, block: int) -> int:
+  """The largest of `block`, 512, 256, 128 that divides `n` (a multiple of 128)."""
+  for b in (block, 512, 256, LANES):
+    if b <= n and n % b == 0 and b % LANES == 0:
+      return b
+  return LANES
+
+
 def _block_sizes(t: int, s: int, block: int):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
-  bq, bkv = min(block, t), min(block, s)
-  if t % bq or s % bkv:
-    raise ValueError(
-        f"splash attention: query length {t} and key length {s} must be multiples of the block size "
-        f"{block} (or shorter than it); pad sequences to a multiple of {block}")
+  bq, bkv = _block(t, block), _block(s, block)
   return sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                        block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
 
@@ -93,9 +99,27 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   # GQA: repeat key/value heads so heads shard the same way as the query heads.
   k = jnp.repeat(key.transpose(0, 2, 1, 3), n // kh, axis=1)
   v = jnp.repeat(value.transpose(0, 2, 1, 3), n // kh, axis=1)
+  s_len = key.shape[1]
+  tp, sp = -t % LANES, -s_len % LANES
+  if mask is None and segment_ids is None and (tp or sp):
+    mask = jnp.ones((b, 1, t, s_len), jnp.bool_)
+    if causal:
+      mask = jnp.tril(mask, s_len - t)
   if mask is not None:
-    mask = mask.astype(jnp.bool_)
-    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, key.shape[1]))
+    mask = jnp.broadcast_to(mask.astype(jnp.bool_), (b, mask.shape[1], t, s_len))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tp), (0, sp)))
+    # The kernel's softmax needs at least one allowed key per query row; rows without one (padding)
+    # may see key min(i, S - 1). Their outputs are garbage either way, but finite.
+    t2, s2 = t + tp, s_len + sp
+    fallback = jnp.arange(s2)[None, :] == jnp.minimum(jnp.arange(t2), s2 - 1)[:, None]
+    mask = mask | (fallback & ~jnp.any(mask, axis=-1, keepdims=True))
+  if segment_ids is not None:
+    if t != s_len:
+      raise ValueError(f"splash attention: segment_ids need self-attention (T == S), got {t} != {s_len}")
+    segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp)), constant_values=-1)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, tp), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, 0), (0, sp), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, sp), (0, 0)))
   fn = functools.partial(_per_shard, causal=causal, block=block, interpret=interpret)
 
   mesh = jax.sharding.get_abstract_mesh()
@@ -114,4 +138,4 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                         out_specs=P(bspec, hspec), check_vma=False)(q, k, v, mask, segment_ids)
   else:
     out = fn(q, k, v, mask, segment_ids)
-  return out.transpose(0, 2, 1, 3).astype(query.dtype)
+  return out[:, :, :t].transpose(0, 2, 1, 3).astype(query.dtype)
