@@ -7,10 +7,12 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 from tests.fixtures.hf_models import TINY_IDS
 from vlaa_jax.models.qwen2_5_vl import layout
 
+untied_only = pytest.mark.parametrize("tiny_hf", [False], indirect=True, ids=["untied"])
 IDS = dict(image_token_id=TINY_IDS["image_token_id"], vision_start_token_id=TINY_IDS["vision_start_token_id"])
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
+@untied_only
 def test_mrope_positions_match_hf_get_rope_index(tiny_hf, padding):
     b = tiny_hf.batches[padding]
     hf_pos, hf_deltas = tiny_hf.positions[padding]
@@ -23,6 +25,7 @@ def test_mrope_positions_match_hf_get_rope_index(tiny_hf, padding):
     np.testing.assert_array_equal(deltas, hf_deltas)
 
 
+@untied_only
 def test_mrope_positions_padded_grid_rows_and_text_only_row(tiny_hf):
     """Zero rows of image_grid_thw are padding; a text-only row gets 1D positions and delta 0."""
     model = tiny_hf.model
@@ -41,6 +44,7 @@ def test_mrope_positions_padded_grid_rows_and_text_only_row(tiny_hf):
     assert deltas[2, 0] == 0
 
 
+@untied_only
 def test_mrope_positions_errors(tiny_hf):
     b = tiny_hf.batches["left"]
     with pytest.raises(ValueError, match="more images in input_ids than rows in image_grid_thw"):

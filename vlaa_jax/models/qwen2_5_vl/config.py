@@ -204,16 +204,15 @@ def from_hf_dict(d: Mapping[str, Any], *, source: str = "config", **run_options:
         hidden_act=str(vd.get("hidden_act", "silu")),
         rope_theta=float(vrope.get("rope_theta", 10000.0)),
     )
-    tie = d.get("tie_word_embeddings")
-    if tie is None:
-        tie = td.get("tie_word_embeddings", False)
+    # pre-v5 saves may carry tie_word_embeddings inside text_config; HF ties if either says so
+    tie = bool(d.get("tie_word_embeddings") or td.get("tie_word_embeddings"))
     return Qwen25VLConfig(
         text=text, vision=vision,
         image_token_id=int(d.get("image_token_id", 151655)),
         video_token_id=int(d.get("video_token_id", 151656)),
         vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
         vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-        tie_word_embeddings=bool(tie or td.get("tie_word_embeddings", False)),
+        tie_word_embeddings=tie,
         **run_options,
     )
 

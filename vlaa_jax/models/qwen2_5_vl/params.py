@@ -203,7 +203,6 @@ class HFCheckpoint:
         else:
             raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
         self.files = {canonical_name(k): (v, k) for k, v in weight_map.items()}
-        self._handles: dict[str, Any] = {}
 
     def keys(self):
         return self.files.keys()
@@ -212,21 +211,21 @@ class HFCheckpoint:
         return name in self.files
 
     def __getitem__(self, name: str) -> np.ndarray:
+        # The file is opened per tensor: safetensors memory-maps it, and a handle kept open would keep every
+        # page read so far resident, i.e. a second copy of the weights in RSS by the end of a conversion.
         if name not in self.files:
             raise KeyError(name)
         shard, stored = self.files[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy")
-        return self._handles[shard].get_tensor(stored)
+        with self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
+            return f.get_tensor(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         shard, stored = self.files[name]
-        if shard not in self._handles:
-            self._handles[shard] = self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy")
-        return tuple(self._handles[shard].get_slice(stored).get_shape())
+        with self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
+            return tuple(f.get_slice(stored).get_shape())
 
     def close(self):
-        self._handles.clear()
+        """Nothing is held open between reads; kept for callers that close explicitly."""
 
 
 def check_no_unexpected(config: Qwen25VLConfig, names: Any, source: str) -> None:
