@@ -172,3 +172,44 @@ def test_config_from_configdict(demo_cfg):
     assert (lc.seed, lc.batch_size, lc.max_length, lc.source) == (3, 16, 512, "demo")  # data.seed wins
     with pytest.raises(ValueError, match="sft_truncation"):
         LoaderConfig.from_config(demo_cfg, sft_truncation="cut")
+
+
+_ABSL_SCRIPT = """
+import json, sys
+from absl import app
+from data_pipeline.loader import make_loader
+
+def main(argv):
+    cfg = json.loads(argv[1])
+    loader = make_loader(cfg, "grpo", argv[2], worker_count=2)
+    ids = [i for b in loader for i in b["id"]]
+    loader.close()
+    print(json.dumps(sorted(ids)))
+
+if __name__ == "__main__":
+    app.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_workers_under_absl_app_run(demo_cfg, qwen_tokenizer_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run_loader.py"
+    script.write_text(_ABSL_SCRIPT)
+    root = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, str(script), json.dumps(demo_cfg), qwen_tokenizer_dir], cwd=root,
+                         capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    serial = sorted(i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in b["id"])
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == serial
+
+
+def test_vision_layout_keys(demo_cfg, qwen_tokenizer_dir):
+    from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
+
+    batch = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, vision_window_size=112))
+    lay = vision_layout(batch["image_grid_thw"], window_size=112, num_patches_padded=len(batch["pixel_values"]))
+    for k, v in lay._asdict().items():
+        np.testing.assert_array_equal(batch[f"vision_{k}"], v)
