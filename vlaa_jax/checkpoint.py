@@ -18,7 +18,9 @@ import os
 import shutil
 from typing import Any, Mapping
 
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
 
 FORMAT = "vlaa-jax-model/1"
 PARAMS_SUBDIR = "params"
@@ -56,9 +58,13 @@ def save_model_dir(out_dir: str, params: Mapping[str, Any], hf_config: Mapping[s
     if os.path.exists(params_dir):
         raise FileExistsError(f"{params_dir} already exists: choose an empty --out directory")
     os.makedirs(out_dir, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, params)
-    checkpointer.wait_until_finished()
+    # Orbax deep-copies NumPy leaves by default (a second copy of the weights in host memory); the save
+    # below is synchronous and nothing mutates the leaves meanwhile, so the copy is not needed.
+    registry = type_handlers.create_type_handler_registry(
+        *((ty, h) for ty, h in _default_handlers() if ty is not np.ndarray),
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False))
+    checkpointer.save(params_dir, args=ocp.args.PyTreeSave(dict(params)))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(hf_config), f, indent=2, sort_keys=True)
     if processor_dir is not None:
@@ -66,6 +72,11 @@ def save_model_dir(out_dir: str, params: Mapping[str, Any], hf_config: Mapping[s
     with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
         json.dump({"format": FORMAT, **(info or {})}, f, indent=2, sort_keys=True)
     return out_dir
+
+
+def _default_handlers():
+    from orbax.checkpoint._src.serialization import type_handler_registry
+    return type_handler_registry._DEFAULT_TYPE_HANDLERS  # pylint: disable=protected-access
 
 
 def read_hf_config(model_dir: str) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> 
     seen: set[str] = set()
 
     def put(x: np.ndarray, _path) -> np.ndarray:
+        # Contiguous leaves: the serialiser would otherwise make a C-ordered copy of each transposed view.
         seen.add(str(x.dtype))
-        return x if cast is None else x.astype(cast)
+        return np.ascontiguousarray(x if cast is None else x.astype(cast))
 
     state = params_lib.hf_to_state(config, ckpt, put=put, source=hf_dir)
     ckpt.close()
