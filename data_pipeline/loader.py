@@ -69,7 +69,8 @@ class LoaderConfig:
       system_prompt: system message; default the VLAA-Thinker prompt; None = the template's default.
       skip_bad_records: skip + count bad records (True) or raise DataError naming file/line/field (False).
     Order and batching:
-      batch_size: examples per batch on this process (rows of packed batches).
+      batch_size: examples per batch on this process (rows of packed batches). Default: data.batch_size,
+        else train.batch_size (global) / process_count when given a whole config with a `train` section.
       seed, shuffle, num_epochs (None = forever): seeded shuffle, reshuffled every epoch.
       process_index / process_count: this process's shard (default jax.process_index()/count()).
       worker_count: Grain worker processes (0 = main process); worker_buffer_size: batches per worker.
@@ -116,10 +117,11 @@ class LoaderConfig:
         """Fields of `cfg` (a ConfigDict, a dict, an object, or a ConfigDict with a `data` section)."""
         vals: dict[str, Any] = {}
         sections = [cfg]
+        global_batch = None
         if cfg is not None and _get(cfg, "data") is not _UNSET:
             sections = [cfg, _get(cfg, "data")]  # top level (seed, ...) then data.* (wins)
             if _get(cfg, "train") is not _UNSET and _get(_get(cfg, "train"), "batch_size") is not _UNSET:
-                vals["batch_size"] = _get(_get(cfg, "train"), "batch_size")
+                global_batch = int(_get(_get(cfg, "train"), "batch_size"))
         for sec in sections:
             if sec is None:
                 continue
@@ -134,6 +136,16 @@ class LoaderConfig:
                     if sec is not None and _get(sec, a) is not _UNSET and name not in vals:
                         vals[name] = _get(sec, a)
         vals.update(overrides)
+        if "batch_size" not in vals and global_batch is not None:
+            # train.batch_size is global: each process loads its share.
+            count = vals.get("process_count")
+            if count is None:
+                import jax
+
+                count = jax.process_count()
+            if global_batch % count:
+                raise ValueError(f"train.batch_size {global_batch} is not divisible by {count} processes")
+            vals["batch_size"] = global_batch // count
         for k in ("length_buckets", "pixel_buckets"):
             if vals.get(k) is not None:
                 vals[k] = tuple(int(x) for x in vals[k])

@@ -152,7 +152,7 @@ def test_worker_processes(demo_cfg, qwen_tokenizer_dir):
 def test_worker_processes_resume(demo_cfg, qwen_tokenizer_dir):
     loader = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
     [next(loader) for _ in range(2)]
-    state = loader.get_state()
+    state = json.loads(json.dumps(loader.get_state()))
     rest = list(loader)
     loader.close()
     again = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
@@ -166,10 +166,11 @@ def test_worker_processes_resume(demo_cfg, qwen_tokenizer_dir):
 def test_config_from_configdict(demo_cfg):
     import ml_collections
 
-    data = {k: v for k, v in demo_cfg.items() if k != "batch_size"}
+    data = {k: v for k, v in demo_cfg.items() if k not in ("batch_size", "process_count")}
     c = ml_collections.ConfigDict({"seed": 5, "data": data, "train": {"batch_size": 16}})
-    lc = LoaderConfig.from_config(c)
-    assert (lc.seed, lc.batch_size, lc.max_length, lc.source) == (3, 16, 512, "demo")  # data.seed wins
+    lc = LoaderConfig.from_config(c, process_count=4)
+    assert (lc.seed, lc.batch_size, lc.max_length, lc.source) == (3, 4, 512, "demo")  # data.seed wins; 16 / 4
+    assert LoaderConfig.from_config(c, batch_size=6).batch_size == 6
     with pytest.raises(ValueError, match="sft_truncation"):
         LoaderConfig.from_config(demo_cfg, sft_truncation="cut")
 
