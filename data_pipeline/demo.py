@@ -24,7 +24,7 @@ import tarfile
 from fractions import Fraction
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from data_pipeline.records import SPLIT_FILES, read_records
 
@@ -32,6 +32,13 @@ COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "
           "purple": (140, 60, 170)}
 SOURCES = ("clevr_math", "geoqa170k", "synthesis", "coco", "allava_laion")
 VERIFIER = {"clevr_math": "digit", "geoqa170k": "mcq", "synthesis": "math", "coco": "iou", "allava_laion": "open_ended"}
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable built-in font (Pillow >= 10.1 with FreeType)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 
 def _size(rng: random.Random) -> tuple[int, int]:
@@ -57,10 +64,12 @@ def _counting(rng: random.Random):
     img = Image.new("RGB", (w, h), (200, 200, 200))
     d = ImageDraw.Draw(img)
     n = rng.randint(3, 7)
+    cell = 28  # one object per grid cell: no overlaps, so the count is unambiguous
+    cells = rng.sample([(cx, cy) for cx in range(w // cell) for cy in range(h // cell)], n)
     objs = []
-    for _ in range(n):
-        s = rng.randint(14, 24)
-        x, y = rng.randint(0, w - s - 1), rng.randint(0, h - s - 1)
+    for cx, cy in cells:
+        s = rng.randint(14, 22)
+        x, y = cx * cell + rng.randint(1, cell - s - 1), cy * cell + rng.randint(1, cell - s - 1)
         color = rng.choice(list(COLORS))
         kind = rng.choice(["circle", "square"])
         _draw_shape(d, kind, (x, y, x + s, y + s), COLORS[color])
@@ -81,9 +90,9 @@ def _geometry(rng: random.Random):
     c = 180 - a - b
     pts = [(10, h - 10), (w - 10, h - 10), (rng.randint(20, w - 20), 10)]
     d.polygon(pts, outline=(0, 0, 0))
-    d.text((14, h - 24), f"{a}°", fill=(0, 0, 0))
-    d.text((w - 40, h - 24), f"{b}°", fill=(0, 0, 0))
-    d.text((pts[2][0] - 4, 14), "?", fill=(200, 0, 0))
+    d.text((14, h - 26), f"{a}°", fill=(0, 0, 0), font=_font(14))
+    d.text((w - 44, h - 26), f"{b}°", fill=(0, 0, 0), font=_font(14))
+    d.text((pts[2][0] - 4, 14), "?", fill=(200, 0, 0), font=_font(14))
     options = sorted({c, c + 10, abs(c - 10) or 5, c + 20})
     while len(options) < 4:
         options.append(options[-1] + 5)
@@ -103,7 +112,7 @@ def _arithmetic(rng: random.Random):
     op = rng.choice(["+", "-", "*"])
     lhs = Fraction(p, q_)
     val = lhs + r if op == "+" else lhs - r if op == "-" else lhs * r
-    d.text((10, h // 2 - 6), f"{p}/{q_} {op} {r} = ?", fill=(0, 0, 0))
+    d.text((10, h // 2 - 12), f"{p}/{q_} {op} {r} = ?", fill=(0, 0, 0), font=_font(24))
     latex = str(val.numerator) if val.denominator == 1 else (
         ("-" if val < 0 else "") + f"\\frac{{{abs(val.numerator)}}}{{{val.denominator}}}")
     question = "Compute the value of the expression in the image. Give the exact answer."
