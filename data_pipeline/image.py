@@ -68,10 +68,14 @@ class ImageFeatures:
     image_grid_thw: np.ndarray
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
     @property
     def pixel_values(self) -> np.ndarray:
-        return normalize_patches(self.patches_u8)
+        return normalize_patches(self.patches_u8, image_mean=self.image_mean, image_std=self.image_std,
+                                 temporal_patch_size=self.temporal_patch_size)
 
     @property
     def num_patches(self) -> int:
@@ -138,6 +142,9 @@ def preprocess_image(
     max_pixels: int = 28 * 28 * 1280,
     patch_size: int = PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD,
 ) -> ImageFeatures:
     """PIL image -> ImageFeatures; `.pixel_values` equals `Qwen2VLImageProcessorPil(min_pixels, max_pixels)`."""
     rgb = to_rgb(image)
@@ -146,7 +153,8 @@ def preprocess_image(
     resized = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
     patches = patchify_u8(np.asarray(resized, dtype=np.uint8), patch_size, merge_size)
     grid = np.array([[1, rh // patch_size, rw // patch_size]], dtype=np.int32)
-    return ImageFeatures(patches, grid, (height, width), (rh, rw))
+    return ImageFeatures(patches, grid, (height, width), (rh, rw), temporal_patch_size, tuple(image_mean),
+                         tuple(image_std))
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,

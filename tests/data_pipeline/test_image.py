@@ -93,3 +93,18 @@ def test_decode_image_errors():
     with pytest.raises(DataError, match="aspect ratio") as e:
         decode_image(_png(_image(2, 500, "RGB")), name="long.png")
     assert e.value.kind == "extreme_aspect_ratio"
+
+
+def test_other_patch_sizes_match_hf(hf_image_processor):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    for patch, merge, temporal in [(16, 2, 2), (14, 1, 1), (8, 2, 2)]:
+        hf = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=300000, patch_size=patch, merge_size=merge,
+                                      temporal_patch_size=temporal)
+        for h, w in [(100, 150), (333, 101)]:
+            img = _image(h, w, "RGB")
+            ref = hf(img, return_tensors="np")
+            ours = preprocess_image(img, min_pixels=3136, max_pixels=300000, patch_size=patch, merge_size=merge,
+                                    temporal_patch_size=temporal)
+            np.testing.assert_array_equal(ours.image_grid_thw, ref["image_grid_thw"])
+            np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-6, rtol=0)
