@@ -62,12 +62,14 @@ def builtin_config(size: str, **run_options: Any):
 
 def _tiny_config(tiny: Any, **run_options: Any):
   """Qwen25VLConfig from the trainer config's `model.tiny` dict (configs/base.py TINY_MODEL)."""
+  import dataclasses
   from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
-  t = dict(tiny)
-  text = TextConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in t.items()
-                       if not k.startswith("vision_") and k != "tie_word_embeddings"})
-  vis = {k[len("vision_"):]: (tuple(v) if isinstance(v, (list, tuple)) else v)
-         for k, v in t.items() if k.startswith("vision_")}
+  t = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(tiny).items()}
+  text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+  vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
+  text = TextConfig(**{k: v for k, v in t.items() if k in text_fields})   # init-only keys ignored
+  vis = {k[len("vision_"):]: v for k, v in t.items()
+         if k.startswith("vision_") and k[len("vision_"):] in vision_fields}
   vision = VisionConfig(out_hidden_size=text.hidden_size, **vis)
   return Qwen25VLConfig(text=text, vision=vision,
                         tie_word_embeddings=bool(t.get("tie_word_embeddings", True)), **run_options)

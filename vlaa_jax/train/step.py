@@ -108,6 +108,7 @@ class TrainStep:
     self._compiled: dict[Any, Callable] = {}
     self._grads = _grads_fn(self.graphdef, self.loss_fn, self.micro_batches, self.trainable,
                             self.param_shardings)
+    self._grads_jit = jax.jit(self._grads, out_shardings=(None, None, self.param_shardings))
 
   def _step(self, params, opt_state, rest, batch):
     loss, aux, grads = self._grads(params, rest, batch)
@@ -142,8 +143,7 @@ class TrainStep:
   def grads(self, params, rest, batch):
     """(loss, aux, grads) without an update: the same computation the step differentiates."""
     with shd.activate(self.mesh, self.rules):
-      return jax.jit(self._grads, out_shardings=(None, None, self.param_shardings))(
-          params, rest, batch)
+      return self._grads_jit(params, rest, batch)
 
 
 def make_train_step(
