@@ -206,6 +206,38 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=impl)
 
 
+def local_segment_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, *,
+                            max_segment_len: int, implementation: str = "xla",
+                            scale: float | None = None) -> jax.Array:
+    """Non-causal self-attention within contiguous segments no longer than `max_segment_len` (the vision
+    windows, in window order), in O(T * max_segment_len) instead of O(T^2) memory and compute.
+
+    query/key/value [T, N, H], segment_ids [T] (0 = padding). The sequence is cut into chunks of C =
+    2 * max_segment_len queries; each chunk attends to its keys plus a halo of max_segment_len on each
+    side, which holds every key of every segment the chunk touches. Keys outside a query's segment are
+    masked, so the result equals the dense segment-masked attention. Fixed shapes; no loop over images.
+    """
+    T = query.shape[0]
+    halo = max_segment_len
+    C = 2 * max_segment_len
+    if T <= C + 2 * halo or implementation == "splash":   # small, or a kernel that skips masked blocks
+        mask = attention_mask(segment_ids[None], segment_ids[None], causal=False)
+        return dot_product_attention(query[None], key[None], value[None], mask, implementation=implementation,
+                                     scale=scale, segment_ids=segment_ids[None])[0]
+    n = -(-T // C)
+    pad = n * C - T
+    q = jnp.pad(query, ((0, pad), (0, 0), (0, 0))).reshape(n, C, *query.shape[1:])
+    q_seg = jnp.pad(segment_ids, (0, pad)).reshape(n, C)
+    idx = jnp.arange(n)[:, None] * C + jnp.arange(C + 2 * halo)[None]    # [n, C + 2 halo] into padded kv
+    kv_pad = ((halo, pad + halo), (0, 0), (0, 0))
+    k = jnp.pad(key, kv_pad)[idx]
+    v = jnp.pad(value, kv_pad)[idx]
+    kv_seg = jnp.pad(segment_ids, (halo, pad + halo))[idx]
+    mask = attention_mask(q_seg, kv_seg, causal=False)
+    out = dot_product_attention(q, k, v, mask, implementation=implementation, scale=scale)
+    return out.reshape(n * C, *out.shape[2:])[:T]
+
+
 # ------------------------------------------------------------------------------------------------- remat
 
 def remat_policy(name: str):

@@ -339,3 +339,21 @@ def test_splash_attention_matches_hf(tiny_hf, monkeypatch):
     logits = model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=b.image_grid_thw)
     _, rel = _rel_diff(np.asarray(logits)[:, extra:], tiny_hf.logits["left"], b.attention_mask.astype(bool))
     assert rel <= REL_TOL
+
+
+@pytest.mark.parametrize("T", [300, 517])
+def test_local_segment_attention_equals_dense(T):
+    """Chunked window attention == dense segment-masked attention (contiguous segments <= 16 long,
+    padding at the end), including lengths that are not a multiple of the chunk."""
+    rs = np.random.RandomState(T)
+    lengths = []
+    while sum(lengths) < T - 20:
+        lengths.append(rs.randint(1, 17))
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(T - sum(lengths), int)])
+    q_, k_, v_ = (jnp.asarray(rs.randn(T, 4, 8), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(seg, jnp.int32)
+    dense = nn.dot_product_attention(q_[None], k_[None], v_[None],
+                                     nn.attention_mask(seg[None], seg[None], causal=False))[0]
+    local = nn.local_segment_attention(q_, k_, v_, seg, max_segment_len=16)
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(local)[real], np.asarray(dense)[real], rtol=1e-5, atol=1e-6)

@@ -25,15 +25,21 @@ class VisionAttention(nnx.Module):
                              use_bias=True, **kw)
         self.proj = nn.Linear(v.hidden_size, v.hidden_size, names=("heads", "embed"), use_bias=True, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 segments: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
+                 mask: jax.Array | None, window_len: int | None) -> jax.Array:
+        """Window blocks (`window_len` = the longest window, in patches) use chunked local attention;
+        full-attention blocks the dense segment `mask`."""
         P = x.shape[0]
         qkv = self.qkv(x).reshape(P, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = nn.apply_rotary(q, cos, sin), nn.apply_rotary(k, cos, sin)
-        out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl,
-                                       segment_ids=segments[None])
-        return self.proj(out[0].reshape(P, -1))
+        if window_len is not None:
+            out = nn.local_segment_attention(q, k, v, segments, max_segment_len=window_len,
+                                             implementation=self.impl)
+        else:
+            out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl,
+                                           segment_ids=segments[None])[0]
+        return self.proj(out.reshape(P, -1))
 
 
 class VisionBlock(nnx.Module):
@@ -45,8 +51,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
         self.mlp = nn.SwiGLU(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True, **kw)
 
-    def __call__(self, x, cos, sin, mask, segments):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, segments)
+    def __call__(self, x, cos, sin, segments, mask, window_len=None):
+        x = x + self.attn(self.norm1(x), cos, sin, segments, mask, window_len)
         return x + self.mlp(self.norm2(x))
 
 
@@ -86,10 +92,14 @@ class VisionTransformer(nnx.Module):
         P, D = x.shape
         x = x.reshape(P // unit, unit, D)[window_index].reshape(P, D)
         cos, sin = nn.rotary_2d(rotary_hw, v.head_dim, v.rope_theta)
-        segments = {False: window_segments, True: full_segments}
-        masks = {full: nn.attention_mask(s[None], s[None], causal=False) for full, s in segments.items()}
-        step = nn.maybe_remat(lambda blk, *args: blk(*args), self.config.remat_policy)
+        full_mask = nn.attention_mask(full_segments[None], full_segments[None], causal=False)
+        window_len = (v.window_size // v.patch_size) ** 2      # patches in the largest window
+        policy = self.config.remat_policy
+        window_step = nn.maybe_remat(lambda blk, *a: blk(*a, None, window_len), policy)
+        full_step = nn.maybe_remat(lambda blk, *a: blk(*a), policy)
         for i, blk in enumerate(self.blocks):
-            full = i in v.fullatt_block_indexes
-            x = step(blk, x, cos, sin, masks[full], segments[full])
+            if i in v.fullatt_block_indexes:
+                x = full_step(blk, x, cos, sin, full_segments, full_mask)
+            else:
+                x = window_step(blk, x, cos, sin, window_segments)
         return self.merger(x)[reverse_index]
