@@ -19,6 +19,7 @@ from flax.core import spmd
 from vlaa_jax.sharding import LOGICAL_AXES
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -138,16 +139,11 @@ def mrope(position_ids: jax.Array, head_dim: int, theta: float,
     """Multimodal RoPE: position_ids [3, B, T] (temporal, height, width) -> cos, sin [B, T, head_dim].
     Frequency band j uses axis (j-th section) % 3: sections (16, 24, 24) give t, h, w bands."""
     inv = inv_frequencies(head_dim, theta)                           # [head_dim / 2]
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv        # [3, B, T, head_dim / 2]
-    axis = np.repeat(np.arange(len(section)) % 3, section)           # band -> axis
-    freqs = _select_axis(freqs, axis)
+    axis = np.repeat(np.arange(len(section)) % 3, section)           # frequency band -> position axis
+    pos = position_ids.astype(jnp.float32)[axis]                     # [head_dim / 2, B, T]
+    freqs = jnp.moveaxis(pos, 0, -1) * inv                           # [B, T, head_dim / 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def _select_axis(freqs: jax.Array, axis: np.ndarray) -> jax.Array:
-    onehot = axis[None, :] == np.arange(freqs.shape[0])[:, None]     # [3, head_dim / 2] static
-    return jnp.sum(jnp.where(onehot[:, None, None, :], freqs, 0.0), axis=0)
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -248,7 +244,7 @@ def remat_policy(name: str):
         return jax.checkpoint_policies.nothing_saveable
     if name == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise ValueError(f"remat_policy={name!r}: expected one of ('none', 'full', 'save_dots')")
+    raise ValueError(f"remat_policy={name!r}: expected one of {REMAT_POLICIES}")
 
 
 def maybe_remat(fn: Callable, policy_name: str) -> Callable:

@@ -219,7 +219,7 @@ def test_from_pretrained_orbax_model_dir(tiny, tiny_hf, tmp_path):
     c = tiny.config
     pure = params.hf_to_state(c, params.HFCheckpoint(tiny_hf.hf_dir))
     out = checkpoint.save_model_dir(str(tmp_path / "m"), pure, q.to_hf_dict(c))
-    loaded = q.from_pretrained(out)
+    loaded = q.Qwen25VL.from_pretrained(out)        # the HF-style classmethod spelling
     a = nnx.to_flat_state(nnx.state(loaded, nnx.Param))
     b = nnx.to_flat_state(nnx.state(tiny, nnx.Param))
     assert [p for p, _ in a] == [p for p, _ in b]

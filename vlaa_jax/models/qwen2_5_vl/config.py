@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from vlaa_jax.nn import ATTENTION_IMPLS, REMAT_POLICIES
+
 MODEL_TYPE = "qwen2_5_vl"
-REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

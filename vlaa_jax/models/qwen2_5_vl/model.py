@@ -44,6 +44,12 @@ class Qwen25VL(nnx.Module):
             rngs, nnx.initializers.normal(1.0 / np.sqrt(t.hidden_size)), (t.hidden_size, t.vocab_size),
             config.param_dtype, ("embed", "vocab"))
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "Qwen25VL":
+        """Same as `vlaa_jax.models.qwen2_5_vl.from_pretrained` (HF or vlaa-jax model directory)."""
+        from vlaa_jax.models.qwen2_5_vl import from_pretrained
+        return from_pretrained(path, **kwargs)
+
     # ---------------------------------------------------------------------------------- pieces
     def lm_head_weight(self) -> jax.Array:
         """The output projection [hidden, vocab] (the transposed embedding when tied), param dtype.
