@@ -51,6 +51,8 @@ def main(argv) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/grpo.py:demo")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
     from vlaa_jax.train.config_check import ConfigError
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
