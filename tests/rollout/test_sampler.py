@@ -282,3 +282,26 @@ def test_sharded_greedy_equals_single_device(tiny, mesh_shape):
     np.testing.assert_allclose(sharded.raw_logprobs, single.raw_logprobs, atol=1e-4)
     # rows are independent of the batch: the first prompt's samples equal those of the 2-row batch
     np.testing.assert_array_equal(single.tokens[:2], _generate(tiny, **{**kw, "stop_ids": (TINY_STOP,)}).tokens[:2])
+
+
+# ----------------------------------------------------------------------------------- host layout
+
+@untied_only
+def test_prompt_batch_buckets_and_repads(tiny):
+    """Right- or left-padded input gives the same left-padded bucketed batch; positions and deltas
+    agree with HF's get_rope_index on the real tokens."""
+    ref = tiny.ref
+    right = ref.batches["right"]
+    p = rollout.prompt_batch(tiny.model.config, right.input_ids, right.attention_mask,
+                             pixel_values=right.pixel_values, image_grid_thw=right.image_grid_thw, pad_id=TINY_PAD)
+    for k, v in tiny.prompts.items():
+        np.testing.assert_array_equal(p[k], v, err_msg=k)
+    L0 = ref.batches["left"].input_ids.shape[1]
+    L = p["input_ids"].shape[1]
+    assert L % 64 == 0 and p["pixel_values"].shape[0] % 256 == 0
+    hf_pos, hf_deltas = ref.positions["left"]
+    valid = ref.batches["left"].attention_mask.astype(bool)
+    np.testing.assert_array_equal(p["position_ids"][:, :, L - L0:][:, valid], hf_pos[:, valid])
+    np.testing.assert_array_equal(p["rope_deltas"], hf_deltas)
+    with pytest.raises(ValueError, match="no tokens"):
+        rollout.prompt_batch(tiny.model.config, np.zeros((1, 4)), np.zeros((1, 4)), pad_id=0)
