@@ -7,7 +7,6 @@ in `fullatt_block_indexes`), and the merged tokens come back in image order.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from vlaa_jax import nn
