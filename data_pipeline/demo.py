@@ -6,7 +6,7 @@ Layout written to `out` (the released repository layout):
     VLAA-Thinking-GRPO-25K.json   JSON Lines with `verifier_type`
     images/<source>.tar.gz        clevr_math (digit), geoqa170k (mcq), synthesis (math), coco (iou),
                                   allava_laion (open_ended)
-    heldout_ids.txt               ids held out for evaluation (every 10th record of each file); the TFDS
+    heldout_ids.txt               ids held out for evaluation (every 10th record of each source in each file); the TFDS
                                   builder puts them in the `validation` split, the rest in `train`.
 Tasks: CLEVR-like counting after removing a colour (digit), a triangle's missing angle with four options
 (mcq), an arithmetic expression with fractions rendered as text (math, LaTeX ground truth), the bounding
@@ -208,7 +208,11 @@ def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_
                 tf.addfile(info, io.BytesIO(data))
     held = []
     for split, path in (("sft", sft_file), ("grpo", grpo_file)):
-        recs = read_records(path, split=split)
-        held += [r.id for k, r in enumerate(recs) if heldout_every and k % heldout_every == heldout_every - 1]
+        # Every `heldout_every`-th record *of each source*, so the held-out set covers all five reward types.
+        seen: dict[str, int] = {}
+        for r in read_records(path, split=split):
+            seen[r.source] = k = seen.get(r.source, -1) + 1
+            if heldout_every and k % heldout_every == heldout_every - 1:
+                held.append(r.id)
     (out / "heldout_ids.txt").write_text("".join(i + "\n" for i in held))
     return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES)}
