@@ -70,3 +70,12 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert samples and {"prompt", "response", "reward"} <= set(samples[0])
     assert os.path.isfile(tmp_path / "warm_start" / "model" / "config.json")
     _check_hf_export(str(tmp_path))
+
+    # mode=eval on the exported policy: greedy reward per type, same numbers as the run's "after" table.
+    proc = _main("configs/grpo.py:demo", tmp_path / "eval", f"--config.data.dir={demo_data_dir}",
+                 "--config.mode=eval", "--config.model.init=pretrained",
+                 f"--config.model.path={tmp_path / 'model'}", "--config.grpo.eval_prompts=5",
+                 "--config.grpo.max_new_tokens=16", cache_dir=jax_cache_dir)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+    after = json.loads(out.strip().splitlines()[-1])["summary"]["eval_after"]
+    assert result == after

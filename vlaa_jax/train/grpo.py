@@ -125,7 +125,7 @@ class GRPOTrainer:
         self.config, self.workdir = config, os.path.abspath(workdir)
         g = config.grpo
         init_path = None
-        if g.warm_start_sft_steps:
+        if g.warm_start_sft_steps and config.mode == "grpo":  # eval / generate use the model as given
             init_path = warm_start(config, self.workdir)
         self.run = loop.Run.setup(config, self.workdir, model_path=init_path)
         self.loss_cfg = grpo_lib.GRPOConfig.from_config(g.loss)
