@@ -39,6 +39,7 @@ def _check_hf_export(workdir):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.slow  # the GRPO demo test below runs the same SFT trainer (its warm start) and export
 def test_sft_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     proc = _main("configs/sft.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
                  "--config.train.num_steps=4", "--config.train.eval_every=2", "--config.train.eval_batches=1",
@@ -69,6 +70,9 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
     assert samples and {"prompt", "response", "reward"} <= set(samples[0])
     assert os.path.isfile(tmp_path / "warm_start" / "model" / "config.json")
+    sft_losses = [r["loss"] for r in map(json.loads, open(tmp_path / "warm_start" / "metrics.jsonl"))
+                  if "loss" in r]
+    assert sft_losses[-1] < sft_losses[0]  # SFT loss on the demo data falls
     _check_hf_export(str(tmp_path))
 
     # mode=eval on the exported policy: greedy reward per type, same numbers as the run's "after" table.
