@@ -33,7 +33,9 @@ TINY_MODEL = dict(
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "sft"        # what main runs: "sft" | "grpo" | "eval" (loss/reward on a split) | "generate"
+    c.mode = "sft"        # what main runs: "sft" | "grpo" | "eval" (greedy reward per verifier type on
+    #                       grpo.eval_prompts prompts) | "generate" (print sampled responses); eval and
+    #                       generate take a GRPO config
     c.seed = 0            # master seed: init, data shuffling, sampling (PRNG state is checkpointed)
 
     # --- Model ----------------------------------------------------------------------------------
@@ -89,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 50  # steps between async checkpoints (and always at the end)
     c.train.keep_checkpoints = 3   # most recent checkpoints kept
     c.train.nonfinite_policy = "skip"  # on NaN/inf loss or gradient: "skip" the update or "stop" the run
-    c.train.export_hf = True       # write an HF directory (weights + tokenizer/processor) at the end
+    c.train.export_hf = True       # at the end write workdir/model (vlaa-jax model dir) and workdir/hf (HF
+    #                                dir: safetensors + config + tokenizer/processor files)
     c.train.progress_bar = True    # tqdm progress bar on the console (process 0)
 
     # --- Device mesh and sharding (vlaa_jax/sharding.py) ------------------------------------------

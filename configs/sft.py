@@ -23,10 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mode = "sft"
     c.preset = preset  # which preset built this config (recorded in the workdir)
 
-    # SFT-specific: the loss is token-mean cross-entropy over assistant tokens only.
+    # SFT-specific: the loss is the token-mean cross-entropy over all assistant tokens of the global
+    # batch (accumulation-invariant; vlaa_jax/train/sft.py).
     c.sft = ml_collections.ConfigDict()
-    c.sft.loss_normalization = "tokens"  # "tokens": mean over all assistant tokens of the global batch
-    #                                      (accumulation-invariant); "sequences": mean of per-sequence means
     c.sft.logits_chunk = 512             # tokens per chunk of the lm_head + CE (bounds logits memory)
 
     if preset == "demo":
