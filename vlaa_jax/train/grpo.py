@@ -359,8 +359,10 @@ def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.model.tokenizer_dir == "qwen":
         with c.unlocked():
             c.model.tokenizer_dir = "qwen"
-    sft.train(c, sub, export=True, hf=False)
+    summary = sft.train(c, sub, export=True, hf=False)
     if jax.process_index() == 0:
+        with open(os.path.join(sub, "summary.json"), "w") as f:
+            json.dump(summary, f, default=str)
         open(done, "w").close()
     return model_dir
 
