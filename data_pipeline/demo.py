@@ -208,11 +208,12 @@ def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_
                 tf.addfile(info, io.BytesIO(data))
     held = []
     for split, path in (("sft", sft_file), ("grpo", grpo_file)):
-        # Every `heldout_every`-th record *of each source*, so the held-out set covers all five reward types.
+        # Every `heldout_every`-th record *of each source*, starting with its first, so the held-out set covers
+        # all five reward types even in a small demo.
         seen: dict[str, int] = {}
         for r in read_records(path, split=split):
             seen[r.source] = k = seen.get(r.source, -1) + 1
-            if heldout_every and k % heldout_every == heldout_every - 1:
+            if heldout_every and k % heldout_every == 0:
                 held.append(r.id)
     (out / "heldout_ids.txt").write_text("".join(i + "\n" for i in held))
     return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES)}

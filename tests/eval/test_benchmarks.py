@@ -98,9 +98,11 @@ def test_demo_dataset_dir_gives_heldout_records(tmp_path):
     heldout = set((tmp_path / "heldout_ids.txt").read_text().split())
     items = load_benchmark(str(tmp_path))
     grpo = [json.loads(l) for l in (tmp_path / "VLAA-Thinking-GRPO-25K.json").read_text().splitlines()]
-    # every 10th GRPO record is held out: records 10 and 20 (lines 10 and 20)
-    assert len(items) == 2 and all(it.id in heldout for it in items)
-    for it, raw in zip(items, (grpo[9], grpo[19])):
+    # every 10th GRPO record of each source is held out, starting with the first: with 20 records over
+    # 5 sources, the first record of each source (lines 1-5)
+    assert len(items) == 5 and all(it.id in heldout for it in items)
+    assert {it.verifier_type for it in items} == {"digit", "mcq", "math", "iou", "open_ended"}
+    for it, raw in zip(items, grpo[:5]):
         assert (it.question, it.answer) == (raw["question"], raw["gt"])
         assert it.verifier_type == raw["verifier_type"]
         Image.open(io.BytesIO(it.image.read())).load()  # read from images/<source>.tar.gz
