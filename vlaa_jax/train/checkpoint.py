@@ -4,7 +4,7 @@ One Orbax `CheckpointManager` under `workdir/checkpoints/` holds, per saved step
     state   the array tree (params, optimiser state, step, PRNG key data, KL-controller state, ...),
             saved asynchronously (arrays are copied off the devices, written in the background)
     data    the data-iterator state (Grain `get_state()`), JSON
-    meta    small JSON facts (trainer step, config mode) for humans and for sanity checks
+    meta    small JSON facts: trainer step, config mode, the KL-controller coefficient (float64)
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
 during a save leaves the previous step as the latest loadable one; leftover temporaries are removed
 at the next start (`cleanup_tmp_directories`). Model directories for inference / export are

@@ -5,8 +5,9 @@ The training state that a checkpoint holds (and that an exact resume needs) is o
     params     trainable + frozen parameters (nnx.State of nnx.Param)
     opt_state  Optax state
     rng        PRNG key data (uint32), split once per step
-    kl_coef    current KL coefficient (GRPO; 0 for SFT)
-plus the step number and the data-iterator state, which the checkpointer stores beside it.
+    skipped    number of updates skipped for non-finite loss / gradients
+plus the step number, the KL coefficient (GRPO) and the data-iterator state, which the checkpointer
+stores beside it as JSON.
 """
 from __future__ import annotations
 

@@ -2,8 +2,10 @@
 
 `Run` holds what every trainer needs between steps (mesh, tokenizer, model graph and state,
 optimiser, PRNG key, checkpointer) so that sft.py and grpo.py contain only their own algorithm.
-Exact resume: the checkpoint holds params, optimiser state, PRNG key data, KL coefficient, the
-skipped-update counter and the data-iterator state of step s; a resumed run restores all of them and
+Exact resume: the checkpoint holds params, optimiser state, PRNG key data, the skipped-update
+counter (arrays), the KL-controller coefficient (JSON, float64 as the controller computes it: a
+float32 copy would change the next controller update in the last bits) and the data-iterator state
+of step s; a resumed run restores all of them and
 continues with step s + 1, so 3 + 3 steps give bitwise the parameters and data order of 6 steps.
 """
 from __future__ import annotations
@@ -95,7 +97,6 @@ class Run:
     # ------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         return {"params": self.params, "opt_state": self.opt_state, "rng": common.rng_data(self.rng),
-                "kl_coef": jnp.asarray(self.kl_coef, jnp.float32),
                 "skipped": jnp.asarray(self.skipped, jnp.int32)}
 
     def restore(self, loader: Any | None) -> int:
@@ -109,7 +110,7 @@ class Run:
                              f"{meta.get('mode')!r}, this run is {self.config.mode!r}: use another --workdir")
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.rng = common.rng_key(state["rng"])
-        self.kl_coef = float(state["kl_coef"])
+        self.kl_coef = float(meta["kl_coef"])  # JSON keeps the float64 controller value exactly
         self.skipped = int(state["skipped"])
         if loader is not None:
             if data_state is None:
@@ -125,7 +126,8 @@ class Run:
             raise NonFiniteError(f"step {step}: parameters hold NaN/inf; refusing to checkpoint them "
                                  f"(latest good checkpoint: step {self.checkpointer.latest_step()})")
         self.checkpointer.save(step, self._state(), data_state=data_state,
-                               meta={"mode": self.config.mode, "preset": self.config.get("preset", "")})
+                               meta={"mode": self.config.mode, "preset": self.config.get("preset", ""),
+                                     "kl_coef": self.kl_coef})
 
     def finish_saves(self) -> None:
         if self.checkpointer is not None:
