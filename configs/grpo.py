@@ -73,9 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.source = "demo"
         c.data.dir = ""                  # workdir/demo_data, created on first run
         c.data.train_split = "grpo:train"
-        # Prompts scored greedily before/after: the first grpo.eval_prompts of the (unshuffled) train
-        # split, which cycle through all five reward types (the demo's validation split holds one type).
-        c.data.eval_split = "grpo:train"
+        c.data.eval_split = "grpo:validation"  # held-out prompts scored greedily before/after
         c.data.max_prompt_length = 192
         c.data.min_pixels = 56 * 56
         c.data.max_pixels = 56 * 56      # 4x4 patches -> 4 image tokens per image
@@ -85,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         g.temperature = 0.8              # paper value
         g.max_new_tokens = 64            # the demo's answers fit in ~40 tokens
         g.init_kl_coef = 1e-3
-        g.eval_prompts = 40              # 8 per reward type
+        g.eval_prompts = 20              # the whole held-out split of the demo set (all five types)
         g.warm_start_sft_steps = 100     # SFT first: the random model learns (some of) the answer format
         c.optim.learning_rate = 5e-4
         c.optim.min_learning_rate = 5e-5
