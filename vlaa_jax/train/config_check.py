@@ -100,7 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(g.kl_controller in ("adaptive", "fixed"), "grpo.kl_controller",
                  f"'adaptive' or 'fixed', got {g.kl_controller!r}")
         samples = g.rollout_batch_prompts * g.num_samples
-        _require(samples % t.batch_size == 0, "train.batch_size",
+        _require(mode != "grpo" or samples % t.batch_size == 0, "train.batch_size",
                  f"must divide grpo.rollout_batch_prompts * grpo.num_samples = {samples}")
         from vlaa_jax.rl.grpo import GRPOConfig
         try:
