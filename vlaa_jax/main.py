@@ -25,6 +25,10 @@ def run(config, workdir: str) -> dict:
     """Validates `config` and runs its mode in `workdir`; returns the run's summary dict."""
     from vlaa_jax.train import config_check
     config_check.validate(config)
+    # Multi-host: starts jax.distributed from VLAA_COORDINATOR_ADDRESS / VLAA_NUM_PROCESSES / VLAA_PROCESS_ID
+    # or TPU / SLURM auto-detection (tools/launch_*.sh); a no-op on a single host.
+    from vlaa_jax import distributed
+    distributed.initialize(config)
     import jax
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
