@@ -112,10 +112,10 @@ def create_model(config: ml_collections.ConfigDict, mcfg: qwen.Qwen25VLConfig, m
 
         graphdef, state = shd.create_sharded(create, mesh, rules)
     else:
-        model = qwen.from_pretrained(config.model.path, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
-                                     remat_policy=mcfg.remat_policy)
-        graphdef, state = nnx.split(model)
-        state = jax.device_put(state, shd.tree_shardings(state, mesh, rules))
+        # Straight onto the mesh: each device reads only its shard; the full model never sits on one.
+        _, graphdef, state = shd.load_pretrained_sharded(
+            config.model.path, mesh, rules, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+            remat_policy=mcfg.remat_policy, attention_impl=mcfg.attention_impl)
     params, rest = step_lib.split_state(state)
     return graphdef, params, rest
 
