@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,14 +19,7 @@ def main(argv=None) -> int:
         ("--dtype", dict(default=None, choices=sorted(convert.DTYPES) + ["keep"],
                          help="cast weights to this dtype (default: keep each tensor's dtype)")),
     ])
-    t0 = time.time()
-    try:
-        out = convert.convert_hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} in {time.time() - t0:.1f}s")
-    return 0
+    return convert.run_tool(convert.convert_hf_to_orbax, args.hf_dir, args.out, dtype=args.dtype)
 
 
 if __name__ == "__main__":

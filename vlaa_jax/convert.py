@@ -166,3 +166,17 @@ def main_args(argv: Iterable[str] | None, description: str, specs: list[tuple[st
     for flag, kw in specs:
         parser.add_argument(flag, **kw)
     return parser.parse_args(None if argv is None else list(argv))
+
+
+def run_tool(fn, *args: Any, **kwargs: Any) -> int:
+    """Runs a conversion for a command-line tool: bad input is one `error:` line and exit code 2."""
+    import sys
+    import time
+    t0 = time.time()
+    try:
+        out = fn(*args, **kwargs)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0
