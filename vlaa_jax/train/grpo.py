@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from vlaa_jax import sharding as shd
+from vlaa_jax.eval.behaviour import behaviour_metrics
 from vlaa_jax.rl import grpo as grpo_lib
 from vlaa_jax.rl.kl import kl_penalty, make_kl_controller
 from vlaa_jax.rl.sampling import filter_zero_variance_groups
@@ -236,6 +237,7 @@ class GRPOTrainer:
                     "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
                     "time/rollout_s": t_rollout, "time/reward_s": t_reward,
                     "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
+                    **behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0),
                     **{k: float(v) for k, v in metrics.items()}}
                 history.append({"step": step, "reward": row["reward"]})
                 if step % t.log_every == 0 or step == steps:
