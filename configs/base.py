@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vlaa_jax.eval.config import eval_config
+
 # A tiny Qwen2.5-VL (text 2 layers x 64 wide, vision 2 blocks x 32 wide) with the REAL Qwen vocabulary
 # size, so the real tokenizer works with it. About 10 M parameters, almost all in the embedding.
 TINY_MODEL = dict(
@@ -33,9 +35,9 @@ TINY_MODEL = dict(
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "sft"        # what main runs: "sft" | "grpo" | "eval" (greedy reward per verifier type on
-    #                       grpo.eval_prompts prompts) | "generate" (print sampled responses); eval and
-    #                       generate take a GRPO config
+    c.mode = "sft"        # what main runs: "sft" | "grpo" | "eval" (benchmark the model: greedy answers,
+    #                       scores per source / question type, behaviour metrics; the `eval` block) |
+    #                       "generate" (print sampled responses); eval and generate take a GRPO config
     c.seed = 0            # master seed: init, data shuffling, sampling (PRNG state is checkpointed)
 
     # --- Model ----------------------------------------------------------------------------------
@@ -99,4 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mesh_shape = (1, -1, 1)  # devices along (data, fsdp, tensor); one -1 = all the rest
     c.sharding.rules = "fsdp_tp"        # logical->mesh table: "fsdp_tp" | "fsdp" | "dp"
+
+    # --- Evaluation (mode="eval", tools/evaluate.py): paper defaults, see vlaa_jax/eval/config.py ---
+    c.eval = eval_config()
     return c

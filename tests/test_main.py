@@ -39,7 +39,7 @@ def _drop(config, dotted):
         del node[leaf]
 
 
-@pytest.mark.parametrize("key", ["train.batch_size", "grpo.kl_target", "optim", "grpo.loss.clip_low"])
+@pytest.mark.parametrize("key", ["train.batch_size", "grpo.kl_target", "optim", "grpo.loss.clip_low", "eval.data"])
 def test_missing_key_is_named(key):
     c = grpo_config.get_config("demo")
     _drop(c, key)
@@ -70,6 +70,17 @@ def test_bad_value_is_named(key, value, match):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(config_check.ConfigError, match=match.replace(".", r"\.")):
+        config_check.validate(c)
+
+
+@pytest.mark.parametrize("key,value", [("eval.max_new_tokens", 0), ("eval.batch_size", -1),
+                                       ("eval.min_pixels", 10 ** 9), ("eval.limit", -2)])
+def test_bad_eval_value_is_named(key, value):
+    c = grpo_config.get_config("demo")
+    c.mode = "eval"
+    config_check.validate(c)  # the demo preset is a valid eval config
+    c.eval[key.split(".")[1]] = value
+    with pytest.raises(config_check.ConfigError, match=key.replace(".", r"\.")):
         config_check.validate(c)
 
 

@@ -1,7 +1,7 @@
 """The main job: `python -m vlaa_jax.main --config configs/<file>.py:<preset> --workdir DIR`.
 
-`config.mode` selects the trainer (sft, grpo) or a tool mode (eval: greedy reward per verifier type on a
-split; generate: print sampled responses). Override any field with `--config.key=value`
+`config.mode` selects the trainer (sft, grpo) or a tool mode (eval: benchmark the model with the paper's
+settings, `vlaa_jax.eval.run_eval`; generate: print sampled responses). Override any field with `--config.key=value`
 (e.g. `--config.train.num_steps=10`). The config is checked before anything is built or compiled:
 a missing, unknown or ill-typed key stops the run with a message naming it. A workdir that already
 holds a checkpoint resumes from it.
@@ -42,8 +42,8 @@ def run(config, workdir: str) -> dict:
         from vlaa_jax.train import grpo
         return grpo.train(config, workdir)
     if config.mode == "eval":
-        from vlaa_jax.train import grpo
-        return grpo.evaluate(config, workdir)
+        from vlaa_jax.eval import run_eval
+        return run_eval(config, workdir)
     from vlaa_jax.train import grpo
     return grpo.generate_samples(config, workdir)
 

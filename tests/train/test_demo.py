@@ -74,11 +74,17 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert warm["last_loss"] < warm["first_loss"]  # SFT loss on the demo data falls
     _check_hf_export(str(tmp_path))
 
-    # mode=eval on the exported policy: greedy reward per type, same numbers as the run's "after" table.
+    # mode=eval on the exported policy: the benchmark harness (vlaa_jax.eval.run_eval) on the demo's
+    # held-out records, with a report, per-item predictions and the behaviour metrics.
     proc = _main("configs/grpo.py:demo", tmp_path / "eval", f"--config.data.dir={demo_data_dir}",
                  "--config.mode=eval", "--config.model.init=pretrained",
-                 f"--config.model.path={tmp_path / 'model'}", "--config.grpo.eval_prompts=5",
-                 "--config.grpo.max_new_tokens=16", cache_dir=jax_cache_dir)
+                 f"--config.model.path={tmp_path / 'model'}", "--config.eval.limit=6",
+                 "--config.eval.max_new_tokens=16", "--config.eval.batch_size=4", cache_dir=jax_cache_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
-    after = json.loads(out.strip().splitlines()[-1])["summary"]["eval_after"]
-    assert result == after
+    assert result["overall"]["n"] == 6
+    preds = [json.loads(l) for l in open(os.path.join(result["output_dir"], "predictions.jsonl"))]
+    assert len(preds) == 6 and all(p["response"] is not None for p in preds)
+    report = json.load(open(os.path.join(result["output_dir"], "report.json")))
+    assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["num_items"] == 6
+    assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
+    assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too

@@ -91,6 +91,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(0 <= o.min_learning_rate <= o.learning_rate, "optim.min_learning_rate",
              f"must lie in [0, optim.learning_rate={o.learning_rate}]")
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
+    if mode == "eval":
+        e = config.eval
+        _require(e.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(e.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+        _require(e.limit >= 0, "eval.limit", "must be >= 0 (0 = all items)")
+        _require(0 < e.min_pixels <= e.max_pixels, "eval.min_pixels",
+                 f"must lie in (0, eval.max_pixels={e.max_pixels}]")
+        _require(e.length_bins > 0, "eval.length_bins", "must be positive")
     if mode in ("grpo", "eval", "generate"):
         g = config.grpo
         _require(g.rollout_batch_prompts > 0, "grpo.rollout_batch_prompts", "must be positive")
