@@ -1,8 +1,8 @@
 """Data pipeline throughput: our Grain SFT / GRPO loaders vs the same work with HF Qwen2_5_VLProcessor.
 
-    python benchmarks/data_pipeline.py [--n 200] [--epochs 3] [--batch_size 8] [--workers 2]
+    python benchmarks/data_pipeline.py [--quick] [--repeats 3] [--n 200] [--batch_size 8] [--workers 2]
 
-Prints one JSON object. Both sides read the same TFDS data source (raw image bytes) of the demo data.
+Prints one JSON object (the pair format of benchmarks/run.py; ratio = SFT split, GRPO split in details). Both sides read the same TFDS data source (raw image bytes) of the demo data.
 Run it on an otherwise idle machine: the figures move with other load. HF side, per batch: PIL decode, `apply_chat_template` for each record, one batched processor call
 (tokenize + image preprocessing, padding=True) -- what a typical HF collator does. Ours does more: bucketed
 padding, loss masks (SFT), M-RoPE position ids. examples/s is steady state (after the first batch, i.e.
@@ -78,16 +78,7 @@ def bench_hf(cfg: dict, split: str, tokenizer_dir: str, tokenizer, max_examples:
     return {"examples": n, "examples_per_s": round(n / (t1 - t0), 1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=200, help="demo records per split")
-    p.add_argument("--epochs", type=int, default=10, help="passes for our loaders (steady state needs a few)")
-    p.add_argument("--hf_examples", type=int, default=480, help="examples for the HF loop (a steady rate)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--data_dir", default="", help="demo data dir (default: a temp dir)")
-    a = p.parse_args()
-
+def _setup(n: int, data_dir: str = ""):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
@@ -97,30 +88,60 @@ def main() -> None:
     from data_pipeline.tokenizer import build_qwen25vl_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_data_")
-    data_dir = a.data_dir or os.path.join(work, "demo")
+    data_dir = data_dir or os.path.join(work, "demo")
     if not os.path.isdir(data_dir):
-        make_demo_data(data_dir, n=a.n)
+        with contextlib.redirect_stdout(sys.stderr):
+            make_demo_data(data_dir, n=n)
     tok_dir = build_qwen25vl_tokenizer(os.path.join(work, "tokenizer"))
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = dict(source="demo", dir=data_dir, batch_size=a.batch_size, max_length=1024, max_prompt_length=768,
-               min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_epochs=a.epochs, seed=0,
-               process_index=0, process_count=1, drop_remainder=True)
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS build messages: stdout carries only the JSON
-        results = run(cfg, tok_dir, tokenizer, a)
-    print(json.dumps(results, indent=1))
+    return data_dir, tok_dir, AutoTokenizer.from_pretrained(tok_dir)
 
 
-def run(cfg: dict, tok_dir: str, tokenizer, a) -> dict:
-    results = {"device": f"{os.cpu_count()} CPU cores", "batch_size": a.batch_size, "records_per_split": a.n,
-               "epochs": a.epochs, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
-    for split in ("sft", "grpo"):
-        ours = bench_ours(cfg, split, tok_dir, a.workers)
-        ours_inproc = bench_ours(cfg, split, tok_dir, 0)
-        hf = bench_hf(cfg, split, tok_dir, tokenizer, a.hf_examples)
-        results[split] = {f"ours_{a.workers}_workers": ours, "ours_in_process": ours_inproc, "hf_processor_loop": hf,
-                          "speedup_vs_hf": round(ours["examples_per_s"] / hf["examples_per_s"], 2),
-                          "speedup_in_process_vs_hf": round(ours_inproc["examples_per_s"] / hf["examples_per_s"], 2)}
-    return results
+def _cfg(data_dir: str, batch_size: int, epochs: int) -> dict:
+    return dict(source="demo", dir=data_dir, batch_size=batch_size, max_length=1024, max_prompt_length=768,
+                min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, num_epochs=epochs, seed=0,
+                process_index=0, process_count=1, drop_remainder=True)
+
+
+def run_pair(quick: bool = False, repeats: int | None = None, *, n: int = 200, batch_size: int = 8,
+             workers: int = 2, data_dir: str = "") -> dict:
+    """Pair 4 of benchmarks/run.py: SFT loader examples/s, ours (Grain, `workers` processes) / HF processor
+    loop, alternating over `repeats` rounds (medians); the GRPO split's ratio is in details."""
+    import statistics
+    repeats = repeats or (1 if quick else 3)
+    epochs, hf_examples = (4, 160) if quick else (10, 480)
+    data_dir, tok_dir, tokenizer = _setup(n, data_dir)
+    cfg = _cfg(data_dir, batch_size, epochs)
+    runs: dict[str, dict[str, list]] = {s: {"ours": [], "hf": []} for s in ("sft", "grpo")}
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS build messages
+        for _ in range(repeats):
+            for split in ("sft", "grpo"):
+                runs[split]["ours"].append(bench_ours(cfg, split, tok_dir, workers))
+                runs[split]["hf"].append(bench_hf(cfg, split, tok_dir, tokenizer, hf_examples))
+    med = {s: {k: statistics.median(r["examples_per_s"] for r in v) for k, v in d.items()} for s, d in runs.items()}
+    ours, theirs = med["sft"]["ours"], med["sft"]["hf"]
+    ratio = ours / theirs
+    return {"pair": "data_pipeline", "metric": "SFT examples/s (steady state, batch %d)" % batch_size,
+            "lower_is_better": False, "ours": round(ours, 1), "theirs": round(theirs, 1), "ratio": round(ratio, 2),
+            "target": ">= 2.0", "met": bool(ratio >= 2.0),
+            "peer": "Qwen2_5_VLProcessor (transformers) loop: PIL decode + apply_chat_template + batched processor call",
+            "details": {"workers": workers, "batch_size": batch_size, "records_per_split": n, "epochs": epochs,
+                        "repeats": repeats, "grpo_examples_per_s": med["grpo"],
+                        "grpo_ratio": round(med["grpo"]["ours"] / med["grpo"]["hf"], 2),
+                        "ours_startup_s": [r["startup_s"] for r in runs["sft"]["ours"]],
+                        "runs": runs, "loadavg": os.getloadavg()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer epochs / examples, one round")
+    p.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 1)")
+    p.add_argument("--n", type=int, default=200, help="demo records per split")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data_dir", default="", help="demo data dir (default: a temp dir)")
+    a = p.parse_args()
+    print(json.dumps(run_pair(a.quick, a.repeats, n=a.n, batch_size=a.batch_size, workers=a.workers,
+                              data_dir=a.data_dir)))
 
 
 if __name__ == "__main__":
