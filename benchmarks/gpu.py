@@ -89,10 +89,10 @@ from benchmarks import flops as flops_lib  # noqa: E402
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by device_kind substring, first match wins.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12))
 HBM_BYTES_PER_S: tuple[tuple[str, float], ...] = (
-    ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-40GB", 1.555e12),
+    ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("A100-SXM4-40GB", 1.555e12),
     ("A100-PCIE-40GB", 1.555e12), ("A100", 2.039e12),
     ("TPU v6", 1.64e12), ("TPU v5p", 2.765e12), ("TPU v5", 0.819e12), ("TPU v4", 1.2e12))
 TARGET_SFT_MFU = 0.50
@@ -136,7 +136,7 @@ class Shapes:
     grpo_prompt: int = 254
     grpo_new_tokens: int = 1024               # the preset's max_new_tokens
     grpo_micro: int = 16                      # rows per log-prob forward (preset micro-batch: 256 / 16)
-    grpo_minibatch: int = 16                  # rows per optimiser update
+    grpo_minibatch: int = 8                   # rows per optimiser update (16 would need ~76 GiB on one device)
 
 
 SMOKE_SHAPES = Shapes(sft_batch=2, sft_image=(8, 8), sft_prompt=14, sft_response=32,
@@ -199,13 +199,13 @@ def hand_on(ctx: dict, graphdef, params, rest) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def decode_graphdef(mcfg):
+def decode_graphdef(mcfg, attention_impl: str | None = None):
     """Graph definition the sampler runs: the same model with remat_policy "none" (decoding has no
-    backward pass). Workaround: with remat "full" (the 3B presets) `rollout.generate` raises flax
-    TraceContextError ("Cannot mutate Param from a different trace level": nnx.remat inside the decode
-    while_loop), reported to the lead; the weights and the math are the same."""
+    backward pass) and `attention_impl` (default: the model's). Workaround: with remat "full" (the 3B
+    presets) `rollout.generate` raises flax TraceContextError ("Cannot mutate Param from a different
+    trace level": nnx.remat inside the decode while_loop); the weights and the math are the same."""
     from vlaa_jax.models.qwen2_5_vl import abstract_model
-    return abstract_model(mcfg.replace(remat_policy="none"))[0]
+    return abstract_model(mcfg.replace(remat_policy="none", attention_impl=attention_impl or mcfg.attention_impl))[0]
 
 
 def param_count(tree) -> int:
@@ -447,8 +447,10 @@ def measure_decode(ctx: dict) -> dict[str, Any]:
     R = len(prompts) * n
     temperature = float(ctx["grpo_preset"].grpo.temperature)
 
+    sampler_graphdef = decode_graphdef(mcfg, ctx["decode_attention"])
+
     def gen(max_new):
-        return rollout.generate(decode_graphdef(mcfg), (params, rest), fields, max_new_tokens=max_new, num_samples=n,
+        return rollout.generate(sampler_graphdef, (params, rest), fields, max_new_tokens=max_new, num_samples=n,
                                 sampling=rollout.SamplingConfig(temperature=temperature), rng=0, stop_ids=(),
                                 pad_id=ctx["pad_id"], mesh=mesh, rules=rules, new_token_buckets=(N,))
 
@@ -477,7 +479,8 @@ def measure_decode(ctx: dict) -> dict[str, Any]:
         "what": "rollout.generate decode steps (prefill cancelled: t(N tokens) - t(1 token), same executable)",
         "shapes": {"prompts": len(prompts), "samples_per_prompt": n, "rows": R, "prompt_tokens": int(prompt_len),
                    "new_tokens": N, "cache_slots": int(cache_len), "sampling_temperature": temperature},
-        "rollout_weights": ctx["rollout_weights"], "weight_bytes_per_param": wbytes, "kv_bytes_per_value": kvbytes,
+        "rollout_weights": ctx["rollout_weights"], "attention": ctx["decode_attention"] or mcfg.attention_impl,
+        "weight_bytes_per_param": wbytes, "kv_bytes_per_value": kvbytes,
         "compile_and_first_call_s": first_s,
         "generate_n_s": _summary(t_full), "generate_1_s": _summary(t_one),
         "decode_s": decode_s, "step_ms": 1e3 * decode_s / max(N - 1, 1),
@@ -523,6 +526,7 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
     micro, minibatch = shapes.grpo_micro, shapes.grpo_minibatch
     prompt_fields = prompts.rows(np.arange(len(prompts)), mcfg)
     host_rng = np.random.default_rng(3)
+    sampler_graphdef = decode_graphdef(mcfg, ctx["decode_attention"])
 
     def put(fields, rows):
         return common.put_batch(fields, mesh, rules, batch_size=rows)
@@ -531,8 +535,8 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
         nonlocal params, opt_state
         t0 = time.perf_counter()
         weights = cast_floating(params, mcfg.jnp_dtype) if ctx["rollout_weights"] == "compute" else params
-        gen = rollout.generate(decode_graphdef(mcfg), (weights, rest), prompt_fields, max_new_tokens=N,
-                               num_samples=n, sampling=rollout.SamplingConfig(temperature=g.temperature, top_p=g.top_p),
+        gen = rollout.generate(sampler_graphdef, (weights, rest), prompt_fields, max_new_tokens=N, num_samples=n,
+                               sampling=rollout.SamplingConfig(temperature=g.temperature, top_p=g.top_p),
                                rng=seed, stop_ids=(), pad_id=ctx["pad_id"], mesh=mesh, rules=rules,
                                new_token_buckets=(N,))
         del weights
@@ -542,9 +546,8 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
         adv = np.asarray(grpo_lib.group_advantages(rewards.reshape(len(prompts), n), mode=loss_cfg.advantage_mode,
                                                    eps=loss_cfg.advantage_eps)).reshape(-1)
         tokens, resp_mask = gen.tokens, gen.mask
-        p = common.bucket(prompts.max_patches() * max(micro, minibatch), 64)
-
-        def build(idx):
+        def build(idx):   # one pixel bucket per row count, as the trainer (a fixed micro-batch size)
+            p = common.bucket(prompts.max_patches() * len(idx), 64)
             b = prompts.rows(src[idx], mcfg, num_patches=p, responses=tokens[idx], response_mask=resp_mask[idx])
             b.pop("rope_deltas")
             return dict(b, response_mask=resp_mask[idx])
@@ -586,7 +589,8 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
                    "prompt_tokens": int(prompt_fields["input_ids"].shape[1]), "new_tokens": N,
                    "logprob_micro_rows": micro, "update_minibatch_rows": minibatch,
                    "updates_per_iteration": runs[0]["updates"] if runs else first["updates"]},
-        "rollout_weights": ctx["rollout_weights"], "reference": ctx["grpo_ref"] if use_ref else "none",
+        "rollout_weights": ctx["rollout_weights"], "rollout_attention": ctx["decode_attention"] or mcfg.attention_impl,
+        "reference": ctx["grpo_ref"] if use_ref else "none",
         "first_iteration_s": first["iteration_s"], "first_iteration": first,
         "iterations": runs, **{f"median_{k}": v for k, v in med.items()},
         "response_tokens_per_iteration": resp,
@@ -638,7 +642,8 @@ def markdown_section(result: dict) -> str:
         sh = c["shapes"]
         lines += [
             f"| Decode ({sh['rows']} rows, {sh['prompt_tokens']}-token prompts, {sh['new_tokens']} new tokens, "
-            f"{c['rollout_weights']} weights) | {_fmt(c['tokens_per_s'])} tokens/s ({_fmt(c['step_ms'])} ms/step) | | |",
+            f"{c['rollout_weights']} weights) | {_fmt(c['tokens_per_s'])} tokens/s ({_fmt(c['step_ms'])} ms/step) "
+            "| | |",
             f"| Decode / HBM bound ({_fmt(c['bound_tokens_per_s'])} tokens/s) | {_fmt(c['fraction_of_bound'])} | | |"]
     r = result.get("grpo")
     if r and "error" not in r:
@@ -678,6 +683,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", choices=("none", "full", "save_dots"), default=None, help="default: preset's full")
     p.add_argument("--rollout_weights", choices=("train", "compute"), default="train",
                    help="decode from the training params as they are (trainer today) or a compute-dtype copy")
+    p.add_argument("--decode_attention", choices=("xla", "cudnn", "splash"), default=None,
+                   help="attention implementation of the sampler (decode and GRPO rollouts, prefill included; "
+                        "default --attention). xla materialises the vision tower's full-attention scores over all "
+                        "patches of the prompt batch (64 GiB for 32 prompts of 1,024 patches)")
     p.add_argument("--grpo_ref", choices=("compute", "param", "none"), default="compute",
                    help="reference policy storage dtype (none: no KL term)")
     p.add_argument("--peak_tflops", type=float, default=None, help="override the peak dense FLOP/s (TFLOP/s)")
@@ -725,6 +734,7 @@ def run(argv=None) -> dict[str, Any]:
     text_pad = mcfg.text.pad_token_id
     ctx = dict(shared={}, mcfg=mcfg, shapes=shapes, mesh=mesh, rules=rules, peaks=peaks, sft_preset=sft_preset,
                grpo_preset=grpo_preset, rollout_weights=args.rollout_weights, grpo_ref=args.grpo_ref,
+               decode_attention=args.decode_attention,
                pad_id=151643 if text_pad is None else int(text_pad))
     failed = False
     for name in parts:
