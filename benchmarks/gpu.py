@@ -671,6 +671,16 @@ def append_results(path: str, result: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- main
+def _grid_arg(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in patches, e.g. 32x32, got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 2 or w % 2:
+        raise argparse.ArgumentTypeError(f"image grid {text!r}: sides must be positive and even (2x2 merge)")
+    return h, w
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny config, float32, few tokens (CPU check)")
@@ -692,8 +702,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None, help="override the peak dense FLOP/s (TFLOP/s)")
     p.add_argument("--hbm_gbps", type=float, default=None, help="override the HBM bandwidth (GB/s)")
     for field in dataclasses.fields(Shapes):
-        if field.type in ("int", int):
-            p.add_argument(f"--{field.name}", type=int, default=None, help=f"default {getattr(Shapes(), field.name)}")
+        default = getattr(Shapes(), field.name)
+        if isinstance(default, tuple):
+            p.add_argument(f"--{field.name}", type=_grid_arg, default=None,
+                           help=f"image patches HxW, default {default[0]}x{default[1]} (14-pixel patches, even sides)")
+        else:
+            p.add_argument(f"--{field.name}", type=int, default=None, help=f"default {default}")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--results", default=None, help="append a markdown section to this file")
     return p.parse_args(argv)
