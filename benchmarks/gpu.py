@@ -141,8 +141,8 @@ class Shapes:
 
 SMOKE_SHAPES = Shapes(sft_batch=2, sft_image=(8, 8), sft_prompt=14, sft_response=32,
                       decode_prompts=2, decode_samples=2, decode_image=(8, 8), decode_prompt=14,
-                      decode_new_tokens=8, grpo_prompts=2, grpo_samples=2, grpo_image=(8, 8), grpo_prompt=14,
-                      grpo_new_tokens=8, grpo_micro=2, grpo_minibatch=2)
+                      decode_new_tokens=32, grpo_prompts=2, grpo_samples=2, grpo_image=(8, 8), grpo_prompt=14,
+                      grpo_new_tokens=32, grpo_micro=2, grpo_minibatch=2)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -457,12 +457,15 @@ def measure_decode(ctx: dict) -> dict[str, Any]:
     first_s = _time(lambda: gen(N))          # compiles (the 1-token call below reuses the executable)
     t_full, t_one = [], []
     out = None
-    for _ in range(repeats):
+    for _ in range(max(repeats, 3)):          # cheap next to the compile; a difference of medians needs a few
         t = time.perf_counter()
         out = gen(N)
         t_full.append(time.perf_counter() - t)
         t_one.append(_time(lambda: gen(1)))
     decode_s = statistics.median(t_full) - statistics.median(t_one)
+    if decode_s <= 0:
+        raise ValueError(f"decode time not measurable: t({N} tokens) {statistics.median(t_full):.4g} s <= t(1 token) "
+                         f"{statistics.median(t_one):.4g} s; raise --decode_new_tokens or --repeats")
     tokens_per_s = R * (N - 1) / max(decode_s, 1e-9)
     prompt_len, cache_len = fields["input_ids"].shape[1], fields["input_ids"].shape[1] + N
     wbytes = max(x.dtype.itemsize for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
