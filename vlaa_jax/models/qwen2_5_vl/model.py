@@ -18,7 +18,7 @@ from flax import nnx
 from vlaa_jax import nn
 from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlaa_jax.models.qwen2_5_vl.text import KVCache, TextModel, init_cache
+from vlaa_jax.models.qwen2_5_vl.text import KVCache, TextModel, init_cache, rows_matmul, weight_major
 from vlaa_jax.models.qwen2_5_vl.vision import VisionTransformer
 
 
@@ -34,6 +34,9 @@ def scatter_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, featu
 
 class Qwen25VL(nnx.Module):
     """Qwen2_5_VLForConditionalGeneration in Flax NNX (state paths: visual.*, language_model.*, lm_head)."""
+
+    # Set on decode views only (`decode_view`): the output projection stored [vocab, hidden].
+    _vocab_major_head: jax.Array | None = None
 
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -60,6 +63,9 @@ class Qwen25VL(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [..., D] -> float32 logits [..., vocab]."""
+        if self._vocab_major_head is not None:
+            w = self._vocab_major_head.astype(self.config.jnp_dtype)
+            return rows_matmul(hidden.astype(w.dtype), w).astype(jnp.float32)
         w = self.lm_head_weight().astype(self.config.jnp_dtype)
         return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
@@ -68,26 +74,39 @@ class Qwen25VL(nnx.Module):
         return self.visual(pixel_values, vision.window_index, vision.reverse_index, vision.window_segments,
                            vision.full_segments, vision.rotary_hw)
 
+    def decode_view(self) -> "Qwen25VL":
+        """This model laid out for decoding a few rows per step (see text.py, "Decoding layout"): a new
+        module object sharing this one's arrays, whose decoder Linears are `DecodeLinear`s and whose
+        output projection is stored [vocab, hidden] (the embedding itself when tied: no copy). Call it
+        inside the jitted program that decodes (the transposed copies are made there, once); the same
+        numbers up to float32 summation order. Do not split or save it."""
+        view = nnx.merge(*nnx.split(self))
+        view.language_model.use_decode_layout()
+        view._vocab_major_head = (view.language_model.embed_tokens[...] if view.lm_head is None
+                                  else weight_major(view.lm_head[...]))
+        return view
+
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype)
 
     # ------------------------------------------------------------------------------- jit-friendly core
     def forward(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array, *,
                 pixel_values: jax.Array | None = None, vision: layout_lib.VisionLayout | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False,
+                cache: KVCache | None = None, return_hidden: bool = False, last_only: bool = False,
                 ) -> tuple[jax.Array, KVCache | None]:
         """input_ids [B, T], position_ids [3, B, T] (`layout.mrope_positions`), segment_ids [B, T]
         (attention_mask, 0 = padding), optional pixel_values [P, patch_dim] with `vision` =
         `layout.vision_layout(..., num_patches_padded=P)`, optional KV cache.
         Returns (float32 logits [B, T, vocab], or final hidden states [B, T, D] with return_hidden; the
-        updated cache or None)."""
+        updated cache or None). last_only: outputs of the last position only ([B, 1, ...]; with a cache,
+        the whole prompt's keys/values are still written: a prefill)."""
         x = self.language_model.embed(input_ids)
         if pixel_values is not None:
             if vision is None:
                 raise ValueError("pixel_values given without its vision layout")
             feats = self.encode_images(pixel_values, vision)
             x = scatter_image_features(x, input_ids, feats, self.config.image_token_id)
-        hidden, cache = self.language_model(x, position_ids, segment_ids, cache)
+        hidden, cache = self.language_model(x, position_ids, segment_ids, cache, last_only=last_only)
         return (hidden if return_hidden else self.logits(hidden)), cache
 
     # ------------------------------------------------------------------------------- HF-shaped call
