@@ -37,5 +37,9 @@ setup(
             "torch==2.13.0",
             "scipy>=1.11",
         ],
+        # benchmarks/grpo_step.py: TRL's GRPOTrainer as the peer (pulls accelerate, datasets); torch from "test"
+        "bench": [
+            "trl==1.16.0",
+        ],
     },
 )

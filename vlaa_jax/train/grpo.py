@@ -112,10 +112,30 @@ def response_logprobs(model: Any, batch: Mapping[str, jax.Array], *, chunk_size:
 
 def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], *, cfg: grpo_lib.GRPOConfig, chunk_size: int,
                  temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO loss of a micro-batch. Without `old_logp` in the batch the update is on-policy (the
+    parameters are those that sampled the rollout): the old-policy log-probs are this forward's own,
+    held constant (ratio exactly 1), so no separate old-policy forward is needed (as TRL and verl do).
+    Adds `kl_sum` (sum of the per-token KL to the reference over the valid tokens), from which the
+    trainer measures KL(old || ref) per token for the KL controller in that case."""
     logp, entropy = response_logprobs(model, batch, chunk_size=chunk_size, temperature=temperature)
-    return grpo_lib.grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"],
-                              batch["response_mask"], cfg, kl_coef=batch["kl_coef"], entropy=entropy,
-                              normalizer=batch["loss_normalizer"])
+    old_logp = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
+    loss, metrics = grpo_lib.grpo_loss(logp, old_logp, batch.get("ref_logp"), batch["advantages"],
+                                       batch["response_mask"], cfg, kl_coef=batch["kl_coef"], entropy=entropy,
+                                       normalizer=batch["loss_normalizer"])
+    if "kl" in metrics:
+        metrics["kl_sum"] = metrics["kl"] * metrics["num_tokens"]
+    return loss, metrics
+
+
+def update_patch_bucket(patches: int, micro_batch: int, max_pixels: int) -> int:
+    """Pixel rows of an update micro-batch: the loader's pixel buckets for `micro_batch` one-image rows
+    (worst case / 8, / 4, / 2, / 1), so a run compiles its forward / update for at most four pixel
+    shapes (rounding to multiples of 64 gave up to worst / 64 shapes, one compile each)."""
+    from data_pipeline.loader import _pick_bucket, default_pixel_buckets
+    buckets = default_pixel_buckets(micro_batch, max_pixels)
+    if patches > buckets[-1]:  # images larger than data.max_pixels (not from this config's loader)
+        return common.bucket(patches, 64)
+    return _pick_bucket(patches, buckets, "update micro-batch pixel rows")
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -180,65 +200,83 @@ class GRPOTrainer:
         return np.concatenate(out, axis=0)
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def setup_training(self) -> int:
+        """Loader, optimiser, jitted update and KL controller; restores the workdir's latest checkpoint.
+        Returns the step to continue after (0 for a fresh run)."""
         config, run, g, t = self.config, self.run, self.config.grpo, self.config.train
-        loader = run.loader(config.data.train_split, batch_size=g.rollout_batch_prompts, mode="grpo")
+        self.loader = run.loader(config.data.train_split, batch_size=g.rollout_batch_prompts, mode="grpo")
         samples_per_step = g.rollout_batch_prompts * g.num_samples
-        updates_per_step = g.update_epochs * samples_per_step // t.batch_size
-        steps = t.num_steps or max(1, loader.num_records * config.data.num_epochs // g.rollout_batch_prompts)
-        run.init_training(total_updates=steps * updates_per_step, kl_coef=g.init_kl_coef)
-        micro = t.batch_size // t.grad_accum_steps
-        train_step = step_lib.make_train_step(
+        self.updates_per_step = g.update_epochs * samples_per_step // t.batch_size
+        self.num_steps = t.num_steps or max(
+            1, self.loader.num_records * config.data.num_epochs // g.rollout_batch_prompts)
+        run.init_training(total_updates=self.num_steps * self.updates_per_step, kl_coef=g.init_kl_coef)
+        self.micro = t.batch_size // t.grad_accum_steps
+        # A single optimiser update per rollout batch sees the sampling parameters: on-policy.
+        self.on_policy = self.updates_per_step == 1
+        self.train_step = step_lib.make_train_step(
             run.graphdef, lambda model, batch: grpo_loss_fn(
                 model, batch, cfg=self.loss_cfg, chunk_size=g.logprob_chunk, temperature=g.temperature),
             run.tx, run.params, run.rest, run.mesh, run.rules, micro_batches=t.grad_accum_steps,
             trainable=common.trainable_mask(config, run.params))
+        start = run.restore(self.loader)
+        self.kl_ctl = make_kl_controller(g.kl_controller, run.kl_coef, g.kl_target, g.kl_horizon)
+        return start
 
-        start = run.restore(loader)
-        kl_ctl = make_kl_controller(g.kl_controller, run.kl_coef, g.kl_target, g.kl_horizon)
+    def step(self, step: int, prompts: Prompts) -> tuple[dict, dict]:
+        """One GRPO step on a rollout batch of prompts: rollout, rewards, advantages, updates, KL
+        controller. Returns (the step's metrics row, {src, texts, rewards} for the samples log)."""
+        run, g = self.run, self.config.grpo
+        t0 = time.time()
+        run.rng, sample_key, perm_key = jax.random.split(run.rng, 3)
+        src, gen, texts = self.rollout(prompts, sample_key, n=g.num_samples)
+        t_rollout = time.time() - t0
+        rewards, stats = self.score(prompts, src, texts)
+        t_reward = time.time() - t0 - t_rollout
+        adv = np.asarray(grpo_lib.group_advantages(
+            rewards.reshape(len(prompts), g.num_samples), mode=self.loss_cfg.advantage_mode,
+            eps=self.loss_cfg.advantage_eps)).reshape(-1)
+        if g.negate_advantages:
+            adv = -adv
+        resp_mask = gen.mask.copy()
+        if g.dynamic_sampling:
+            kept = filter_zero_variance_groups(rewards.reshape(len(prompts), g.num_samples))
+            drop = np.ones(len(src), bool)
+            drop[kept.kept_indices] = False
+            resp_mask[drop] = 0
+        metrics, kl_measured = self.update(self.train_step, prompts, src, gen.tokens, resp_mask, adv,
+                                           perm_key, self.micro)
+        finite = run.check_finite(step, metrics)
+        if self.use_ref and finite:
+            self.kl_ctl = self.kl_ctl.update(kl_measured, len(src))
+            run.kl_coef = float(self.kl_ctl.value)
+        dt = time.time() - t0
+        row = {
+            "reward": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
+            **{f"reward/{k[:-5]}": v for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"},
+            "extract_fail": stats.get("extract_fail", 0) / max(len(src), 1),
+            "response_length": float(gen.mask.sum(axis=1).mean()),
+            "lr": float(run.schedule(max((step - 1) * self.updates_per_step, 0))),
+            "kl_coef_next": run.kl_coef, "kl_rollout": kl_measured,
+            "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
+            "time/rollout_s": t_rollout, "time/reward_s": t_reward,
+            "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
+            **behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0),
+            **{k: float(v) for k, v in metrics.items()}}
+        return row, {"src": src, "texts": texts, "rewards": rewards}
+
+    def train(self) -> dict:
+        config, run, g, t = self.config, self.run, self.config.grpo, self.config.train
+        start = self.setup_training()
+        loader, steps = self.loader, self.num_steps
         before = self.eval_before(start)
         writer = run.writer(steps, start, key_metrics=("reward", "kl", "lr"), description="grpo")
         history = []
         try:
             for step in range(start + 1, steps + 1):
-                t0 = time.time()
                 prompts = Prompts.from_loader(next(loader))
                 writer.write_data_ids(step, [r["id"] for r in prompts.records])
-                run.rng, sample_key, perm_key = jax.random.split(run.rng, 3)
-                src, gen, texts = self.rollout(prompts, sample_key, n=g.num_samples)
-                t_rollout = time.time() - t0
-                rewards, stats = self.score(prompts, src, texts)
-                t_reward = time.time() - t0 - t_rollout
-                adv = np.asarray(grpo_lib.group_advantages(
-                    rewards.reshape(len(prompts), g.num_samples), mode=self.loss_cfg.advantage_mode,
-                    eps=self.loss_cfg.advantage_eps)).reshape(-1)
-                if g.negate_advantages:
-                    adv = -adv
-                resp_mask = gen.mask.copy()
-                if g.dynamic_sampling:
-                    kept = filter_zero_variance_groups(rewards.reshape(len(prompts), g.num_samples))
-                    drop = np.ones(len(src), bool)
-                    drop[kept.kept_indices] = False
-                    resp_mask[drop] = 0
-                metrics, kl_measured = self.update(train_step, prompts, src, gen.tokens, resp_mask, adv,
-                                                   perm_key, micro)
-                finite = run.check_finite(step, metrics)
-                if self.use_ref and finite:
-                    kl_ctl = kl_ctl.update(kl_measured, len(src))
-                    run.kl_coef = float(kl_ctl.value)
-                dt = time.time() - t0
-                row = {
-                    "reward": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
-                    **{f"reward/{k[:-5]}": v for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"},
-                    "extract_fail": stats.get("extract_fail", 0) / max(len(src), 1),
-                    "response_length": float(gen.mask.sum(axis=1).mean()),
-                    "lr": float(run.schedule(max((step - 1) * updates_per_step, 0))),
-                    "kl_coef_next": run.kl_coef, "kl_rollout": kl_measured,
-                    "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
-                    "time/rollout_s": t_rollout, "time/reward_s": t_reward,
-                    "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
-                    **behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0),
-                    **{k: float(v) for k, v in metrics.items()}}
+                row, out = self.step(step, prompts)
+                src, texts, rewards = out["src"], out["texts"], out["rewards"]
                 history.append({"step": step, "reward": row["reward"]})
                 if step % t.log_every == 0 or step == steps:
                     writer.write_scalars(step, row)
@@ -267,16 +305,19 @@ class GRPOTrainer:
         (mean of the updates' metrics, measured KL(old || ref) per token)."""
         run, g, t = self.run, self.config.grpo, self.config.train
         n = len(src)
-        p = common.bucket(prompts.max_patches() * micro, 64)
+        p = update_patch_bucket(prompts.max_patches() * micro, micro, self.config.data.max_pixels)
         build = lambda idx: prompts.rows(src[idx], run.mcfg, num_patches=p, responses=tokens[idx],
                                          response_mask=resp_mask[idx])
+        # One update per rollout batch: it is on-policy, the loss takes the old log-probs from its own
+        # forward (grpo_loss_fn); otherwise they are recomputed here before the first update.
+        on_policy = self.on_policy
         # Old-policy and reference log-probs over the whole rollout batch, micro-batch by micro-batch.
         chunks = [np.arange(i, min(i + micro, n)) for i in range(0, n, micro)]
-        fwd = [dict(build(c), response_mask=resp_mask[c]) for c in chunks]
-        old_logp = self._forward_logprobs(run.params, fwd)
+        fwd = [dict(build(c), response_mask=resp_mask[c]) for c in chunks] if (self.use_ref or not on_policy) else []
+        old_logp = None if on_policy else self._forward_logprobs(run.params, fwd)
         ref_logp = self._forward_logprobs(self.ref_params, fwd) if self.use_ref else None
         kl_measured = 0.0
-        if self.use_ref:
+        if self.use_ref and not on_policy:
             kl_tok = np.asarray(kl_penalty(jnp.asarray(old_logp), jnp.asarray(ref_logp),
                                            self.loss_cfg.kl_estimator))
             kl_measured = float((kl_tok * resp_mask).sum() / max(resp_mask.sum(), 1))
@@ -291,8 +332,10 @@ class GRPOTrainer:
                 for m in range(t.grad_accum_steps):
                     idx = mb[m * micro:(m + 1) * micro]
                     b = build(idx)
-                    b.update(response_mask=resp_mask[idx], old_logp=old_logp[idx], advantages=adv[idx].astype(np.float32),
+                    b.update(response_mask=resp_mask[idx], advantages=adv[idx].astype(np.float32),
                              kl_coef=np.float32(run.kl_coef), loss_normalizer=np.float32(max(norm, 1.0) / t.grad_accum_steps))
+                    if old_logp is not None:
+                        b["old_logp"] = old_logp[idx]
                     if ref_logp is not None:
                         b["ref_logp"] = ref_logp[idx]
                     b.pop("rope_deltas")
@@ -302,6 +345,9 @@ class GRPOTrainer:
                                        micro_batched=t.grad_accum_steps > 1)
                 run.params, run.opt_state, metrics = train_step(run.params, run.opt_state, run.rest, dev)
                 all_metrics.append(jax.device_get(metrics))
+        if self.use_ref and on_policy:  # KL(old || ref) per token = the update's KL over the whole batch
+            kl_sum = float(np.mean([np.asarray(m["kl_sum"]) for m in all_metrics])) * t.grad_accum_steps
+            kl_measured = kl_sum / max(float(resp_mask.sum()), 1.0)
         keys = ("loss", "grad_norm", "pg_loss", "kl", "kl_loss", "entropy", "clipfrac", "approx_kl",
                 "ratio_mean", "advantage_std")
         mean = {k: float(np.mean([np.asarray(m[k]) for m in all_metrics])) for k in keys if k in all_metrics[0]}
