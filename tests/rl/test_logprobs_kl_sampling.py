@@ -96,6 +96,36 @@ def test_memory_stays_chunked_in_forward_and_gradient():
     assert temp_bytes(grad(chunked)) < full_bytes / 4
 
 
+def _primitive_counts(jaxpr, counts=None):
+    """Primitive name -> count over a closed jaxpr and every jaxpr nested in it (loops, remat)."""
+    import collections
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] += 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            _primitive_counts(sub, counts)
+    return counts
+
+
+def test_one_chunk_gradient_reuses_the_logits_and_scatters_nothing():
+    """All positions in one chunk: value and gradient take three vocabulary projections (logits,
+    d hidden, d lm_head) with no rematerialised fourth, and the target logit's gradient is a select,
+    not a scatter-add into a zeroed [B, L, V] buffer. Several chunks keep the remat (four dots)."""
+    B, L, D, V = 2, 24, 16, 512
+    h = jnp.zeros((B, L, D), jnp.float32)
+    w = jnp.zeros((V, D), jnp.float32)
+    t = jnp.zeros((B, L), jnp.int32)
+
+    def counts(chunk):
+        f = lambda h, w: jnp.sum(token_logprobs(h, w, t, chunk_size=chunk)[0])
+        return _primitive_counts(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(h, w).jaxpr)
+
+    one = counts(L)
+    assert one["dot_general"] == 3, one
+    assert not any("scatter" in name for name in one), one
+    assert counts(8)["dot_general"] == 4
+
+
 def test_data_parallel_sharding_is_kept():
     """B sharded over 8 devices: same numbers, the output stays sharded over B, and the hidden
     states are never all-gathered (only the lm_head gradient is reduced)."""
