@@ -83,6 +83,17 @@ def test_greedy_matches_hf_generate(tiny):
     assert ours.lengths.min() >= 32   # the comparison covers 32+ tokens per row
 
 
+def test_remat_model_generates_the_same(tiny):
+    """The 3B presets train with remat_policy="full"; the sampler runs the same model (no backward, so no
+    remat inside the decode loop) and must give the same tokens."""
+    model = q.from_pretrained(tiny.ref.hf_dir, remat_policy="full")
+    graphdef, state = nnx.split(model)
+    kw = dict(max_new_tokens=12, sampling=rollout.SamplingConfig(temperature=0), stop_ids=(), pad_id=TINY_PAD)
+    ours = rollout.generate(graphdef, state, tiny.prompts, **kw)
+    ref = _generate(tiny, **kw)
+    np.testing.assert_array_equal(ours.tokens, ref.tokens)
+
+
 @pytest.mark.slow
 def test_greedy_matches_hf_generate_3b_shaped(qwen3b_shaped_hf):
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -174,7 +174,10 @@ class TextModel(nnx.Module):
             segments = jax.lax.dynamic_update_slice(cache.segments, segment_ids, (0, cache.index))
             q_slots = cache.index + jnp.arange(T)[None]
             mask = nn.attention_mask(segment_ids, segments, causal=True, q_slots=q_slots)
-        step = nn.maybe_remat(lambda layer, *args: layer(*args), self.config.remat_policy)
+        # Remat only pays in a backward pass; with a KV cache (prefill / decode inside the sampler's
+        # while_loop) there is none, and nnx.remat inside that loop cannot trace the layer's params.
+        policy = self.config.remat_policy if cache is None else "none"
+        step = nn.maybe_remat(lambda layer, *args: layer(*args), policy)
         x = inputs_embeds
         new_k, new_v = [], []
         top = len(self.layers) - 1
