@@ -316,3 +316,42 @@ def test_prompt_batch_buckets_and_repads(tiny):
     np.testing.assert_array_equal(p["rope_deltas"], hf_deltas)
     with pytest.raises(ValueError, match="no tokens"):
         rollout.prompt_batch(tiny.model.config, np.zeros((1, 4)), np.zeros((1, 4)), pad_id=0)
+
+
+# ---------------------------------------------------------------------- decode layout / prefill
+
+def test_prefill_last_only_matches_hf(tiny):
+    """`rollout.prefill` (top layer for the last token only; head from the model or from its decode
+    view) gives HF's logits of the last prompt token, and a cache that continues like a full forward
+    (checked by the cache tests above)."""
+    p = {k: jax.numpy.asarray(v) for k, v in tiny.prompts.items()}
+    L = p["input_ids"].shape[1]
+    graphdef = tiny.graphdef
+
+    @jax.jit
+    def run(state, prompts):
+        model = nnx.merge(graphdef, state)
+        cache, plain = rollout.prefill(model, prompts, L + 4)
+        _, viewed = rollout.prefill(model, prompts, L + 4, head=model.decode_view())
+        return cache, plain, viewed
+
+    cache, plain, viewed = run(tiny.state, p)
+    ref = tiny.ref.logits["left"][:, -1]
+    for got in (plain, viewed):
+        rel = np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+        assert rel < 1e-5, rel
+    assert int(cache.index) == L and (np.asarray(cache.segments)[:, :L] == tiny.prompts["attention_mask"]).all()
+
+
+def test_weight_major_decode_equals_standard(tiny):
+    """The CPU decode view (transposed kernels, vocab-major head; tied and untied heads) gives the
+    standard layout's tokens and logits at every step (up to float32 summation order)."""
+    kw = dict(max_new_tokens=8, num_samples=2, sampling=rollout.SamplingConfig(temperature=0.9), rng=2,
+              return_logits=True)
+    fast = _generate(tiny, weight_major=True, **kw)
+    plain = _generate(tiny, weight_major=False, **kw)
+    np.testing.assert_array_equal(fast.tokens, plain.tokens)
+    m = plain.mask.astype(bool)
+    rel = np.abs(fast.logits[m] - plain.logits[m]).max() / np.abs(plain.logits[m]).max()
+    assert rel < 1e-5, rel
+    np.testing.assert_allclose(fast.raw_logprobs, plain.raw_logprobs, atol=1e-4)

@@ -179,8 +179,8 @@ def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_s
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     ones = jnp.ones((R, 1), jnp.int32)
 
-    def cond(c):
-        t, done = c[0], c[6]
+    def more(t, done):
+        """Is token t still to be drawn?"""
         return (t < limit) & ~jnp.all(done)
 
     def body(c):
@@ -197,17 +197,22 @@ def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_s
         raw = write(raw, jnp.where(active, tok_raw, 0.0))
         lengths = lengths + active.astype(jnp.int32)
         done = done | (active & jnp.isin(tok, stops))
-        pos = jnp.broadcast_to((start + t)[None, :, None], (3, R, 1))
-        hidden, cache = step_model.forward(tok[:, None], pos, ones, cache=cache, return_hidden=True)
-        logits = shd.constrain(step_model.logits(hidden[:, 0]), ("batch", "vocab"))
-        return (t + 1, _constrain_cache(cache), logits, tokens, lp, raw, done, lengths, *seen)
+
+        def step(cache):
+            pos = jnp.broadcast_to((start + t)[None, :, None], (3, R, 1))
+            hidden, cache = step_model.forward(tok[:, None], pos, ones, cache=cache, return_hidden=True)
+            return _constrain_cache(cache), shd.constrain(step_model.logits(hidden[:, 0]), ("batch", "vocab"))
+
+        # The model runs on the new token only if another token will be drawn (the last step is free).
+        cache, logits = jax.lax.cond(more(t + 1, done), step, lambda c: (c, logits), cache)
+        return (t + 1, cache, logits, tokens, lp, raw, done, lengths, *seen)
 
     init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((R, new_tokens), pad_id, jnp.int32),
             jnp.zeros((R, new_tokens), jnp.float32), jnp.zeros((R, new_tokens), jnp.float32),
             jnp.zeros((R,), bool), jnp.zeros((R,), jnp.int32))
     if return_logits:
         init += (jnp.zeros((R, new_tokens, logits.shape[-1]), jnp.float32),)
-    _, _, _, tokens, lp, raw, done, lengths, *seen = jax.lax.while_loop(cond, body, init)
+    _, _, _, tokens, lp, raw, done, lengths, *seen = jax.lax.while_loop(lambda c: more(c[0], c[6]), body, init)
     return (tokens, lp, raw, lengths, done, *seen)
 
 
