@@ -365,6 +365,11 @@ def run_pair(quick: bool = False, repeats: int | None = None, batch: int | None 
             "xla_cost_analysis_gflop": round(xla_flops / 1e9, 1),
             "xla_temp_bytes": temp_bytes,
             "theirs_model_gflop_s": round(flops["total"] / med["theirs"] / 1e9, 1),
+            # The machine is shared: load moves between repeats, the pairs (ours, theirs) run back to back.
+            "paired_ratios": [round(a / b, 3) for a, b in zip(times["ours"], times["theirs"])],
+            "median_paired_ratio": round(statistics.median(a / b for a, b in zip(times["ours"], times["theirs"])), 3),
+            "min_s": {k: round(min(v), 3) for k, v in times.items()},
+            "mfu_at_min": round(flops["total"] / min(times["ours"]) / 1e9 / peak_gflops, 3),
             "times_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "warmup_s": {"ours_compile_and_first_step": round(warm_ours, 2),
                          "theirs_first_step": round(warm_theirs, 2)},
