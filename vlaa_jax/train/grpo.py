@@ -443,14 +443,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, reward_fn: RewardF
     return GRPOTrainer(config, workdir, reward_fn=reward_fn).train()
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """mode=eval: greedy reward per verifier type of the model on `grpo.eval_prompts` prompts."""
-    trainer = GRPOTrainer(config, workdir)
-    result = trainer.evaluate_prompts()
-    trainer.run.print_summary([f"{k:<12}{v:.3f}" for k, v in result.items()])
-    return result
-
-
 def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """mode=generate: `grpo.num_samples` sampled responses for `grpo.rollout_batch_prompts` prompts."""
     trainer = GRPOTrainer(config, workdir)
