@@ -3,9 +3,10 @@
 One trainer step = one rollout batch, in this order:
   prompts (loader) -> rollout: `num_samples` responses per prompt (generate.py) -> mixed rewards on
   the host (vlaa_jax.rewards) -> group advantages (vlaa_jax.rl.grpo) -> old-policy log-probs
-  (recomputed with the training forward) and reference log-probs (frozen initial policy; skipped when
-  beta = 0; skipped on-policy, when a rollout batch gets exactly one update) -> `update_epochs` passes of shuffled minibatches of `train.batch_size` samples, each one
-  jitted sharded update with gradient accumulation and the global loss normaliser -> KL controller
+  (recomputed with the training forward; on-policy, when a rollout batch gets exactly one update, the
+  update's own log-probs held constant instead) and reference log-probs (frozen initial policy;
+  skipped when beta = 0) -> `update_epochs` passes of shuffled minibatches of `train.batch_size`
+  samples, each one jitted sharded update with gradient accumulation and the global loss normaliser -> KL controller
   update -> metrics, rollout samples, checkpoint.
 `GRPOTrainer.evaluate_prompts` (the run's before/after table) scores greedy answers per verifier type
 (benchmarks: mode=eval, vlaa_jax.eval); rollouts' behaviour metrics (vlaa_jax.eval.behaviour) are logged;
