@@ -40,9 +40,8 @@ bfloat16, parameters (and AdamW moments) float32, remat "full".
    casts weights to it anyway, so its log-probs are the same) and each update is one minibatch of
    `--grpo_minibatch` rows without gradient accumulation (the preset: 256 rows in 16 micro-batches).
 
-The sampler runs the model's graph with remat "none" (`decode_graphdef`): with the presets' remat
-"full", `rollout.generate` currently fails (flax TraceContextError from nnx.remat inside the decode
-loop); decoding has no backward pass, so the weights and the math are the same.
+The sampler runs the model's graph with remat "none" and its own attention back end (`decode_graphdef`,
+`--decode_attention`); decoding has no backward pass, so the weights and the math are the same.
 Rollout weights (`--rollout_weights`): "train" passes the training parameters as they are (float32),
 as `GRPOTrainer.rollout` does today; "compute" decodes from a copy cast to the compute dtype (cast
 once per iteration, timed), what serving engines do; the decode bound uses the dtype actually read.
@@ -201,9 +200,8 @@ def hand_on(ctx: dict, graphdef, params, rest) -> None:
 @functools.lru_cache(maxsize=4)
 def decode_graphdef(mcfg, attention_impl: str | None = None):
     """Graph definition the sampler runs: the same model with remat_policy "none" (decoding has no
-    backward pass) and `attention_impl` (default: the model's). Workaround: with remat "full" (the 3B
-    presets) `rollout.generate` raises flax TraceContextError ("Cannot mutate Param from a different
-    trace level": nnx.remat inside the decode while_loop); the weights and the math are the same."""
+    backward pass; the text model skips remat with a KV cache anyway) and `attention_impl` (default: the
+    model's), so decode can use another attention back end than training."""
     from vlaa_jax.models.qwen2_5_vl import abstract_model
     return abstract_model(mcfg.replace(remat_policy="none", attention_impl=attention_impl or mcfg.attention_impl))[0]
 
