@@ -88,3 +88,4 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["num_items"] == 6
     assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
     assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too
+    assert all(v == v for row in rows for v in row.values() if isinstance(v, float))  # no NaN logged

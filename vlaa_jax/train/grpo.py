@@ -262,7 +262,7 @@ class GRPOTrainer:
             "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
             "time/rollout_s": t_rollout, "time/reward_s": t_reward,
             "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
-            **behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0),
+            **_defined(behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0)),
             **{k: float(v) for k, v in metrics.items()}}
         return row, {"src": src, "texts": texts, "rewards": rewards}
 
@@ -383,6 +383,12 @@ class GRPOTrainer:
             with open(path, "w") as f:
                 json.dump(before, f)
         return before
+
+
+def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Drops NaN metrics (undefined this step, e.g. the accuracy of reflective responses when there are
+    none): TensorBoard would warn on every step and the plots would show gaps anyway."""
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
 
 def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
