@@ -33,7 +33,9 @@ def run(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        # Tool modes (eval, generate) may share a training run's workdir: they keep its config.json.
+        name = "config.json" if config.mode in ("sft", "grpo") else f"config_{config.mode}.json"
+        with open(os.path.join(workdir, name), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if config.mode == "sft":
         from vlaa_jax.train import sft

@@ -81,6 +81,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
                  f"--config.model.path={tmp_path / 'model'}", "--config.eval.limit=6",
                  "--config.eval.max_new_tokens=16", "--config.eval.batch_size=4", cache_dir=jax_cache_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+    assert os.path.isfile(tmp_path / "eval" / "config_eval.json")
     assert result["overall"]["n"] == 6
     preds = [json.loads(l) for l in open(os.path.join(result["output_dir"], "predictions.jsonl"))]
     assert len(preds) == 6 and all(p["response"] is not None for p in preds)
