@@ -37,12 +37,13 @@ def test_panels_from_real_grpo_run(grpo_demo_run, tmp_path):
     assert out["grid"] == [rows_of_panels, 3]
     with Image.open(png) as im:  # 4.2 x 3.0 inches per panel at 100 dpi
         assert im.size == (1260, 300 * rows_of_panels)
-    # both runs drawn where both logged the metric; the short run has no samples.jsonl (reflection)
+    # both runs drawn where both logged the metric (the trainer logs the rollouts' reflection rate)
     first = rows[0]
+    assert "behaviour/reflection_rate" in first
     for title in expected:
-        key = {"reward (all)": "reward", "response length (tokens)": "response_length", "KL": "kl"}.get(
-            title, "reward/" + title.split(": ", 1)[-1])
-        want = 1 if title == "reflection-word rate" else 1 + (key in first)
+        key = {"reward (all)": "reward", "response length (tokens)": "response_length", "KL": "kl",
+               "reflection-word rate": "behaviour/reflection_rate"}.get(title, "reward/" + title.split(": ", 1)[-1])
+        want = 1 + (key in first)
         assert out["lines"][title] == want, title
 
 
@@ -60,3 +61,16 @@ def test_logged_reflection_rate_wins_and_bad_workdir(tmp_path):
     assert out["panels"] == ["reward (all)", "response length (tokens)", "reflection-word rate"]
     with pytest.raises(FileNotFoundError, match="nowhere/metrics.jsonl"):
         plot_run.read_metrics(str(tmp_path / "nowhere"))
+
+
+def test_reflection_rate_from_samples_when_not_logged(tmp_path):
+    """Runs from before the trainer logged behaviour metrics: the rate comes from samples.jsonl."""
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s}) + "\n" for s in (1, 2)))
+    samples = [(1, "Wait, let me check. <answer>3</answer>"), (1, "<answer>4</answer>"),
+               (2, "Hmm. <answer>5</answer>"), (2, "Alternatively <answer>6</answer>")]
+    (run / "samples.jsonl").write_text("".join(json.dumps({"step": s, "response": r}) + "\n" for s, r in samples))
+    assert plot_run.reflection_from_samples(str(run)) == [(1, 0.5), (2, 1.0)]
+    out = plot_run.plot([str(run)], str(tmp_path / "p.png"))
+    assert out["panels"] == ["reward (all)", "reflection-word rate"] and out["lines"]["reflection-word rate"] == 1
