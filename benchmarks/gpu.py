@@ -382,9 +382,7 @@ def measure_sft(ctx: dict) -> dict[str, Any]:
     tx, _ = common.make_optimizer(sft_cfg, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     chunk = sft_cfg.sft.logits_chunk
-    train_step = step_lib.make_train_step(
-        graphdef, lambda model, batch: sft.sft_loss(model, batch, chunk_size=chunk), tx, params, rest, mesh, rules,
-        trainable=common.trainable_mask(sft_cfg, params))
+    train_step = sft.make_sft_step(sft_cfg, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
     host, response_tokens = sft_host_batch(mcfg, shapes, np.random.default_rng(0))
     B, L = host["input_ids"].shape
     batch = common.put_batch(host, mesh, rules, batch_size=B)
@@ -510,10 +508,7 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
     graphdef, params, rest = take_model(ctx)
     tx, _ = common.make_optimizer(cfg, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
-    train_step = step_lib.make_train_step(
-        graphdef, lambda model, batch: grpo_train.grpo_loss_fn(
-            model, batch, cfg=loss_cfg, chunk_size=g.logprob_chunk, temperature=g.temperature),
-        tx, params, rest, mesh, rules, trainable=common.trainable_mask(cfg, params))
+    train_step = grpo_train.make_grpo_step(cfg, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
     use_ref = ctx["grpo_ref"] != "none" and g.init_kl_coef > 0
     ref_params = None
     if use_ref:

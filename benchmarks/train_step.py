@@ -210,9 +210,7 @@ def build_ours(hf_dir: str, host: dict, batch: int) -> dict:
     tx, _ = common.make_optimizer(config, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     chunk = config.sft.logits_chunk
-    train_step = step_lib.make_train_step(
-        graphdef, lambda m, b: sft.sft_loss(m, b, chunk_size=chunk), tx, params, rest, mesh, rules,
-        trainable=common.trainable_mask(config, params))
+    train_step = sft.make_sft_step(config, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
     raw = {k: host[k] for k in ("input_ids", "attention_mask", "loss_mask", "position_ids", "pixel_values",
                                 "image_grid_thw")}
     raw.update(common.vision_fields(host["image_grid_thw"], mcfg, host["pixel_values"].shape[0]))
@@ -254,7 +252,6 @@ def run_pair(quick: bool = False, repeats: int | None = None, batch: int | None 
     import gc
 
     import jax
-    import numpy as np
     import torch
     import transformers
 

@@ -215,11 +215,7 @@ class GRPOTrainer:
         self.micro = t.batch_size // t.grad_accum_steps
         # A single optimiser update per rollout batch sees the sampling parameters: on-policy.
         self.on_policy = self.updates_per_step == 1
-        self.train_step = step_lib.make_train_step(
-            run.graphdef, lambda model, batch: grpo_loss_fn(
-                model, batch, cfg=self.loss_cfg, chunk_size=g.logprob_chunk, temperature=g.temperature),
-            run.tx, run.params, run.rest, run.mesh, run.rules, micro_batches=t.grad_accum_steps,
-            trainable=common.trainable_mask(config, run.params))
+        self.train_step = make_grpo_step(config, run.graphdef, run.tx, run.params, run.rest, run.mesh, run.rules)
         start = run.restore(self.loader)
         self.kl_ctl = make_kl_controller(g.kl_controller, run.kl_coef, g.kl_target, g.kl_horizon)
         return start
@@ -383,6 +379,20 @@ class GRPOTrainer:
             with open(path, "w") as f:
                 json.dump(before, f)
         return before
+
+
+def make_grpo_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, params: Any, rest: Any, mesh: Any,
+                   rules: Any, *, micro_batches: int | None = None) -> step_lib.TrainStep:
+    """The GRPO trainer's jitted update (`grpo_loss_fn` with the config's loss, chunk and temperature;
+    frozen parts from the config); benchmarks build this one too. micro_batches: default
+    train.grad_accum_steps."""
+    g = config.grpo
+    loss_cfg = grpo_lib.GRPOConfig.from_config(g.loss)
+    return step_lib.make_train_step(
+        graphdef, lambda model, batch: grpo_loss_fn(
+            model, batch, cfg=loss_cfg, chunk_size=g.logprob_chunk, temperature=g.temperature),
+        tx, params, rest, mesh, rules, micro_batches=micro_batches or config.train.grad_accum_steps,
+        trainable=common.trainable_mask(config, params))
 
 
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -11,8 +11,6 @@ tokens of the whole batch) / M, and the step averages micro-batch losses, so the
 """
 from __future__ import annotations
 
-import math
-import os
 import time
 from typing import Any, Mapping
 
@@ -33,6 +31,17 @@ def sft_loss(model: Any, batch: Mapping[str, jax.Array], *, chunk_size: int
     valid = batch["target_valid"].astype(jnp.float32)
     nll_sum = -jnp.sum(logp * valid)
     return nll_sum / batch["loss_normalizer"], {"tokens": jnp.sum(valid), "nll_sum": nll_sum}
+
+
+def make_sft_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, params: Any, rest: Any, mesh: Any,
+                  rules: Any, *, micro_batches: int | None = None) -> step_lib.TrainStep:
+    """The SFT trainer's jitted step (`sft_loss`, frozen parts from the config); benchmarks build this one
+    too, so they time exactly what the trainer runs. micro_batches: default train.grad_accum_steps."""
+    chunk = config.sft.logits_chunk
+    return step_lib.make_train_step(
+        graphdef, lambda model, batch: sft_loss(model, batch, chunk_size=chunk), tx, params, rest, mesh, rules,
+        micro_batches=micro_batches or config.train.grad_accum_steps,
+        trainable=common.trainable_mask(config, params))
 
 
 def host_batch(batches: list[dict], mcfg) -> tuple[dict[str, np.ndarray], int]:
@@ -68,10 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool | Non
     steps = total_steps(config, loader.num_records)
     run.init_training(total_updates=steps)
     chunk = config.sft.logits_chunk
-    train_step = step_lib.make_train_step(
-        run.graphdef, lambda model, batch: sft_loss(model, batch, chunk_size=chunk), run.tx,
-        run.params, run.rest, run.mesh, run.rules, micro_batches=t.grad_accum_steps,
-        trainable=common.trainable_mask(config, run.params))
+    train_step = make_sft_step(config, run.graphdef, run.tx, run.params, run.rest, run.mesh, run.rules)
     eval_fn = jax.jit(lambda params, rest, batch: sft_loss(
         run.model(params, rest), batch, chunk_size=chunk)[1])
 
