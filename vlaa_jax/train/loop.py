@@ -137,7 +137,7 @@ class Run:
     def check_finite(self, step: int, metrics: dict[str, Any], keys: Sequence[str] = ("loss", "grad_norm")
                      ) -> bool:
         """True when the step's loss and gradient norm are finite. Otherwise the update was not
-        applied (optax.apply_if_finite inside the step) and, per train.nonfinite_policy, the step is
+        applied (optim.skip_nonfinite inside the step) and, per train.nonfinite_policy, the step is
         counted as skipped or the run stops (no checkpoint is written for it)."""
         bad = [k for k in keys if k in metrics and not np.isfinite(np.asarray(metrics[k])).all()]
         if not bad:
