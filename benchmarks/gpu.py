@@ -263,7 +263,7 @@ def sft_host_batch(mcfg, shapes: Shapes, rng) -> tuple[dict, int]:
     pv = np.pad(pv, [(0, P - len(pv)), (0, 0)])
     batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, loss_mask=loss_mask, pixel_values=pv,
                  image_grid_thw=grid, **common.vision_fields(grid, mcfg, P))
-    return sft.host_batch([batch], mcfg)
+    return sft.host_batch([batch], mcfg, groups=1)   # one device: the trainer's data-parallel size
 
 
 def synthetic_prompts(mcfg, rng, num: int, grid_hw: tuple[int, int], text_tokens: int):
@@ -544,7 +544,8 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
         tokens, resp_mask = gen.tokens, gen.mask
         def build(idx):   # one pixel bucket per row count, as the trainer (a fixed micro-batch size)
             p = common.bucket(prompts.max_patches() * len(idx), 64)
-            b = prompts.rows(src[idx], mcfg, num_patches=p, responses=tokens[idx], response_mask=resp_mask[idx])
+            b = prompts.rows(src[idx], mcfg, num_patches=p, responses=tokens[idx], response_mask=resp_mask[idx],
+                             full_rows=grpo_train.update_full_rows(prompts.max_patches(), len(idx), p))
             b.pop("rope_deltas")
             return dict(b, response_mask=resp_mask[idx])
 

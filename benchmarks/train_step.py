@@ -214,10 +214,10 @@ def build_ours(hf_dir: str, host: dict, batch: int) -> dict:
     raw = {k: host[k] for k in ("input_ids", "attention_mask", "loss_mask", "position_ids", "pixel_values",
                                 "image_grid_thw")}
     raw.update(common.vision_fields(host["image_grid_thw"], mcfg, host["pixel_values"].shape[0]))
-    hb, tokens = sft.host_batch([raw], mcfg)
+    hb, tokens = sft.host_batch([raw], mcfg, groups=shd.data_parallel_size(mesh, rules))
     device_batch = common.put_batch(hb, mesh, rules, batch_size=batch)
     return dict(step=train_step, params=params, opt_state=opt_state, rest=rest, batch=device_batch,
-                tokens=tokens, chunk=chunk, target_k=int(hb["target_pos"].shape[1]))
+                tokens=tokens, chunk=chunk, target_k=int(hb["target_pos"].size))
 
 
 def build_theirs(hf_dir: str, host: dict) -> dict:
@@ -378,7 +378,7 @@ def run_pair(quick: bool = False, repeats: int | None = None, batch: int | None 
             "same_loss": bool(rel0 < 1e-4),
             "shapes": {"batch": batch, "padded_length": int(host["input_ids"].shape[1]),
                        "tokens": flops["tokens"], "response_targets": flops["response_targets"],
-                       "target_positions_padded": ours["target_k"] * batch,
+                       "target_positions_padded": ours["target_k"],
                        "patches": flops["patches"], "image_hw": list(IMAGE_HW),
                        "merged_image_tokens_per_row": flops["patches"] // batch // 4,
                        "logits_chunk": ours["chunk"]},

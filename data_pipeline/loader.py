@@ -331,7 +331,7 @@ class BatchBuilder:
             from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
 
             lay = vision_layout(grids, window_size=self.cfg.vision_window_size, num_patches_padded=P)
-            out.update({f"vision_{k}": np.asarray(v, np.int32) for k, v in lay._asdict().items()})
+            out.update({f"vision_{k}": np.asarray(v, np.int32) for k, v in lay._asdict().items() if v is not None})
 
     def build(self, examples: Sequence[dict]) -> dict:
         """Unpacked batch of up to batch_size examples (fewer only for a final partial batch)."""

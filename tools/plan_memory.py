@@ -142,6 +142,14 @@ def tree_bytes(tree: Any, mesh, rules) -> tuple[int, int, int]:
   return count, total, per_device
 
 
+def _vision_rows(config, rows: int, images: int, patches: int) -> tuple[int, int] | None:
+  """(R, Lr) of the per-image full-attention rows of a micro-batch (None: dense over all patches)."""
+  from vlaa_jax.models.qwen2_5_vl import layout
+  unit = config.vision.spatial_merge_size ** 2
+  per_image = max(unit, patches // unit * unit)
+  return layout.full_attention_rows([per_image] * rows * images, rows * images * per_image) if images else None
+
+
 def micro_batch_spec(config, rows: int, seq_len: int, images: int, patches: int) -> dict:
   """Abstract host batch (`jax.ShapeDtypeStruct`s) of one micro-batch, as the model's forward takes."""
   unit = config.vision.spatial_merge_size ** 2
@@ -154,6 +162,9 @@ def micro_batch_spec(config, rows: int, seq_len: int, images: int, patches: int)
           "window_index": ((p // unit,), i32), "reverse_index": ((p // unit,), i32),
           "window_segments": ((p,), i32), "full_segments": ((p,), i32),
           "rotary_hw": ((p, 2), i32), "num_patches": ((), i32)}
+  rows_shape = _vision_rows(config, rows, images, patches)
+  if rows_shape:   # per-image full attention, as the SFT trainer lays it out (common.pad_to)
+    spec.update(full_index=(rows_shape, i32), full_slot=((p,), i32))
   if images == 0:
     spec = {k: v for k, v in spec.items() if k not in LAYOUT_KEYS and k != "pixel_values"}
   return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
@@ -164,7 +175,7 @@ def next_token_loss(model, batch):
   from vlaa_jax.models.qwen2_5_vl import layout
   vision = None
   if "pixel_values" in batch:
-    vision = layout.VisionLayout(*(batch[k] for k in LAYOUT_KEYS))
+    vision = layout.layout_from_fields(batch, prefix="")
   logits, _ = model.forward(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
                             pixel_values=batch.get("pixel_values"), vision=vision)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
@@ -198,8 +209,8 @@ def attention_scores_bytes(config, mesh, rules, rows: int, seq_len: int, images:
                            patches: int) -> int:
   """Per-device float32 attention scores of the largest single attention (a temporary that the
   residual count misses): text [rows, heads, L, L] split over data-parallel and `heads` devices;
-  vision [1, heads, P, P] over ALL patches of the micro-batch (one dense masked attention), split
-  over `heads` only."""
+  vision per image, [R, heads, Lr, Lr] (`layout.full_attention_rows`), or [1, heads, P, P] over all
+  patches of the micro-batch where that is no dearer, split over `heads` only."""
   t, v = config.text, config.vision
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   table = dict(rules)
@@ -211,7 +222,8 @@ def attention_scores_bytes(config, mesh, rules, rows: int, seq_len: int, images:
   text = 4 * rows * t.num_attention_heads * seq_len * seq_len // (dp * tp_t)
   unit = v.spatial_merge_size ** 2
   p = rows * images * max(unit, patches // unit * unit)
-  vision = 4 * v.num_heads * p * p // tp_v
+  r_lr = _vision_rows(config, rows, images, patches)
+  vision = 4 * v.num_heads * (r_lr[0] * r_lr[1] ** 2 if r_lr else p * p) // tp_v
   return max(text, vision)
 
 

@@ -341,6 +341,9 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "segment_ids": ("batch", "length"),
     "loss_mask": ("batch", "length"),
     "labels": ("batch", "length"),
+    # SFT target positions [groups, K]: one group of rows per data-parallel shard (or one per row)
+    "target_pos": ("batch", None),
+    "target_valid": ("batch", None),
     "position_ids": (None, "batch", "length"),
     "pixel_values": (None, None),
     "image_grid_thw": (None, None),
@@ -351,6 +354,8 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "full_segments": (None,),
     "rotary_hw": (None, None),
     "num_patches": (),
+    "full_index": (None, None),
+    "full_slot": (None,),
 }
 
 

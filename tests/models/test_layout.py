@@ -79,7 +79,7 @@ def test_vision_layout_matches_hf(grids, window_size):
         lay = layout.vision_layout(np.array(grids), window_size=window_size, num_patches_padded=padded)
         P = S if padded is None else padded
         assert int(lay.num_patches) == S
-        assert all(a.dtype == np.int32 for a in lay)
+        assert all(a.dtype == np.int32 for a in lay if a is not None)
         np.testing.assert_array_equal(lay.window_index[:S // 4], hf_index.numpy())
         np.testing.assert_array_equal(lay.window_index[S // 4:], np.arange(S // 4, P // 4))
         np.testing.assert_array_equal(lay.window_index[lay.reverse_index], np.arange(P // 4))
@@ -93,6 +93,42 @@ def test_vision_layout_matches_hf(grids, window_size):
         hw_window = hf_hw.reshape(-1, 4, 2)[hf_index.numpy()].reshape(-1, 2)
         np.testing.assert_array_equal(lay.rotary_hw[:S], hw_window)
     assert layout.image_token_count(np.array(grids + [[0, 0, 0]])) == S // 4
+
+
+@pytest.mark.parametrize("grids", GRIDS + [[[1, 32, 32]] * 2, [[1, 16, 22], [1, 4, 6], [1, 10, 30]] * 4])
+def test_full_attention_rows(grids):
+    """Per-image rows: every real patch sits in exactly one slot, each frame whole in one row, and the
+    slot map inverts the gather."""
+    S = int(np.prod(grids, axis=1).sum())
+    P = S + 64
+    auto = layout.vision_layout(np.array(grids), num_patches_padded=P, full_rows=True)
+    frames = np.bincount(auto.full_segments)[1:]
+    choice = layout.full_attention_rows(frames, P)
+    if choice is None:   # dense is no dearer: no rows
+        assert auto.full_index is None and auto.full_slot is None
+        choice = (len(frames), max(64, 1 << (int(frames.max()) - 1).bit_length()))
+    lay = layout.vision_layout(np.array(grids), num_patches_padded=P, full_rows=choice)
+    R, Lr = choice
+    assert lay.full_index.shape == (R, Lr) and lay.full_slot.shape == (P,)
+    flat = lay.full_index.ravel()
+    real = np.flatnonzero(lay.full_segments > 0)
+    np.testing.assert_array_equal(np.sort(flat[flat < P]), real)           # each real patch once
+    np.testing.assert_array_equal(flat[lay.full_slot[real]], real)           # slot inverts the gather
+    seg = np.concatenate([lay.full_segments, [0]])[lay.full_index]
+    for f in range(1, len(frames) + 1):                                      # frames whole in one row
+        assert len(np.unique(np.flatnonzero(seg == f) // Lr)) == 1
+
+
+def test_full_attention_rows_choice():
+    # eight images of 352, 24 and 300 patches (the generation benchmark): 8 rows of 512 beat 2752^2
+    frames = [352, 24, 300] * 4
+    assert layout.full_attention_rows(frames, 2752) == (8, 512)
+    assert layout.full_attention_rows([1024, 1024], 2048) == (2, 1024)
+    assert layout.full_attention_rows([600], 640) is None                   # one image: dense is as cheap
+    with pytest.raises(ValueError, match="does not fit rows of 256"):
+        layout.vision_layout(np.array([[1, 16, 22]]), full_rows=(1, 256))
+    with pytest.raises(ValueError, match="need 2 rows of 512"):
+        layout.vision_layout(np.array([[1, 16, 22], [1, 10, 30]]), full_rows=(1, 512))
 
 
 def test_vision_layout_errors():

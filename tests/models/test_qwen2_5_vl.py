@@ -26,12 +26,12 @@ def tiny(tiny_hf):
     return q.from_pretrained(tiny_hf.hf_dir)
 
 
-def _layout_arrays(model, batch, pad_patches=0):
+def _layout_arrays(model, batch, pad_patches=0, full_rows=False):
     c = model.config
     lay = layout.vision_layout(batch.image_grid_thw, num_patches_padded=batch.pixel_values.shape[0] + pad_patches,
-                               window_size=c.vision.window_size)
+                               window_size=c.vision.window_size, full_rows=full_rows)
     pv = np.concatenate([batch.pixel_values, np.full((pad_patches, batch.pixel_values.shape[1]), 3.0, np.float32)])
-    return jnp.asarray(pv), q.VisionLayout(*map(jnp.asarray, lay))
+    return jnp.asarray(pv), lay.map(jnp.asarray)
 
 
 def _rel_diff(ours, ref, mask):
@@ -45,10 +45,14 @@ def _encode_images(model, pixel_values, vision):
 
 
 @untied_only
-def test_vision_tower_matches_hf(tiny, tiny_hf):
+# Full-attention blocks dense over all patches, or per image in rows (two rows hold the three images of
+# 352, 24 and 300 patches; four leave empty rows).
+@pytest.mark.parametrize("full_rows", [False, (2, 512), (4, 512)], ids=["dense", "rows", "rows_empty"])
+def test_vision_tower_matches_hf(tiny, tiny_hf, full_rows):
     b = tiny_hf.batches["left"]
     for pad in (0, 40):          # a bucket with padding patches must not change the real tokens
-        pv, vis = _layout_arrays(tiny, b, pad)
+        pv, vis = _layout_arrays(tiny, b, pad, full_rows)
+        assert (vis.full_index is None) == (not full_rows)
         feats = np.asarray(_encode_images(tiny, pv, vis))
         n = tiny_hf.vision.shape[0]
         assert feats.shape == (n + pad // 4, tiny.config.text.hidden_size)

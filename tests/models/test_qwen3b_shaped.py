@@ -38,7 +38,7 @@ def test_3b_shaped_vision_and_logits_match_hf(big, qwen3b_shaped_hf):
     b = qwen3b_shaped_hf.batches["left"]
     lay = layout.vision_layout(b.image_grid_thw, num_patches_padded=b.pixel_values.shape[0] + 16)
     pv = np.concatenate([b.pixel_values, np.zeros((16, b.pixel_values.shape[1]), np.float32)])
-    vis = q.VisionLayout(*map(jnp.asarray, lay))
+    vis = lay.map(jnp.asarray)
     pos, _ = layout.mrope_positions(b.input_ids, b.image_grid_thw, b.attention_mask)
 
     @nnx.jit

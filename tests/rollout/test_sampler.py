@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -355,3 +356,21 @@ def test_weight_major_decode_equals_standard(tiny):
     rel = np.abs(fast.logits[m] - plain.logits[m]).max() / np.abs(plain.logits[m]).max()
     assert rel < 1e-5, rel
     np.testing.assert_allclose(fast.raw_logprobs, plain.raw_logprobs, atol=1e-4)
+
+
+def test_decode_weights_kept_while_the_weights_stay(tiny):
+    """The decode-layout copy is made once per set of weights: the same state reuses it (and gives the same
+    tokens as a fresh copy); new arrays (a trainer's update) get a new copy, and the old one is dropped."""
+    rollout.release_decode_weights()
+    first = rollout.decode_weights(tiny.graphdef, tiny.state)
+    assert rollout.decode_weights(tiny.graphdef, tiny.state) is first
+    kw = dict(max_new_tokens=6, sampling=rollout.SamplingConfig(temperature=0), weight_major=True)
+    reused = _generate(tiny, **kw)
+    assert rollout.decode_weights(tiny.graphdef, tiny.state) is first          # generate used the kept copy
+    new_state = jax.tree.map(lambda x: x * 1.0 if jnp.issubdtype(x.dtype, jnp.floating) else x + 0, tiny.state)
+    second = rollout.decode_weights(tiny.graphdef, new_state)
+    assert second is not first
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(second)[0]), np.asarray(jax.tree.leaves(first)[0]))
+    rollout.release_decode_weights()
+    fresh = _generate(tiny, **kw)
+    np.testing.assert_array_equal(reused.tokens, fresh.tokens)

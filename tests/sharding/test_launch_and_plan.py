@@ -89,8 +89,12 @@ def test_plan_memory_on_3b_shapes_matches_hand_arithmetic():
   assert dev["grads"] == dev["params"]
   assert dev["optimizer"] == pytest.approx(2 * dev["params"], rel=1e-6)  # Adam mu + nu
   assert dev["reference_model"] == pytest.approx(dev["params"] / 2, rel=1e-6)   # bf16 copy
-  # the largest attention: vision, all 8 * 256 patches of the micro-batch in one masked attention
-  assert dev["attention_scores"] == 4 * 16 * (8 * 256) ** 2
+  # the largest attention: the text's [8 rows, 16 heads, 1024, 1024] split over the 8 data-parallel
+  # devices; the vision tower attends per image (8 rows of 256 patches), not over all 8 * 256 at once
+  from vlaa_jax import sharding as shd
+  dp = shd.data_parallel_size(shd.make_mesh((1, 8, 1)), shd.resolve_rules("fsdp"))
+  assert dev["attention_scores"] == max(4 * 8 * 16 * 1024 ** 2 // dp, 4 * 16 * 8 * 256 ** 2)
+  assert plan_memory._vision_rows(config, 8, 1, 256) == (8, 256)
   tokens = 8 * 1024
   flops = p["flops_per_step"]["model_flops"]
   assert 6 * (total - vision) * tokens < flops < 1.3 * 6 * total * tokens

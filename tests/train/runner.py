@@ -71,9 +71,9 @@ def _nan_at(sft_module, steps: set) -> None:
     original = sft_module.host_batch
     calls = {"n": 0}
 
-    def host_batch(batches, mcfg):
+    def host_batch(batches, mcfg, groups=None):
         calls["n"] += 1
-        batch, tokens = original(batches, mcfg)
+        batch, tokens = original(batches, mcfg, groups=groups)
         if calls["n"] in steps:
             batch["loss_normalizer"] = np.full_like(batch["loss_normalizer"], np.nan)
         return batch, tokens

@@ -13,8 +13,10 @@ How it works (one jitted program per (batch, prompt-length, patch, new-token) bu
   * decode: a `lax.while_loop` samples a token for every row, writes it, and runs the model on it (T = 1)
     until every row has emitted a stop id or `max_new_tokens` is reached. Rows that stopped keep running
     (static shapes) but emit `pad_id` and are masked out of the outputs.
-  * on CPU the decode steps run on `model.decode_view()`: transposed copies of the decoder weights,
-    made once per call, that XLA:CPU streams ~2x faster for a few rows (text.py, "Decoding layout");
+  * on CPU the decode steps run on `model.decode_view()`: transposed copies of the decoder weights that
+    XLA:CPU streams ~2x faster for a few rows (text.py, "Decoding layout"). They are made once per set
+    of weights and kept until other weights come (`decode_weights`): repeated calls on the same weights
+    (evaluation, generation) skip the copy; a trainer's new weights after each update make a new one.
   * M-RoPE positions during decoding follow HF's `generate`: the k-th real token of a row (counting the
     prompt's unpadded tokens from 0) sits at k + rope_delta on all three axes, rope_delta coming from
     `layout.mrope_positions` of the prompt.
@@ -26,6 +28,7 @@ constrained to (batch, -, kv_heads, -).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -123,11 +126,11 @@ def prompt_batch(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: 
         P = _round_up(pv.shape[0], int(np.lcm(patch_multiple, unit)))
         lay = layout_lib.vision_layout(image_grid_thw, patch_size=v.patch_size,
                                        spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                       num_patches_padded=P)
+                                       num_patches_padded=P, full_rows=True)
         if int(lay.num_patches) != pv.shape[0]:
             raise ValueError(f"pixel_values has {pv.shape[0]} patches; image_grid_thw implies {int(lay.num_patches)}")
         batch["pixel_values"] = np.concatenate([pv, np.zeros((P - pv.shape[0], pv.shape[1]), np.float32)])
-        batch.update({f"vision_{k}": np.asarray(getattr(lay, k), np.int32) for k in VISION_KEYS})
+        batch.update({f"vision_{k}": np.asarray(x, np.int32) for k, x in lay._asdict().items() if x is not None})
     return batch
 
 
@@ -152,20 +155,20 @@ def prefill(model: Any, prompts: Mapping[str, jax.Array], cache_len: int, head: 
     cache = _constrain_cache(model.init_cache(ids.shape[0], cache_len))
     vision = None
     if prompts.get("pixel_values") is not None:
-        vision = layout_lib.VisionLayout(*(prompts[f"vision_{k}"] for k in VISION_KEYS))
+        vision = layout_lib.layout_from_fields(prompts)
     hidden, cache = model.forward(ids, prompts["position_ids"], prompts["attention_mask"],
                                   pixel_values=prompts.get("pixel_values"), vision=vision, cache=cache,
                                   return_hidden=True, last_only=True)
     return _constrain_cache(cache), (head or model).logits(hidden[:, -1])
 
 
-def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_samples: int, new_tokens: int,
-              greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int,
+def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, *, graphdef, num_samples: int,
+              new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int,
               return_logits: bool = False, weight_major: bool = False):
     model = _merge(graphdef, state)
     B, L = prompts["input_ids"].shape
     R = B * num_samples
-    step_model = model.decode_view() if weight_major else model
+    step_model = model.decode_view(decode_weights) if weight_major else model
     cache, logits = prefill(model, prompts, L + new_tokens, head=step_model)
 
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
@@ -217,6 +220,37 @@ def _generate(state, prompts, rng, temperature, top_p, limit, *, graphdef, num_s
 
 
 _CONFIGS: dict[Any, Qwen25VLConfig] = {}
+_DECODE_WEIGHTS: dict[str, Any] = {}    # at most one entry: (key, weak refs to the state's arrays, weights)
+
+
+def decode_weights(graphdef: nnx.GraphDef, state: Any) -> Any:
+    """`Qwen25VL.decode_weights()` of this state, kept while the state's arrays are the same objects (weak
+    references: a trainer's new parameters are new arrays, so they get new copies and the old copy is
+    dropped first). The one copy held costs the decoder's weights in memory between calls; call
+    `release_decode_weights()` to free it."""
+    leaves = jax.tree.leaves(state)
+    key = (graphdef, tuple(map(id, leaves)))
+    hit = _DECODE_WEIGHTS.get("entry")
+    if hit is not None and hit[0] == key and all(r() is x for r, x in zip(hit[1], leaves)):
+        return hit[2]
+    release_decode_weights()
+    weights = _decode_weights_fn(graphdef)(state)
+    try:
+        refs = [weakref.ref(x) for x in leaves]
+    except TypeError:          # a leaf that cannot be weakly referenced: do not keep the copy
+        return weights
+    _DECODE_WEIGHTS["entry"] = (key, refs, weights)
+    return weights
+
+
+def release_decode_weights() -> None:
+    """Frees the decode-layout copy `decode_weights` keeps."""
+    _DECODE_WEIGHTS.clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_weights_fn(graphdef):
+    return jax.jit(lambda state: _merge(graphdef, state).decode_weights())
 
 
 def _model_config(graphdef: nnx.GraphDef, state: Any) -> Qwen25VLConfig:
@@ -250,7 +284,8 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
     return_logits: also return the raw logits of every step ([R, T, vocab] float32: for tests and
         debugging, not for rollouts at the real vocabulary).
     weight_major: decode on `model.decode_view()` (transposed weight copies: ~2x faster decode steps on
-        CPU, one extra copy of the decoder weights in memory during the call). None: on CPU only.
+        CPU, one extra copy of the decoder weights in memory, kept for the next call on the same
+        weights, see `decode_weights`). None: on CPU only.
     """
     model_config = _model_config(graphdef, state)
     sampling = SamplingConfig.from_any(sampling)
@@ -269,10 +304,10 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
               or (k.startswith("vision_") and k[len("vision_"):] in VISION_KEYS)}
     fields = {k: v.astype(np.float32 if k == "pixel_values" else np.int32) for k, v in fields.items()}
     new_tokens = new_token_bucket(int(max_new_tokens), new_token_buckets)
+    weight_major = jax.default_backend() == "cpu" if weight_major is None else bool(weight_major)
     fn = _compiled(graphdef, num_samples=int(num_samples), new_tokens=new_tokens, greedy=sampling.greedy,
                    top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0, stop_ids=stop_ids, pad_id=int(pad_id),
-                   return_logits=bool(return_logits),
-                   weight_major=jax.default_backend() == "cpu" if weight_major is None else bool(weight_major))
+                   return_logits=bool(return_logits), weight_major=weight_major)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens))
     if mesh is not None:
@@ -281,9 +316,9 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
         overrides = {k: () for k in fields if k == "pixel_values" or k.startswith("vision_")}
         fields = shd.shard_batch(fields, shd.batch_shardings(fields, mesh, rules, batch_size=B, overrides=overrides))
         with shd.activate(mesh, rules):
-            out = fn(state, fields, *args)
+            out = fn(state, fields, *args, decode_weights(graphdef, state) if weight_major else None)
     else:
-        out = fn(state, fields, *args)
+        out = fn(state, fields, *args, decode_weights(graphdef, state) if weight_major else None)
     tokens, lp, raw, lengths, done, *seen = jax.device_get(out)
     T = int(max_new_tokens)
     return Generation(np.asarray(tokens[:, :T], np.int32), np.asarray(lp[:, :T], np.float32),

@@ -31,8 +31,7 @@ from vlaa_jax.train import optim, step as step_lib
 # language model and is trained with it, as in the usual Qwen2.5-VL SFT recipes.
 VISION_FROZEN_PATTERNS = (r"^visual/(?!merger)",)
 
-VISION_KEYS = ("window_index", "reverse_index", "window_segments", "full_segments", "rotary_hw",
-               "num_patches")
+VISION_KEYS = qwen.VisionLayout._fields
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -123,7 +122,7 @@ def create_model(config: ml_collections.ConfigDict, mcfg: qwen.Qwen25VLConfig, m
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates: int
                    ) -> tuple[optax.GradientTransformation, Any]:
     """AdamW + warmup/cosine + clipping (vlaa_jax.train.optim); updates with non-finite gradients
-    are dropped inside the jitted step (`optax.apply_if_finite`: parameters and moments unchanged).
+    are dropped inside the jitted step (`optim.skip_nonfinite`: parameters and moments unchanged).
     Returns (tx, learning-rate schedule)."""
     o = config.optim
     warmup = int(round(o.warmup_ratio * total_updates))
@@ -132,7 +131,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates
         params, learning_rate=o.learning_rate, total_steps=total_updates, warmup_steps=warmup,
         min_learning_rate=o.min_learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
         eps=o.eps, max_grad_norm=o.max_grad_norm or None, frozen=frozen)
-    tx = optax.apply_if_finite(inner, max_consecutive_errors=2 ** 30)
+    tx = optim.skip_nonfinite(inner)
     return tx, optim.lr_schedule(o.learning_rate, total_updates, warmup, o.min_learning_rate)
 
 
@@ -143,18 +142,18 @@ def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None
 
 
 # ---------------------------------------------------------------------------------- batch plumbing
-def vision_fields(grid: np.ndarray, mcfg: qwen.Qwen25VLConfig, num_patches: int) -> dict[str, np.ndarray]:
-    """The vision layout of `grid` padded to `num_patches`, as flat `vision_*` batch fields."""
+def vision_fields(grid: np.ndarray, mcfg: qwen.Qwen25VLConfig, num_patches: int,
+                  full_rows: bool | tuple[int, int] = False) -> dict[str, np.ndarray]:
+    """The vision layout of `grid` padded to `num_patches`, as flat `vision_*` batch fields (with
+    `full_rows`, per-image full attention: see `layout.vision_layout`)."""
     v = mcfg.vision
     lay = qwen.vision_layout(grid, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-                             window_size=v.window_size, num_patches_padded=num_patches)
-    return {f"vision_{k}": np.asarray(getattr(lay, k)) for k in VISION_KEYS}
+                             window_size=v.window_size, num_patches_padded=num_patches, full_rows=full_rows)
+    return {f"vision_{k}": np.asarray(x) for k, x in lay._asdict().items() if x is not None}
 
 
 def vision_from_batch(batch: Mapping[str, jax.Array]) -> qwen.VisionLayout | None:
-    if "vision_window_index" not in batch:
-        return None
-    return qwen.VisionLayout(*(batch[f"vision_{k}"] for k in VISION_KEYS))
+    return qwen.layout.layout_from_fields(batch)
 
 
 def replicated_axes(batch: Mapping[str, Any]) -> dict[str, tuple]:
@@ -186,28 +185,49 @@ def lm_head(model: Any) -> jax.Array:
 
 def gathered_logprobs(model: Any, batch: Mapping[str, jax.Array], positions: jax.Array, valid: jax.Array, *,
                       chunk_size: int, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(log p(input_ids[b, p + 1] | <= p), entropy) at positions [B, K] of each row, zero where not
-    `valid`. Only those K positions per row go through the vocabulary projection: with Qwen's
-    151,936-entry vocabulary that projection dominates the cost, and prompt tokens need none."""
+    """(log p(next token | <= p), entropy) at the target positions [G, K] (`target_positions`), zero where
+    not `valid`. Only those K positions per group go through the vocabulary projection: with Qwen's
+    151,936-entry vocabulary that projection dominates the cost, and prompt tokens need none.
+
+    The B rows form G groups of B // G consecutive rows (G divides B; G = B: one row per group);
+    positions index a group's rows laid end to end (row r, token t -> r * L + t). Compacting several
+    rows into one group leaves no padding between rows' targets; G = the data-parallel size keeps each
+    group on the device that holds its rows. `chunk_size` counts positions per row, so a group's chunk is
+    chunk_size * B // G positions (the same logits memory as one chunk of every row)."""
     from vlaa_jax.rl.logprobs import token_logprobs
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    G = positions.shape[0]
+    if B % G:
+        raise ValueError(f"target positions have {G} groups, which do not divide the batch of {B} rows")
     hidden = hidden_states(model, batch)
+    hidden = hidden.reshape(G, (B // G) * L, hidden.shape[-1])
     h = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    targets = jnp.take_along_axis(batch["input_ids"], positions + 1, axis=1)
-    return token_logprobs(h, lm_head(model), targets, valid, chunk_size=chunk_size, temperature=temperature)
+    targets = jnp.take_along_axis(ids.reshape(G, (B // G) * L), positions + 1, axis=1)
+    return token_logprobs(h, lm_head(model), targets, valid, chunk_size=chunk_size * (B // G),
+                          temperature=temperature)
 
 
-def target_positions(loss_mask: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Host: for next-token targets t with loss_mask[b, t] == 1, the predicting positions t - 1,
-    compacted per row and padded to a multiple: (positions int32 [B, K], valid int32 [B, K])."""
+def target_positions(loss_mask: np.ndarray, multiple: int = 32, groups: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Host: for next-token targets t with loss_mask[b, t] == 1, the predicting positions t - 1, compacted
+    per group of B // groups consecutive rows (default groups = B: per row) and padded to a multiple:
+    (positions int32 [groups, K], valid int32 [groups, K]); a position counts over the group's rows laid
+    end to end (row r of the group, token t -> r * L + t), as `gathered_logprobs` reads them."""
     m = np.asarray(loss_mask)[:, 1:] > 0
-    counts = m.sum(axis=1)
-    k = bucket(int(counts.max()) if counts.size else 1, multiple)
-    pos = np.zeros((m.shape[0], k), np.int32)
-    valid = np.zeros((m.shape[0], k), np.int32)
-    for b in range(m.shape[0]):
-        idx = np.flatnonzero(m[b])
-        pos[b, :len(idx)] = idx
-        valid[b, :len(idx)] = 1
+    B, L = m.shape[0], m.shape[1] + 1
+    groups = B if groups is None else int(groups)
+    if groups < 1 or B % groups:
+        raise ValueError(f"groups={groups} must divide the batch of {B} rows")
+    rows = B // groups
+    idx = [np.concatenate([np.flatnonzero(m[g * rows + r]) + r * L for r in range(rows)])
+           for g in range(groups)]
+    k = bucket(max((len(i) for i in idx), default=1), multiple)
+    pos = np.zeros((groups, k), np.int32)
+    valid = np.zeros((groups, k), np.int32)
+    for g, i in enumerate(idx):
+        pos[g, :len(i)] = i
+        valid[g, :len(i)] = 1
     return pos, valid
 
 
@@ -323,22 +343,38 @@ def device_fields(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig) -> list[dict[str, np.ndarray]]:
-    """Pads host batches to one length and one pixel bucket (so they stack into micro-batches);
-    the vision layout is recomputed for the common pixel bucket."""
+    """Pads host batches to one length and one pixel bucket (so they stack into micro-batches); the
+    vision layout is recomputed for the common pixel bucket, with per-image full attention rows of one
+    shape for all of them (`layout.full_attention_rows`: the largest; dense where any batch would gain
+    nothing or the common shape does not hold its images)."""
     L = max(b["input_ids"].shape[1] for b in batches)
     P = max(b["pixel_values"].shape[0] for b in batches) if "pixel_values" in batches[0] else 0
-    out = []
-    for b in batches:
-        b = dict(b)
-        extra = L - b["input_ids"].shape[1]
-        if extra:
-            for k in ("input_ids", "attention_mask", "loss_mask"):
-                if k in b:
-                    pad_value = 0
-                    b[k] = np.pad(b[k], [(0, 0), (0, extra)], constant_values=pad_value)
-            b["position_ids"] = np.pad(b["position_ids"], [(0, 0), (0, 0), (0, extra)])
-        if P and b["pixel_values"].shape[0] != P:
+    if not P:
+        return [_pad_batch(b, L, 0, mcfg, False) for b in batches]
+    shapes = [qwen.layout.full_attention_rows(
+        np.bincount(vision_fields(b["image_grid_thw"], mcfg, P)["vision_full_segments"])[1:], P)
+        for b in batches]
+    if all(shapes):
+        try:
+            rows = (max(r for r, _ in shapes), max(n for _, n in shapes))
+            return [_pad_batch(b, L, P, mcfg, rows) for b in batches]
+        except ValueError:
+            pass
+    return [_pad_batch(b, L, P, mcfg, False) for b in batches]
+
+
+def _pad_batch(b: dict[str, np.ndarray], L: int, P: int, mcfg: qwen.Qwen25VLConfig,
+               rows: bool | tuple[int, int]) -> dict[str, np.ndarray]:
+    b = dict(b)
+    extra = L - b["input_ids"].shape[1]
+    if extra:
+        for k in ("input_ids", "attention_mask", "loss_mask"):
+            if k in b:
+                b[k] = np.pad(b[k], [(0, 0), (0, extra)], constant_values=0)
+        b["position_ids"] = np.pad(b["position_ids"], [(0, 0), (0, 0), (0, extra)])
+    if P:
+        if b["pixel_values"].shape[0] != P:
             b["pixel_values"] = np.pad(b["pixel_values"], [(0, P - b["pixel_values"].shape[0]), (0, 0)])
-            b.update(vision_fields(b["image_grid_thw"], mcfg, P))
-        out.append(b)
-    return out
+        b = {k: v for k, v in b.items() if not k.startswith("vision_")}
+        b.update(vision_fields(b["image_grid_thw"], mcfg, P, full_rows=rows))
+    return b

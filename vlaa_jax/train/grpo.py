@@ -70,7 +70,8 @@ class Prompts:
         return len(self.ids)
 
     def rows(self, src: np.ndarray, mcfg, *, num_patches: int | None = None,
-             responses: np.ndarray | None = None, response_mask: np.ndarray | None = None) -> dict:
+             responses: np.ndarray | None = None, response_mask: np.ndarray | None = None,
+             full_rows: bool | tuple[int, int] = True) -> dict:
         """Host batch of prompts `src` (indices, repeats allowed), optionally followed by responses.
 
         Response tokens sit at columns [Lp, Lp + T); the k-th valid token of a row has M-RoPE position
@@ -90,7 +91,7 @@ class Prompts:
         pixel_values[:len(patches)] = patches
         out.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
                    position_ids=pos.astype(np.int32), pixel_values=pixel_values)
-        out.update(common.vision_fields(self.grids[src], mcfg, p))
+        out.update(common.vision_fields(self.grids[src], mcfg, p, full_rows=full_rows))
         return out
 
     def max_patches(self) -> int:
@@ -138,6 +139,14 @@ def update_patch_bucket(patches: int, micro_batch: int, max_pixels: int) -> int:
     if patches > buckets[-1]:  # images larger than data.max_pixels (not from this config's loader)
         return common.bucket(patches, 64)
     return _pick_bucket(patches, buckets, "update micro-batch pixel rows")
+
+
+def update_full_rows(max_patches: int, micro_batch: int, patches: int) -> tuple[int, int] | bool:
+    """Per-image full-attention rows of one shape for every update micro-batch (one image per row, none
+    over `max_patches`): (micro_batch, power of two >= max_patches), or False (dense) where that is no
+    cheaper than attending over all `patches` of the micro-batch."""
+    lr = max(64, 1 << (max(1, max_patches) - 1).bit_length())
+    return (micro_batch, lr) if micro_batch * lr * lr < patches * patches else False
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -304,8 +313,9 @@ class GRPOTrainer:
         run, g, t = self.run, self.config.grpo, self.config.train
         n = len(src)
         p = update_patch_bucket(prompts.max_patches() * micro, micro, self.config.data.max_pixels)
+        full_rows = update_full_rows(prompts.max_patches(), micro, p)
         build = lambda idx: prompts.rows(src[idx], run.mcfg, num_patches=p, responses=tokens[idx],
-                                         response_mask=resp_mask[idx])
+                                         response_mask=resp_mask[idx], full_rows=full_rows)
         # One update per rollout batch: it is on-policy, the loss takes the old log-probs from its own
         # forward (grpo_loss_fn); otherwise they are recomputed here before the first update.
         on_policy = self.on_policy

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlaa_jax import sharding as shd
 from vlaa_jax.train import common, loop
 from vlaa_jax.train import step as step_lib
 
@@ -44,13 +45,15 @@ def make_sft_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, par
         trainable=common.trainable_mask(config, params))
 
 
-def host_batch(batches: list[dict], mcfg) -> tuple[dict[str, np.ndarray], int]:
+def host_batch(batches: list[dict], mcfg, groups: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Stacks M loader batches into one step's micro-batches with the global token normaliser.
+    groups: target positions are compacted per group of rows (`common.target_positions`); the trainer
+    passes the data-parallel size, so each device's rows share one padded target list. Default: per row.
     Returns (batch, number of assistant tokens)."""
     arrays = common.pad_to([common.device_fields(b) for b in batches], mcfg)
     m = len(arrays)
     tokens = int(sum(a["loss_mask"][:, 1:].sum() for a in arrays))
-    targets = [common.target_positions(a.pop("loss_mask")) for a in arrays]
+    targets = [common.target_positions(a.pop("loss_mask"), groups=groups) for a in arrays]
     k = max(p.shape[1] for p, _ in targets)
     for a, (pos, valid) in zip(arrays, targets):
         a["target_pos"] = np.pad(pos, [(0, 0), (0, k - pos.shape[1])])
@@ -75,6 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool | Non
     micro = t.batch_size // t.grad_accum_steps
     loader = run.loader(config.data.train_split, batch_size=micro, mode="sft")
     steps = total_steps(config, loader.num_records)
+    dp = shd.data_parallel_size(run.mesh, run.rules)
     run.init_training(total_updates=steps)
     chunk = config.sft.logits_chunk
     train_step = make_sft_step(config, run.graphdef, run.tx, run.params, run.rest, run.mesh, run.rules)
@@ -93,7 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool | Non
             t0 = time.time()
             raw = [next(loader) for _ in range(t.grad_accum_steps)]
             writer.write_data_ids(step, [i for b in raw for i in b["id"]])
-            batch, tokens = host_batch(raw, run.mcfg)
+            batch, tokens = host_batch(raw, run.mcfg, groups=dp)
             device_batch = common.put_batch(batch, run.mesh, run.rules, batch_size=micro,
                                             micro_batched=t.grad_accum_steps > 1)
             run.params, run.opt_state, metrics = train_step(run.params, run.opt_state, run.rest, device_batch)
@@ -134,7 +138,7 @@ def evaluate_loss(run: "loop.Run", eval_fn) -> float:
                         mode="sft", shuffle=False, num_epochs=None)
     nll = tokens = 0.0
     for _ in range(c.train.eval_batches):
-        arrays, _ = host_batch([next(loader)], run.mcfg)
+        arrays, _ = host_batch([next(loader)], run.mcfg, groups=shd.data_parallel_size(run.mesh, run.rules))
         out = eval_fn(run.params, run.rest, common.put_batch(
             arrays, run.mesh, run.rules, batch_size=arrays["input_ids"].shape[0]))
         nll += float(out["nll_sum"])

@@ -13,7 +13,7 @@ Conventions shared with HF (`Qwen2_5_VLModel.get_rope_index`, `transformers.visi
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -109,6 +109,11 @@ class VisionLayout(NamedTuple):
       rotary_hw         [P, 2]  window-order (row, col) of each patch inside its image, for 2D RoPE
       num_patches       []      S, the number of real patches (real merged tokens: S // u, first in
                                 image order; they fill the <|image_pad|> tokens of the batch in order)
+    Optional (`full_rows`): the full-attention blocks attend per image instead of over all P patches
+    (HF attends per image too; dense P x P costs ~8x more for a batch of 8 images):
+      full_index        [R, Lr] the window-order patch in each slot of R rows of Lr slots, whole frames
+                                packed into rows; P marks an empty slot
+      full_slot         [P]     the slot (row * Lr + column) holding each patch (padding patches: any)
     """
     window_index: np.ndarray
     reverse_index: np.ndarray
@@ -116,6 +121,77 @@ class VisionLayout(NamedTuple):
     full_segments: np.ndarray
     rotary_hw: np.ndarray
     num_patches: np.ndarray
+    full_index: np.ndarray | None = None
+    full_slot: np.ndarray | None = None
+
+    def map(self, fn) -> "VisionLayout":
+        """`fn` applied to every present field (e.g. jnp.asarray); absent optional fields stay None."""
+        return VisionLayout(*(None if a is None else fn(a) for a in self))
+
+
+def layout_from_fields(fields: Mapping[str, Any], prefix: str = "vision_") -> VisionLayout | None:
+    """The `VisionLayout` of a batch dict holding its fields as `{prefix}{name}` (None without a layout;
+    the optional fields may be absent)."""
+    if f"{prefix}window_index" not in fields:
+        return None
+    return VisionLayout(*(fields.get(f"{prefix}{k}") for k in VisionLayout._fields))
+
+
+def full_attention_rows(frame_lengths: Sequence[int], num_patches: int) -> tuple[int, int] | None:
+    """(R, Lr) of the per-image full-attention rows for frames of these lengths (patches), or None when
+    dense attention over all `num_patches` is no dearer. Lr is a power of two >= 64 and >= the longest
+    frame; frames are packed first-fit decreasing; R is rounded up to a power of two. Both are
+    rounded so that a run sees few distinct shapes (each is one compilation)."""
+    lengths = [int(n) for n in frame_lengths if n > 0]
+    if not lengths:
+        return None
+    Lr = max(64, 1 << (max(lengths) - 1).bit_length())
+    R = 1 << (len(_pack(lengths, Lr)) - 1).bit_length()
+    return None if R * Lr * Lr >= num_patches * num_patches else (R, Lr)
+
+
+def _pack(lengths: Sequence[int], Lr: int) -> list[list[int]]:
+    """First-fit decreasing: frame indices per row."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(Lr - lengths[i])
+    return rows
+
+
+def _rows_layout(full_segments: np.ndarray, rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """full_index [R, Lr] / full_slot [P] for the frames of `full_segments` (contiguous, ids 1..F)."""
+    R, Lr = rows
+    P = len(full_segments)
+    ids = full_segments[full_segments > 0]
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], full_segments])) != 0)
+    starts = starts[full_segments[starts] > 0]
+    lengths = np.bincount(ids)[1:] if len(ids) else np.zeros(0, np.int64)
+    lengths = lengths[lengths > 0]
+    if len(lengths) and lengths.max() > Lr:
+        raise ValueError(f"full_rows={rows}: a frame of {lengths.max()} patches does not fit rows of {Lr}")
+    packed = _pack(lengths.tolist(), Lr)
+    if len(packed) > R:
+        raise ValueError(f"full_rows={rows}: the {len(lengths)} frames need {len(packed)} rows of {Lr}")
+    index = np.full((R, Lr), P, np.int64)
+    slot = np.zeros(P, np.int64)
+    used = np.zeros(R, np.int64)
+    for r, frames in enumerate(packed):
+        for f in frames:
+            n, s = int(lengths[f]), int(starts[f])
+            index[r, used[r]:used[r] + n] = np.arange(s, s + n)
+            slot[s:s + n] = r * Lr + used[r] + np.arange(n)
+            used[r] += n
+    empty = np.flatnonzero(index.ravel() == P)
+    slot[full_segments == 0] = empty[0] if len(empty) else 0      # padding patches read any slot
+    return index.astype(np.int32), slot.astype(np.int32)
 
 
 def vision_layout(
@@ -125,6 +201,7 @@ def vision_layout(
     spatial_merge_size: int = 2,
     window_size: int = 112,
     num_patches_padded: int | None = None,
+    full_rows: bool | tuple[int, int] = False,
 ) -> VisionLayout:
     """Window order, segment ids and 2D rotary positions of the patches of `image_grid_thw`.
 
@@ -132,6 +209,10 @@ def vision_layout(
     the bottom/right edge, per frame), `get_vision_cu_seqlens` (one full-attention segment per frame) and
     `get_vision_position_ids` (block-major (h, w) ids). Padding patches up to `num_patches_padded` get
     segment id 0 in both segmentations, so they never attend to or are attended by real patches.
+
+    full_rows: also lay out per-image full attention (`full_index`, `full_slot`): True picks the shape
+    (`full_attention_rows`; none when dense is no dearer), (R, Lr) forces one (e.g. the largest over
+    micro-batches that must stack), False leaves the full-attention blocks dense.
     """
     grids = _valid_grids(image_grid_thw)
     m = spatial_merge_size
@@ -176,13 +257,21 @@ def vision_layout(
     hw_img = np.concatenate(hw + [np.zeros((pad_units * unit, 2), np.int64)]) if hw else \
         np.zeros((P, 2), np.int64)
     hw_win = hw_img.reshape(-1, unit, 2)[widx].reshape(P, 2)
+    full_seg = np.repeat(fseg_u, unit)
+    index = slot = None
+    if full_rows is True:
+        full_rows = full_attention_rows(np.bincount(full_seg)[1:], P)
+    if full_rows:
+        index, slot = _rows_layout(full_seg, tuple(int(x) for x in full_rows))
     return VisionLayout(
         window_index=widx.astype(np.int32),
         reverse_index=np.argsort(widx).astype(np.int32),
         window_segments=np.repeat(wseg_u, unit).astype(np.int32),
-        full_segments=np.repeat(fseg_u, unit).astype(np.int32),
+        full_segments=full_seg.astype(np.int32),
         rotary_hw=hw_win.astype(np.int32),
         num_patches=np.asarray(S, np.int32),
+        full_index=index,
+        full_slot=slot,
     )
 
 

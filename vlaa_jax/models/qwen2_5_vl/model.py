@@ -72,18 +72,29 @@ class Qwen25VL(nnx.Module):
     def encode_images(self, pixel_values: jax.Array, vision: layout_lib.VisionLayout) -> jax.Array:
         """pixel_values [P, patch_dim] + layout -> merged image tokens [P // merge**2, hidden]."""
         return self.visual(pixel_values, vision.window_index, vision.reverse_index, vision.window_segments,
-                           vision.full_segments, vision.rotary_hw)
+                           vision.full_segments, vision.rotary_hw, vision.full_index, vision.full_slot)
 
-    def decode_view(self) -> "Qwen25VL":
+    def decode_weights(self) -> dict[str, Any]:
+        """The transposed copies a decode view multiplies (`decode_view(weights)`): made once per set of
+        weights (the sampler keeps them while the weights stay the same, rollout/sampler.py)."""
+        out: dict[str, Any] = {"layers": self.language_model.decode_kernels()}
+        if self.lm_head is not None:
+            out["head"] = weight_major(self.lm_head[...])
+        return out
+
+    def decode_view(self, weights: dict[str, Any] | None = None) -> "Qwen25VL":
         """This model laid out for decoding a few rows per step (see text.py, "Decoding layout"): a new
         module object sharing this one's arrays, whose decoder Linears are `DecodeLinear`s and whose
         output projection is stored [vocab, hidden] (the embedding itself when tied: no copy). Call it
-        inside the jitted program that decodes (the transposed copies are made there, once); the same
-        numbers up to float32 summation order. Do not split or save it."""
+        inside the jitted program that decodes, with `weights` from `decode_weights()` or without (the
+        transposed copies are then made there); the same numbers up to float32 summation order. Do not
+        split or save it."""
         view = nnx.merge(*nnx.split(self))
-        view.language_model.use_decode_layout()
-        view._vocab_major_head = (view.language_model.embed_tokens[...] if view.lm_head is None
-                                  else weight_major(view.lm_head[...]))
+        view.language_model.use_decode_layout(None if weights is None else weights["layers"])
+        if view.lm_head is None:
+            view._vocab_major_head = view.language_model.embed_tokens[...]
+        else:
+            view._vocab_major_head = weight_major(view.lm_head[...]) if weights is None else weights["head"]
         return view
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -133,7 +144,7 @@ class Qwen25VL(nnx.Module):
             # Rows beyond the real patches (a bucket) are padding: they get segment id 0.
             vision = layout_lib.vision_layout(grid, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
                                               window_size=v.window_size, num_patches_padded=pixel_values.shape[0])
-            vision = layout_lib.VisionLayout(*(jnp.asarray(a) for a in vision))
+            vision = vision.map(jnp.asarray)
         out, _ = _jit_forward(self, jnp.asarray(ids, jnp.int32), jnp.asarray(position_ids), jnp.asarray(mask),
                               None if pixel_values is None else jnp.asarray(pixel_values), vision, return_hidden)
         return out

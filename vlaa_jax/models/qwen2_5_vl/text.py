@@ -43,16 +43,25 @@ def weight_major(w: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.swapaxes(w, 0, 1))
 
 
+def decode_kernel(linear: nn.Linear) -> jax.Array:
+    """The [out, in] copy of a Linear's kernel that `DecodeLinear` multiplies."""
+    k = linear.kernel[...]
+    return weight_major(k.reshape(k.shape[0], -1).astype(linear.dtype))
+
+
+DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
 class DecodeLinear(nnx.Module):
     """`nn.Linear` for decoding (few rows per call): the same y = x @ kernel + bias, from a transposed
     kernel copy [out, in] multiplied weight-major (`rows_matmul`). Built from a Linear inside a jitted
     program (`Qwen25VL.decode_view`); never saved."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel_t: jax.Array | None = None):
         k = linear.kernel[...]
         self.dtype = linear.dtype
         self.out_shape = tuple(k.shape[1:])
-        self.kernel_t = weight_major(k.reshape(k.shape[0], -1).astype(self.dtype))
+        self.kernel_t = decode_kernel(linear) if kernel_t is None else kernel_t
         self.bias = None if linear.bias is None else linear.bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,13 +159,20 @@ class TextModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype)
 
-    def use_decode_layout(self) -> None:
+    def decode_kernels(self) -> list[dict[str, jax.Array]]:
+        """Per layer, the transposed kernels of its decoder Linears (`decode_kernel`), by name."""
+        return [{name: decode_kernel(getattr(getattr(layer, part), name)) for part, names in DECODE_LINEARS
+                 for name in names} for layer in self.layers]
+
+    def use_decode_layout(self, kernels: list[dict[str, jax.Array]] | None = None) -> None:
         """Swaps every decoder Linear for its `DecodeLinear` (in place: call it on a view made inside a
-        jitted program, see `Qwen25VL.decode_view`)."""
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            a.q_proj, a.k_proj, a.v_proj, a.o_proj = map(DecodeLinear, (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-            m.gate_proj, m.up_proj, m.down_proj = map(DecodeLinear, (m.gate_proj, m.up_proj, m.down_proj))
+        jitted program, see `Qwen25VL.decode_view`), from `kernels` (`decode_kernels()`) when given."""
+        for i, layer in enumerate(self.layers):
+            for part, names in DECODE_LINEARS:
+                module = getattr(layer, part)
+                for name in names:
+                    setattr(module, name, DecodeLinear(getattr(module, name),
+                                                       None if kernels is None else kernels[i][name]))
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
                  cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:

@@ -1,0 +1,90 @@
+"""The SFT loss on compacted target positions equals the plain masked cross-entropy over full logits.
+
+`sft.sft_loss` projects only the response positions through the vocabulary, compacted per group of
+rows (`common.target_positions(..., groups=G)`); whatever the grouping, loss and gradients must be
+those of the textbook loss, also with the batch sharded over data-parallel devices."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.fixtures.hf_models import tiny_hf_config_dict
+from tests.sharding.vl import LAYOUT_KEYS, make_batch, vl_loss
+from vlaa_jax import sharding as shd
+from vlaa_jax.models.qwen2_5_vl import Qwen25VL, from_hf_dict
+from vlaa_jax.train import common, sft
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = from_hf_dict(tiny_hf_config_dict(True))
+  model = Qwen25VL(config, rngs=nnx.Rngs(3))
+  raw = make_batch(config, batch_size=4, length=32, seed=5)
+  raw["loss_mask"][1, -12:] = 0        # rows with different response lengths: padding between targets
+  raw["loss_mask"][2, :] = 0           # and a row without any target
+  ref_batch = {k: jnp.asarray(v) for k, v in raw.items()}
+  (ref_loss, _), ref_grads = nnx.value_and_grad(vl_loss, has_aux=True)(model, ref_batch)
+  return model, raw, float(ref_loss), ref_grads.to_pure_dict()
+
+
+def sft_batch(raw: dict, groups: int | None) -> dict:
+  b = {k: v for k, v in raw.items() if k not in LAYOUT_KEYS and k != "loss_mask"}
+  b.update({f"vision_{k}": raw[k] for k in LAYOUT_KEYS})
+  b["target_pos"], b["target_valid"] = common.target_positions(raw["loss_mask"], multiple=8, groups=groups)
+  b["loss_normalizer"] = np.float32(raw["loss_mask"][:, 1:].sum())
+  return b
+
+
+def loss_fn(model, batch):
+  return sft.sft_loss(model, batch, chunk_size=4)[0]     # several chunks per group
+
+
+@pytest.mark.parametrize("groups", [None, 1, 2, 4])
+def test_grouped_targets_match_full_logits(setup, groups):
+  model, raw, ref_loss, ref_grads = setup
+  batch = sft_batch(raw, groups)
+  expected_groups = 4 if groups is None else groups
+  assert batch["target_pos"].shape[0] == expected_groups
+  loss, grads = nnx.value_and_grad(loss_fn)(model, {k: jnp.asarray(v) for k, v in batch.items()})
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads.to_pure_dict(), ref_grads)
+
+
+def test_one_group_has_no_padding_between_rows(setup):
+  _, raw, _, _ = setup
+  pos, valid = common.target_positions(raw["loss_mask"], multiple=8, groups=1)
+  n = int(raw["loss_mask"][:, 1:].sum())
+  assert pos.shape == (1, -(-n // 8) * 8) and int(valid.sum()) == n
+  per_row, _ = common.target_positions(raw["loss_mask"], multiple=8)
+  assert per_row.size > pos.size           # per-row padding would cost extra vocabulary rows
+  L = raw["input_ids"].shape[1]
+  rows, tokens = np.divmod(pos[0, :n], L)
+  np.testing.assert_array_equal(raw["loss_mask"][rows, tokens + 1], 1)
+
+
+def test_groups_must_divide_rows(setup):
+  _, raw, _, _ = setup
+  with pytest.raises(ValueError, match="groups=3 must divide the batch of 4 rows"):
+    common.target_positions(raw["loss_mask"], groups=3)
+
+
+def test_sharded_groups_match(setup):
+  """Data-parallel over 4 devices with one target group per device (what the trainer passes)."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (simulated) devices")
+  model, raw, ref_loss, ref_grads = setup
+  mesh = shd.make_mesh((4, 1, 1), jax.devices()[:4])
+  rules = shd.resolve_rules(None)
+  dp = shd.data_parallel_size(mesh, rules)
+  batch = common.put_batch(sft_batch(raw, dp), mesh, rules, batch_size=4)
+  assert batch["target_pos"].sharding.spec[0] is not None      # one group per data shard
+  graphdef, state = nnx.split(model)
+  with shd.activate(mesh, rules):
+    loss, grads = jax.jit(jax.value_and_grad(lambda s, b: loss_fn(nnx.merge(graphdef, s), b)))(state, batch)
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads.to_pure_dict(), ref_grads)
