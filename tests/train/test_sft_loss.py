@@ -88,3 +88,30 @@ def test_sharded_groups_match(setup):
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads.to_pure_dict(), ref_grads)
+
+
+def _host(grid, length=8):
+  from vlaa_jax.models.qwen2_5_vl import layout
+  grid = np.asarray(grid, np.int32)
+  n = sum(layout.frame_lengths(grid))
+  return {"input_ids": np.zeros((len(grid), length), np.int32), "attention_mask": np.ones((len(grid), length), np.int32),
+          "loss_mask": np.ones((len(grid), length), np.int32), "position_ids": np.zeros((3, len(grid), length), np.int32),
+          "pixel_values": np.zeros((n, 1176), np.float32), "image_grid_thw": grid}
+
+
+def test_pad_to_gives_micro_batches_one_row_shape():
+  """Micro-batches that must stack get per-image rows of one shape (the largest); where any of them
+  gains nothing from rows, all stay dense."""
+  from tests.fixtures.hf_models import qwen3b_shaped_hf_config_dict
+  from vlaa_jax.models.qwen2_5_vl import layout
+  mcfg = from_hf_dict(qwen3b_shaped_hf_config_dict())
+  big, small = _host([[1, 32, 32], [1, 32, 32]]), _host([[1, 16, 16], [1, 16, 16]], length=6)
+  out = common.pad_to([big, small], mcfg)
+  assert [b["vision_full_index"].shape for b in out] == [(2, 1024), (2, 1024)]
+  assert {b["input_ids"].shape[1] for b in out} == {8} and {b["pixel_values"].shape[0] for b in out} == {2048}
+  for b, src in zip(out, (big, small)):
+    ref = layout.vision_layout(src["image_grid_thw"], num_patches_padded=2048, full_rows=(2, 1024))
+    np.testing.assert_array_equal(b["vision_full_index"], ref.full_index)
+    np.testing.assert_array_equal(b["vision_full_slot"], ref.full_slot)
+  dense = common.pad_to([big, _host([[1, 32, 64]])], mcfg)     # one 2048-patch image: rows gain nothing
+  assert all("vision_full_index" not in b for b in dense)

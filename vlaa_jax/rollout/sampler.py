@@ -309,16 +309,17 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
                    top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0, stop_ids=stop_ids, pad_id=int(pad_id),
                    return_logits=bool(return_logits), weight_major=weight_major)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
-    args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens))
+    args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens),
+            decode_weights(graphdef, state) if weight_major else None)
     if mesh is not None:
         B = fields["input_ids"].shape[0]
         shd.check_batch_divisible(B, mesh, rules, what="prompt batch size")
         overrides = {k: () for k in fields if k == "pixel_values" or k.startswith("vision_")}
         fields = shd.shard_batch(fields, shd.batch_shardings(fields, mesh, rules, batch_size=B, overrides=overrides))
         with shd.activate(mesh, rules):
-            out = fn(state, fields, *args, decode_weights(graphdef, state) if weight_major else None)
+            out = fn(state, fields, *args)
     else:
-        out = fn(state, fields, *args, decode_weights(graphdef, state) if weight_major else None)
+        out = fn(state, fields, *args)
     tokens, lp, raw, lengths, done, *seen = jax.device_get(out)
     T = int(max_new_tokens)
     return Generation(np.asarray(tokens[:, :T], np.int32), np.asarray(lp[:, :T], np.float32),

@@ -351,9 +351,7 @@ def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig) -> l
     P = max(b["pixel_values"].shape[0] for b in batches) if "pixel_values" in batches[0] else 0
     if not P:
         return [_pad_batch(b, L, 0, mcfg, False) for b in batches]
-    shapes = [qwen.layout.full_attention_rows(
-        np.bincount(vision_fields(b["image_grid_thw"], mcfg, P)["vision_full_segments"])[1:], P)
-        for b in batches]
+    shapes = [qwen.layout.full_attention_rows(qwen.layout.frame_lengths(b["image_grid_thw"]), P) for b in batches]
     if all(shapes):
         try:
             rows = (max(r for r, _ in shapes), max(n for _, n in shapes))

@@ -145,7 +145,8 @@ def update_full_rows(max_patches: int, micro_batch: int, patches: int) -> tuple[
     """Per-image full-attention rows of one shape for every update micro-batch (one image per row, none
     over `max_patches`): (micro_batch, power of two >= max_patches), or False (dense) where that is no
     cheaper than attending over all `patches` of the micro-batch."""
-    lr = max(64, 1 << (max(1, max_patches) - 1).bit_length())
+    from vlaa_jax.models.qwen2_5_vl.layout import row_length
+    lr = row_length(max_patches)
     return (micro_batch, lr) if micro_batch * lr * lr < patches * patches else False
 
 

@@ -137,15 +137,25 @@ def layout_from_fields(fields: Mapping[str, Any], prefix: str = "vision_") -> Vi
     return VisionLayout(*(fields.get(f"{prefix}{k}") for k in VisionLayout._fields))
 
 
+def frame_lengths(image_grid_thw: np.ndarray | None) -> list[int]:
+    """Patches of every frame (full-attention segment) of the non-padding images, in order."""
+    return [int(h * w) for t, h, w in _valid_grids(image_grid_thw).tolist() for _ in range(t)]
+
+
+def row_length(longest_frame: int) -> int:
+    """Slots per full-attention row: a power of two >= 64 and >= the longest frame (few distinct shapes,
+    each one compilation)."""
+    return max(64, 1 << (max(1, int(longest_frame)) - 1).bit_length())
+
+
 def full_attention_rows(frame_lengths: Sequence[int], num_patches: int) -> tuple[int, int] | None:
     """(R, Lr) of the per-image full-attention rows for frames of these lengths (patches), or None when
-    dense attention over all `num_patches` is no dearer. Lr is a power of two >= 64 and >= the longest
-    frame; frames are packed first-fit decreasing; R is rounded up to a power of two. Both are
-    rounded so that a run sees few distinct shapes (each is one compilation)."""
+    dense attention over all `num_patches` is no dearer. Lr = `row_length` of the longest frame; frames
+    are packed first-fit decreasing; R is rounded up to a power of two (few distinct shapes)."""
     lengths = [int(n) for n in frame_lengths if n > 0]
     if not lengths:
         return None
-    Lr = max(64, 1 << (max(lengths) - 1).bit_length())
+    Lr = row_length(max(lengths))
     R = 1 << (len(_pack(lengths, Lr)) - 1).bit_length()
     return None if R * Lr * Lr >= num_patches * num_patches else (R, Lr)
 
@@ -260,7 +270,7 @@ def vision_layout(
     full_seg = np.repeat(fseg_u, unit)
     index = slot = None
     if full_rows is True:
-        full_rows = full_attention_rows(np.bincount(full_seg)[1:], P)
+        full_rows = full_attention_rows(frame_lengths(grids), P)
     if full_rows:
         index, slot = _rows_layout(full_seg, tuple(int(x) for x in full_rows))
     return VisionLayout(
