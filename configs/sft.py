@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"    # not given in the paper (fp32 master weights, bf16 compute)
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
+    c.model.attention_impl = "cudnn"   # fused kernel on GPU (bf16); XLA elsewhere ("splash" on TPU)
     c.model.freeze_vision = True       # paper appendix C: vision encoder frozen during SFT
     c.data.source = "vlaa_thinking"
     c.data.dir = "data/tfds"           # TFDS data dir holding the built vlaa_thinking dataset

@@ -1,5 +1,6 @@
 """The entry point: config presets build, and bad / missing / unknown keys fail before any compilation
 with a message naming the key (in-process for the validator, one subprocess for the real CLI)."""
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import ml_collections
 import pytest
 
+from configs import base as base_config
 from configs import grpo as grpo_config
 from configs import sft as sft_config
 from vlaa_jax.train import config_check
@@ -28,6 +30,22 @@ def test_paper_recipe_values():
     assert (c.grpo.kl_controller, c.grpo.init_kl_coef, c.grpo.kl_target) == ("adaptive", 1e-3, 5e-4)
     s = sft_config.get_config("vlaa_thinker_7b")
     assert (s.train.batch_size, s.model.freeze_vision) == (128, True)
+    # Scale knobs of the real presets (the demo keeps the plain defaults).
+    assert (c.model.attention_impl, s.model.attention_impl, base_config.get_config().model.attention_impl
+            ) == ("cudnn", "cudnn", "xla")
+
+
+def test_attention_impl_reaches_the_model_config(qwen_tokenizer, tmp_path):
+    """model.attention_impl in the model config of both branches: model.tiny and a model directory."""
+    from tests.fixtures.hf_models import tiny_hf_config_dict
+    from vlaa_jax.train import common
+    c = grpo_config.get_config("demo")
+    for impl in ("cudnn", "splash"):
+        c.model.attention_impl = impl
+        assert common.model_config(c, qwen_tokenizer).attention_impl == impl
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config_dict()))
+    c.model.init, c.model.path = "pretrained", str(tmp_path)
+    assert common.model_config(c, qwen_tokenizer).attention_impl == "splash"
 
 
 def _drop(config, dotted):
@@ -60,6 +78,7 @@ def test_unknown_key_is_named():
     ("train.batch_size", "8", "train.batch_size"),  # wrong type
     ("grpo.loss.loss_agg_mode", "mean", "grpo.loss"),
     ("mode", "dance", "mode"),
+    ("model.attention_impl", "flash", "model.attention_impl"),
 ])
 def test_bad_value_is_named(key, value, match):
     c = grpo_config.get_config("demo")

@@ -39,6 +39,7 @@ def build_config(a: argparse.Namespace):
     c.model.tokenizer_dir = a.tokenizer
     c.model.param_dtype = a.dtype
     c.model.compute_dtype = a.dtype
+    c.model.attention_impl = a.attention_impl
     if a.mesh_shape:
         c.sharding.mesh_shape = tuple(int(x) for x in a.mesh_shape.split(","))
     c.eval = eval_config()
@@ -53,6 +54,7 @@ def build_config(a: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     from vlaa_jax.eval.config import PAPER_MAX_NEW_TOKENS, PAPER_MAX_PIXELS
+    from vlaa_jax.nn import ATTENTION_IMPLS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="HF or vlaa-jax model directory")
     p.add_argument("--data", required=True, help="benchmark file (.tsv/.json/.jsonl) or VLAA-Thinking dataset dir")
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--length_bins", type=int, default=4, help="bins of the accuracy-vs-length table")
     p.add_argument("--reward_model_url", default="", help="tools/reward_server.py URL for open-ended items")
     p.add_argument("--dtype", default="float32", help="parameter and compute dtype (bfloat16 on TPU/GPU)")
+    p.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS,
+                   help="attention kernel: xla (any), cudnn (GPU, bf16), splash (TPU)")
     p.add_argument("--mesh_shape", default="", help="devices along (data,fsdp,tensor), e.g. '1,-1,1'")
     p.add_argument("--workdir", default="", help="scratch dir for the run (default: --out)")
     a = p.parse_args(argv)

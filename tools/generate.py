@@ -76,6 +76,7 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
 
 def main(argv: list[str] | None = None) -> dict:
     from data_pipeline.chat import VLAA_SYSTEM_PROMPT
+    from vlaa_jax.nn import ATTENTION_IMPLS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="vlaa-jax model directory or HF Qwen2.5-VL directory")
     p.add_argument("--image", default=None, help="image file (omit for a text-only question)")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_pixels", type=int, default=None, help="default: the checkpoint's preprocessor_config.json "
                                                                  "(paper's evaluation: 262144 = 256*32*32)")
     p.add_argument("--dtype", default="float32", help="compute/param dtype: float32 or bfloat16")
+    p.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS,
+                   help="attention kernel: xla (any), cudnn (GPU, bf16), splash (TPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     a = p.parse_args(argv)
     if not os.path.isdir(a.ckpt):
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vlaa_jax.models import qwen2_5_vl as q
 
     t0 = time.time()
-    model = q.from_pretrained(a.ckpt, dtype=a.dtype)
+    model = q.from_pretrained(a.ckpt, dtype=a.dtype, attention_impl=a.attention_impl)
     formatter, prompts = build_prompt(a.ckpt, a.question, a.image, a.system_prompt or None, a.min_pixels,
                                       a.max_pixels, model.config)
     graphdef, state = nnx.split(model)

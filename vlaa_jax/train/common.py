@@ -58,10 +58,11 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> qwen.Qwen25VLConfig:
-    """Architecture from the model directory, or from `model.tiny` with the tokenizer's special ids."""
+    """Architecture from the model directory, or from `model.tiny` with the tokenizer's special ids; the
+    run options (dtypes, remat, attention kernel) from `config.model`, for training, rollout and eval."""
     m = config.model
     run = dict(dtype=m.compute_dtype, param_dtype=m.param_dtype,
-               remat_policy="full" if m.remat else "none")
+               remat_policy="full" if m.remat else "none", attention_impl=m.attention_impl)
     if m.init == "pretrained":
         return qwen.load_config(m.path, **run)
     t = m.tiny

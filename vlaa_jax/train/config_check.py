@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import ml_collections
 
+from vlaa_jax.nn import ATTENTION_IMPLS
+
 MODES = ("sft", "grpo", "eval", "generate")
 
 
@@ -75,6 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(m.init in ("pretrained", "tiny"), "model.init", f"'pretrained' or 'tiny', got {m.init!r}")
     _require(m.init != "pretrained" or bool(m.path), "model.path",
              "needed when model.init == 'pretrained' (a vlaa-jax or HF model directory)")
+    _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+             f"one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
     _require(d.source in ("vlaa_thinking", "demo"), "data.source",
              f"'vlaa_thinking' or 'demo', got {d.source!r}")
     _require(d.source != "vlaa_thinking" or bool(d.dir), "data.dir", "needed for data.source='vlaa_thinking'")
