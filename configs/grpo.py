@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.logprob_chunk = 256           # tokens per chunk when turning hidden states into log-probs
     g.kl_controller = "adaptive"    # "adaptive" (OpenRLHF style, paper appendix C) or "fixed"
     g.init_kl_coef = 1e-3           # initial KL coefficient beta (paper appendix C); 0 = no reference
+    g.ref_dtype = "bfloat16"        # dtype of the frozen reference copy: "bfloat16" (half the memory of
+    #                                 fp32 master weights) | "float32" | "param" (= model.param_dtype)
     g.kl_target = 5e-4              # adaptive controller target KL per token (paper appendix C)
     g.kl_horizon = 10000            # adaptive controller horizon in samples; not given (OpenRLHF default)
     # The loss (fields of vlaa_jax.rl.grpo.GRPOConfig; kl_coef comes from the KL controller).

@@ -33,6 +33,7 @@ def test_paper_recipe_values():
     # Scale knobs of the real presets (the demo keeps the plain defaults).
     assert (c.model.attention_impl, s.model.attention_impl, base_config.get_config().model.attention_impl
             ) == ("cudnn", "cudnn", "xla")
+    assert c.grpo.ref_dtype == "bfloat16"
 
 
 def test_attention_impl_reaches_the_model_config(qwen_tokenizer, tmp_path):
@@ -79,6 +80,7 @@ def test_unknown_key_is_named():
     ("grpo.loss.loss_agg_mode", "mean", "grpo.loss"),
     ("mode", "dance", "mode"),
     ("model.attention_impl", "flash", "model.attention_impl"),
+    ("grpo.ref_dtype", "float16", "grpo.ref_dtype"),
 ])
 def test_bad_value_is_named(key, value, match):
     c = grpo_config.get_config("demo")

@@ -14,6 +14,7 @@ import ml_collections
 from vlaa_jax.nn import ATTENTION_IMPLS
 
 MODES = ("sft", "grpo", "eval", "generate")
+REF_DTYPES = ("bfloat16", "float32", "param")  # grpo.ref_dtype ("param" = model.param_dtype)
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if mode in ("grpo", "eval", "generate"):
         g = config.grpo
         _require(g.rollout_batch_prompts > 0, "grpo.rollout_batch_prompts", "must be positive")
+        _require(g.ref_dtype in REF_DTYPES, "grpo.ref_dtype", f"one of {REF_DTYPES}, got {g.ref_dtype!r}")
         _require(g.num_samples > 0, "grpo.num_samples", "must be positive")
         _require(g.temperature > 0, "grpo.temperature", "must be positive (greedy is used for eval)")
         _require(g.max_new_tokens > 0, "grpo.max_new_tokens", "must be positive")

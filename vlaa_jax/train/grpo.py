@@ -4,10 +4,10 @@ One trainer step = one rollout batch, in this order:
   prompts (loader) -> rollout: `num_samples` responses per prompt (generate.py) -> mixed rewards on
   the host (vlaa_jax.rewards) -> group advantages (vlaa_jax.rl.grpo) -> old-policy log-probs
   (recomputed with the training forward; on-policy, when a rollout batch gets exactly one update, the
-  update's own log-probs held constant instead) and reference log-probs (frozen initial policy;
-  skipped when beta = 0) -> `update_epochs` passes of shuffled minibatches of `train.batch_size`
-  samples, each one jitted sharded update with gradient accumulation and the global loss normaliser -> KL controller
-  update -> metrics, rollout samples, checkpoint.
+  update's own log-probs held constant instead) and reference log-probs (frozen initial policy, a
+  `grpo.ref_dtype` copy: bf16 by default; skipped when beta = 0) -> `update_epochs` passes of shuffled
+  minibatches of `train.batch_size` samples, each one jitted sharded update with gradient accumulation
+  and the global loss normaliser -> KL controller update -> metrics, rollout samples, checkpoint.
 `GRPOTrainer.evaluate_prompts` (the run's before/after table) scores greedy answers per verifier type
 (benchmarks: mode=eval, vlaa_jax.eval); rollouts' behaviour metrics (vlaa_jax.eval.behaviour) are logged;
 `generate_samples` (mode=generate) prints a few sampled responses.
@@ -150,6 +150,19 @@ def update_full_rows(max_patches: int, micro_batch: int, patches: int) -> tuple[
     return (micro_batch, lr) if micro_batch * lr * lr < patches * patches else False
 
 
+def reference_params(params: Any, ref_dtype: str) -> Any:
+    """The frozen reference policy: a copy of `params` (the trained ones are donated each update) with
+    floating leaves in `ref_dtype` ("param": as stored), each leaf sharded like its parameter. A bf16
+    copy of fp32 master weights halves the reference's memory; the model casts to the compute dtype."""
+    dtype = None if ref_dtype == "param" else jnp.dtype(ref_dtype)
+
+    def cast(x: jax.Array) -> jax.Array:
+        return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else jnp.copy(x)
+
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
+
+
 # --------------------------------------------------------------------------------------- trainer
 class GRPOTrainer:
     """Holds a run's pieces between steps; `train()` is the loop."""
@@ -170,7 +183,7 @@ class GRPOTrainer:
         self.reward_fn = reward_fn or self._mixed_reward
         self.use_ref = g.init_kl_coef > 0
         # The reference is the initial policy (a copy: the trained params are donated each update).
-        self.ref_params = jax.tree.map(jnp.copy, self.run.params) if self.use_ref else None
+        self.ref_params = reference_params(self.run.params, g.ref_dtype) if self.use_ref else None
 
     # -- pieces --------------------------------------------------------------------------------
     def _mixed_reward(self, responses, records, image_hw=None):
