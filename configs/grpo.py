@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     g = c.grpo = ml_collections.ConfigDict()
     g.rollout_batch_prompts = 512   # prompts per rollout batch (paper appendix C)
+    g.rollout_micro_batch = 0       # prompts per generate call (memory knob: KV cache of micro_batch *
+    #                                 num_samples rows); must divide rollout_batch_prompts and be a
+    #                                 multiple of the data-parallel size; 0 = the whole rollout batch
     g.num_samples = 4               # responses sampled per prompt, the GRPO group (paper appendix C)
     g.temperature = 0.8             # sampling temperature of rollouts (paper appendix C)
     g.top_p = 1.0                   # nucleus sampling; not given in the paper (1.0 = off)
@@ -117,6 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 1024    # not given in the paper
     c.data.max_pixels = 256 * 28 * 28  # not given in the paper for training
     c.data.num_epochs = 1              # paper appendix C: 1 episode
+    g.rollout_micro_batch = 64         # 256 rows of up to 2048 tokens per generate call; bf16 KV cache
+    #                                    ~18 GiB (3B) / ~28 GiB (7B), split over the data-parallel devices
     c.optim.learning_rate = 1e-6       # peak LR: not given in the paper (OpenRLHF GRPO examples: 1e-6)
     c.optim.min_learning_rate = 5e-7   # paper appendix C: cosine to min LR 5e-7
     c.optim.warmup_ratio = 0.03        # paper appendix C: warmup 3%

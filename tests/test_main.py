@@ -31,9 +31,10 @@ def test_paper_recipe_values():
     s = sft_config.get_config("vlaa_thinker_7b")
     assert (s.train.batch_size, s.model.freeze_vision) == (128, True)
     # Scale knobs of the real presets (the demo keeps the plain defaults).
-    assert (c.model.attention_impl, s.model.attention_impl, base_config.get_config().model.attention_impl
-            ) == ("cudnn", "cudnn", "xla")
-    assert c.grpo.ref_dtype == "bfloat16"
+    assert (c.model.attention_impl, s.model.attention_impl, c.grpo.ref_dtype) == ("cudnn", "cudnn", "bfloat16")
+    assert c.grpo.rollout_batch_prompts % c.grpo.rollout_micro_batch == 0
+    assert (grpo_config.get_config("demo").grpo.rollout_micro_batch, base_config.get_config().model.attention_impl
+            ) == (0, "xla")
 
 
 def test_attention_impl_reaches_the_model_config(qwen_tokenizer, tmp_path):
@@ -81,6 +82,8 @@ def test_unknown_key_is_named():
     ("mode", "dance", "mode"),
     ("model.attention_impl", "flash", "model.attention_impl"),
     ("grpo.ref_dtype", "float16", "grpo.ref_dtype"),
+    ("grpo.rollout_micro_batch", 3, "grpo.rollout_micro_batch"),  # does not divide the 8 prompts
+    ("grpo.rollout_micro_batch", -8, "grpo.rollout_micro_batch"),
 ])
 def test_bad_value_is_named(key, value, match):
     c = grpo_config.get_config("demo")

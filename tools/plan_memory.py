@@ -19,12 +19,14 @@ max_new_tokens`; `data.max_pixels / 14^2` patches).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -347,6 +349,350 @@ def plan_from_trainer_config(c, mesh_shape, **overrides) -> dict[str, Any]:
   return plan(model, mesh_shape, **kw)
 
 
+# --------------------------------------------------------------------------------------------------
+# Phases of a training step (what XLA allocates per device)
+# --------------------------------------------------------------------------------------------------
+#
+# Every phase program's peak per device is its arguments plus the live peak of its temporaries
+# (outputs are donated or small). The temporaries below are the buffers found at the peak of XLA's
+# buffer assignment (`--xla_dump_to`, *-live-range.txt) of the project's own programs (tools/
+# phase_programs.py), as XLA:CPU compiles them: bf16 matmuls run in float32 there, so gathered weights,
+# matmul outputs and remat residuals are float32; on an accelerator they stay in the compute dtype and
+# the figures are an upper bound. FSDP gathers a weight whole along its model width ("embed") before
+# the matmul that uses it; a layer's gathered weights count per layer (the layer scans), the output
+# projection's for the whole program (XLA hoists its gather out of the decode loop).
+
+# XLA's heap packing leaves part of the temporaries' allocation unused: measured 1.00-1.25 x their live
+# peak. In the rollout about half of the vision tower's buffers keep their room through the prefill
+# (the prompt cache, allocated before the tower runs, sits above them).
+FRAGMENTATION = 1.08
+VISION_UNPACKED = 0.5
+F32 = 4
+
+
+class DeviceSizes:
+  """Per-device sizes of a workload's parameters, optimiser state and activations on a mesh."""
+
+  def __init__(self, w: Any, mesh_shape: tuple[int, ...], rules: Any = None):
+    from flax import nnx
+    from vlaa_jax.train import common
+    if -1 in tuple(mesh_shape):
+      raise ValueError(f"--mesh {mesh_shape}: give every axis size (no -1) when planning")
+    self.w, self.m = w, w.model
+    self.mesh = jax.sharding.AbstractMesh(tuple(int(s) for s in mesh_shape), shd.MESH_AXES)
+    self.rules = shd.resolve_rules(rules if rules is not None else w.config.get("sharding", {}).get("rules"))
+    self.gathered_rules = tuple((k, () if k == "embed" else v) for k, v in self.rules)
+    self.dp = shd.data_parallel_size(self.mesh, self.rules)
+    _, params, rest = abstract_model(self.m)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    mask = common.trainable_mask(w.config, params)
+    train = jax.tree.leaves(mask) if mask is not None else None
+    self.params = self.params_f32_trainable = self.ref = 0
+    self.layer = self.vision_block = self.head = self.decode_weights = self.stack_f32 = 0
+    self.head_gathered = False
+    tied = self.m.tie_word_embeddings
+    ref = jnp.dtype(self.m.param_dtype if w.ref_dtype == "param" else w.ref_dtype)
+    layers, depth = self.m.text.num_hidden_layers, self.m.vision.depth
+    for i, (path, var) in enumerate(jax.tree_util.tree_leaves_with_path(params, is_leaf=is_var)):
+      key = jax.tree_util.keystr(path, simple=True, separator="/")
+      a, names = var.get_value(), var.get_metadata().get("out_sharding")
+      self.params += self.bytes(a.shape, names, a.dtype)
+      if train is None or train[i]:
+        self.params_f32_trainable += self.bytes(a.shape, names, jnp.float32)
+      floating = jnp.issubdtype(a.dtype, jnp.floating)
+      self.ref += self.bytes(a.shape, names, ref if floating else a.dtype)
+      gathered = self.bytes(a.shape, names, jnp.float32, self.gathered_rules)
+      if key.startswith("language_model/layers/"):
+        self.layer += gathered // layers
+        self.stack_f32 += self.bytes(a.shape, names, jnp.float32)
+        if key.endswith("/kernel"):
+          self.decode_weights += self.bytes(a.shape, names, self.m.dtype)
+      elif key.startswith("visual/blocks/"):
+        self.vision_block += gathered // depth
+      elif key == ("language_model/embed_tokens" if tied else "lm_head"):
+        self.head = gathered
+        self.head_gathered = gathered > self.bytes(a.shape, names, jnp.float32)   # FSDP splits its width
+        if not tied:
+          self.decode_weights += self.bytes(a.shape, names, self.m.dtype)
+    self.rest = tree_bytes(rest, self.mesh, self.rules)[2]
+    tx, _ = common.make_optimizer(w.config, params, total_updates=1000)
+    self.optimizer = tree_bytes(jax.eval_shape(tx.init, params), self.mesh, self.rules)[2]
+    t, v = self.m.text, self.m.vision
+    self.heads = self.local(t.num_attention_heads, "heads")
+    self.kv_heads = self.local(t.num_key_value_heads, "kv_heads")     # the KV cache's heads axis
+    self.mlp = self.local(t.intermediate_size, "mlp")
+    self.vocab = self.local(t.vocab_size, "vocab")
+    self.vision_heads = self.local(v.num_heads, "heads")
+    self.vision_mlp = self.local(v.intermediate_size, "mlp")
+
+  def for_workload(self, w: Any) -> "DeviceSizes":
+    """The same model, optimiser and mesh with other batch shapes (`Workload.replace`)."""
+    other = copy.copy(self)
+    other.w = w
+    return other
+
+  def bytes(self, shape, names, dtype, rules=None) -> int:
+    return _per_device_bytes(tuple(shape), dtype, names, self.mesh, rules or self.rules)
+
+  def local(self, size: int, logical: str) -> int:
+    """The per-device part of a dimension of `size` named `logical` (the whole of it where the mesh
+    axes of its rule do not divide it)."""
+    return self.bytes((size,), (logical,), jnp.int8)
+
+  def rows(self, n: int) -> int:
+    return -(-n // self.dp)
+
+  def batch_bytes(self, host: dict, *, micro_batches: int = 1) -> int:
+    """Per-device bytes of a host batch placed as `sharding.batch_shardings` places it."""
+    rows = np.shape(host["input_ids"])[0]
+    names = shd.batch_axes(host, rows)
+    total = 0
+    for k, v in host.items():
+      shape = tuple(np.shape(v))
+      if k == "pixel_values":
+        shape = shape[:-1] + (self.m.vision.patch_dim,)
+      total += micro_batches * self.bytes(shape, names[k], np.asarray(v).dtype)
+    return total
+
+  def resident(self) -> dict[str, int]:
+    """What a run keeps on every device between phases."""
+    out = {"params": self.params, "rest": self.rest, "optimizer": self.optimizer}
+    out["reference"] = self.ref if self.w.use_ref else 0
+    return out
+
+
+def _vision_parts(d: DeviceSizes, host: dict, *, backward: bool) -> dict[str, int]:
+  """The vision tower's largest temporaries on one device: one block's float32 attention scores (per-
+  image rows [G, R, heads, Lr, Lr] or dense [G, heads, P, P]) and MLP, its gathered weights, the
+  remat residuals of every block (when the tower is trained)."""
+  if "pixel_values" not in host:
+    return {}
+  v = d.m.vision
+  groups, patches = np.shape(host["pixel_values"])[:2]
+  g = d.rows(groups) if groups % d.dp == 0 else groups
+  rows = host.get("vision_full_index")
+  pairs = np.shape(rows)[1] * np.shape(rows)[2] ** 2 if rows is not None else patches * patches
+  parts = {"vision_scores": 2 * g * d.vision_heads * pairs * F32,
+           "vision_mlp": (5 if backward else 2) * g * patches * d.vision_mlp * F32,
+           "vision_weights": 2 * d.vision_block}
+  if backward:
+    parts["vision_residuals"] = v.depth * g * patches * v.hidden_size * F32
+  return parts
+
+
+def _layer_parts(d: DeviceSizes, rows: int, queries: int, keys: int, *, backward: bool) -> dict[str, int]:
+  """One decoder layer's float32 attention scores and probabilities [rows, heads, queries, keys] and
+  boolean mask; with `backward` (its recomputation and backward in the update) also its MLP
+  activations [rows, queries, mlp] (five) and hidden states [rows, queries, width] (eight) in float32
+  and its gathered weights' gradients."""
+  parts = {"scores": 2 * rows * d.heads * queries * keys * F32, "mask": rows * queries * keys,
+           # FSDP: the gathered weights (and in the backward their gradients before the reduce-scatter)
+           "layer_weights": (2 if backward else 1) * d.layer if backward or d.head_gathered else 0}
+  if backward:
+    parts.update(mlp=5 * rows * queries * d.mlp * F32, hidden=8 * rows * queries * d.m.text.hidden_size * F32)
+  return parts
+
+
+def _peak(args: int, persistent: dict[str, int], stages: dict[str, dict[str, int]], *,
+          unpacked: dict[str, int] | None = None) -> dict[str, Any]:
+  """Arguments + FRAGMENTATION x (temporaries live throughout + the largest stage's) + `unpacked`
+  (buffers of an earlier stage whose room XLA's heap does not reuse)."""
+  sums = {k: sum(v.values()) for k, v in stages.items()}
+  stage = max(sums, key=sums.get)
+  extra = dict(unpacked or {})
+  temp = int(FRAGMENTATION * (sum(persistent.values()) + sums[stage])) + sum(extra.values())
+  return {"arguments": args, "temporaries": temp, "peak": args + temp, "peak_stage": stage,
+          "parts": {**persistent, **{f"{stage}/{k}": v for k, v in stages[stage].items()}, **extra}}
+
+
+def estimate_rollout(d: DeviceSizes, host: dict) -> dict[str, Any]:
+  """One generate call: the prompts' KV cache (k and v [layers, rows, prompt + new, kv_heads,
+  head_dim] in the compute dtype) while images are encoded and the prompt prefilled (float32 attention
+  scores over every cache slot; two layers' gathered weights, the scan body's and the top layer's),
+  then `num_samples` copies of it for the decode loop (float32 logits [rows * samples, vocab]); the
+  gathered output projection throughout. Where the query heads are split over `tensor` but the kv heads
+  are not (tensor > kv heads), XLA reshards the whole cache each decode step, in float32 on CPU."""
+  w, t = d.w, d.m.text
+  rows = d.rows(np.shape(host["input_ids"])[0])
+  prompt = np.shape(host["input_ids"])[1]
+  slots = prompt + w.cache_new_tokens
+  kv = 2 * t.num_hidden_layers * rows * slots * d.kv_heads * t.head_dim * jnp.dtype(d.m.dtype).itemsize
+  head = {"head": d.head}
+  prefill = _layer_parts(d, rows, prompt, slots, backward=False)
+  prefill["layer_weights"] *= 2           # the scan body's and the top layer's (`last_only`)
+  decode = {"cache": w.num_samples * kv, **head, "layer_weights": 2 * d.layer,
+            "logits": 3 * w.num_samples * rows * d.vocab * F32}
+  if d.kv_heads == t.num_key_value_heads and d.heads < t.num_attention_heads:
+    decode["cache_resharded"] = decode["cache"] * F32 // jnp.dtype(d.m.dtype).itemsize
+  stages = {"vision": {"prompt_cache": kv, **head, **_vision_parts(d, host, backward=False)},
+            "prefill": {"prompt_cache": kv, **head, **prefill}, "decode": decode}
+  args = d.params + d.rest + d.batch_bytes(host) + (d.decode_weights if w.weight_major else 0)
+  vision = sum(v for k, v in stages["vision"].items() if k.startswith("vision_"))
+  return _peak(args, {}, stages, unpacked={"vision_unpacked": int(VISION_UNPACKED * vision)})
+
+
+def estimate_logprobs(d: DeviceSizes, host: dict, *, reference: bool) -> dict[str, Any]:
+  """The log-prob forward of one micro-batch (no backward): per layer its attention scores over the
+  whole row, then the response positions' logits chunk by chunk ([rows, chunk, vocab] float32)."""
+  w = d.w
+  rows, length = d.rows(np.shape(host["input_ids"])[0]), np.shape(host["input_ids"])[1]
+  stored = jnp.dtype(w.model.param_dtype if not reference or w.ref_dtype == "param" else w.ref_dtype).itemsize
+  # Weights stored narrower than float32 (a bf16 reference): XLA:CPU converts the decoder's stacked
+  # weights to float32 once, before the layer scan, and gathers the output projection as stored.
+  head = {"head": d.head * stored // F32}
+  if stored < F32:
+    head["decoder_weights_f32"] = d.stack_f32
+  # the gathered projection and its float32 / relaid copy (one copy where it is not gathered)
+  logits = {"head": d.head + (head["head"] if d.head_gathered else 0)}
+  stages = {
+      "vision": {**head, **_vision_parts(d, host, backward=False)},
+      "layer": {**head, **_layer_parts(d, rows, length, length, backward=False)},
+      "logits": {**head, **logits, "logits": 2 * rows * _logits_positions(d, host) * d.vocab * F32},
+  }
+  args = (d.ref if reference else d.params) + d.rest + d.batch_bytes(host)
+  return _peak(args, {}, stages)
+
+
+def _logits_positions(d: DeviceSizes, host: dict) -> int:
+  """Positions per row of one logits chunk: GRPO's response chunk, SFT's per group of rows."""
+  if "target_pos" in host:     # SFT: target positions compacted per image group of B / G rows
+    groups, k = np.shape(host["target_pos"])
+    per_group = np.shape(host["input_ids"])[0] // groups
+    return max(1, min(k, int(d.w.config.sft.logits_chunk) * per_group) // per_group)
+  return min(int(d.w.config.grpo.logprob_chunk), np.shape(host["response_mask"])[1])
+
+
+def estimate_train_step(d: DeviceSizes, host: dict) -> dict[str, Any]:
+  """An optimiser update over `micro_batches` micro-batches (GRPO update or SFT step): parameters and
+  Adam moments (arguments, donated), a float32 gradient accumulator and the remat residuals of every
+  layer and block (each layer's input, float32 on CPU) throughout, then the largest of: the output
+  projection's backward (its gathered weight, its gradient and the embedding's, float32), one layer's
+  recomputed forward and backward, the vision tower's."""
+  w, t = d.w, d.m.text
+  rows, length = d.rows(np.shape(host["input_ids"])[0]), np.shape(host["input_ids"])[1]
+  vision_trained = not w.config.model.get("freeze_vision", False)
+  layer = _layer_parts(d, rows, length, length, backward=True)
+  vision = _vision_parts(d, host, backward=vision_trained)
+  persistent = {"gradients": d.params_f32_trainable,
+                "residuals": t.num_hidden_layers * _residual_per_layer(d, layer, rows * length * t.hidden_size)}
+  if "vision_residuals" in vision:
+    block_input = vision.pop("vision_residuals") // d.m.vision.depth // F32
+    persistent["vision_residuals"] = d.m.vision.depth * _residual_per_layer(d, vision, block_input)
+  stages = {
+      "head": {"head": 3 * d.head, "logits": 2 * rows * _logits_positions(d, host) * d.vocab * F32},
+      "layer": {"head": 2 * d.head, **layer},
+      "vision": {"head": d.head, **vision},
+      # the AdamW update: gradients, their clipped / masked copies and the updates, float32 (the
+      # residuals are gone by then; counted as negative here so that the stage sums stay comparable)
+      "optimizer": {"updates": 2 * d.params_f32_trainable,
+                    "residuals_freed": -sum(v for k, v in persistent.items() if k != "gradients")},
+  }
+  args = d.params + d.rest + d.optimizer + d.batch_bytes(host, micro_batches=w.micro_batches)
+  return _peak(args, persistent, stages)
+
+
+def _residual_per_layer(d: DeviceSizes, parts: dict[str, int], block_input: int) -> int:
+  """What the backward keeps of one layer / block: its input (remat "full", float32 on CPU), all its
+  activations (remat "none": `parts` without the weights), or its matmul outputs ("save_dots": about
+  half of them; not measured against XLA)."""
+  activations = sum(v for k, v in parts.items() if not k.endswith("weights"))
+  return {"full": block_input * F32, "none": activations, "save_dots": activations // 2}[d.m.remat_policy]
+
+
+def estimate_phase(d: DeviceSizes, phase: str, host: dict) -> dict[str, Any]:
+  """The estimate of one phase's program on the host batch it runs on (tools/phase_programs.py)."""
+  if phase == "rollout":
+    return estimate_rollout(d, host)
+  if phase in ("logprobs", "ref_logprobs"):
+    return estimate_logprobs(d, host, reference=phase == "ref_logprobs")
+  if phase in ("update", "sft"):
+    return estimate_train_step(d, host)
+  raise ValueError(f"no estimate for phase {phase!r}")
+
+
+def phase_host_batch(w: Any, d: DeviceSizes, phase: str) -> dict:
+  """The host batch a phase runs on (built with one-column patches: shapes only)."""
+  from tools import phase_programs as pp
+  if phase == "rollout":
+    return pp.rollout_host_batch(w, d.mesh, d.rules)
+  if phase in ("logprobs", "ref_logprobs"):
+    return pp.grpo_host_batch(w, d.mesh, d.rules, forward=True)
+  if phase == "update":
+    return pp.grpo_host_batch(w, d.mesh, d.rules)
+  return pp.sft_host_batch(w, d.mesh, d.rules)
+
+
+def plan_phases(w: Any, mesh_shape: tuple[int, ...], rules: Any = None, *,
+                sizes: DeviceSizes | None = None) -> dict[str, Any]:
+  """Per-device bytes of every phase of a GRPO step (rollout, old-policy and reference log-probs,
+  update) or an SFT step: the phase program's arguments and temporaries plus the resident state it
+  does not take (optimiser state during the rollout, ...), the peak phase. `sizes`: a DeviceSizes of
+  the same model and mesh to reuse."""
+  d = sizes.for_workload(w) if sizes is not None else DeviceSizes(w, mesh_shape, rules)
+  resident = d.resident()
+  for what, rows in (("prompts per rollout generate call", w.rollout_prompts),
+                     ("micro-batch rows", w.micro_rows)):
+    if rows and rows % d.dp:
+      raise ValueError(f"{what} {rows} are not divisible by the data-parallel size {d.dp}")
+  phases = {}
+  for phase in w.phases:
+    est = estimate_phase(d, phase, phase_host_batch(w, d, phase))
+    passed = {"rollout": ("params", "rest"), "logprobs": ("params", "rest"),
+              "ref_logprobs": ("reference", "rest")}.get(phase, ("params", "rest", "optimizer"))
+    est["resident_beside"] = sum(v for k, v in resident.items() if k not in passed)
+    est["total"] = est["peak"] + est["resident_beside"]
+    phases[phase] = est
+  peak = max(phases, key=lambda k: phases[k]["total"])
+  return {"mesh": dict(zip(shd.MESH_AXES, mesh_shape)), "devices": math.prod(mesh_shape),
+          "data_parallel": d.dp, "rules": dict(d.rules), "resident": resident, "phases": phases,
+          "peak_phase": peak, "peak_bytes": phases[peak]["total"], "workload": workload_summary(w)}
+
+
+def workload_summary(w: Any) -> dict[str, Any]:
+  keys = ("mode", "micro_rows", "micro_batches", "seq_len", "image_grid", "rollout_prompts", "num_samples",
+          "prompt_len", "new_tokens", "cache_new_tokens", "use_ref", "ref_dtype", "on_policy", "weight_major")
+  return {k: getattr(w, k) for k in keys} | {"remat_policy": w.model.remat_policy, "dtype": w.model.dtype,
+                                             "param_dtype": w.model.param_dtype}
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def suggest(w: Any, mesh_shape: tuple[int, ...], device_memory: int, rules: Any = None) -> dict[str, Any]:
+  """The smallest `train.grad_accum_steps` (the largest micro-batch: a divisor of the batch and a
+  multiple of the data-parallel size) whose update and log-prob phases fit `device_memory` per device,
+  then the largest `grpo.rollout_micro_batch` (a divisor of the rollout batch and a multiple of the
+  data-parallel size) whose rollout fits too. None where even the smallest does not fit."""
+  d = DeviceSizes(w, mesh_shape, rules)
+  c, dp = w.config, d.dp
+  fits = lambda plan, phases: all(plan["phases"][p]["total"] <= device_memory  # noqa: E731
+                                  for p in phases if p in plan["phases"])
+  out: dict[str, Any] = {"device_memory": device_memory, "train.grad_accum_steps": None}
+  batch = int(c.train.batch_size)
+  smallest_rollout = {"rollout_prompts": dp} if w.mode == "grpo" else {}
+  for steps in (s for s in _divisors(batch) if (batch // s) % dp == 0):
+    trial = w.replace(micro_batches=steps, micro_rows=batch // steps, **smallest_rollout)
+    if fits(plan_phases(trial, mesh_shape, sizes=d), ("logprobs", "ref_logprobs", "update", "sft")):
+      out["train.grad_accum_steps"] = steps
+      w = trial
+      break
+  plan = None
+  if w.mode == "grpo":
+    out["grpo.rollout_micro_batch"] = None
+    prompts = int(c.grpo.rollout_batch_prompts)
+    for size in sorted((k for k in _divisors(prompts) if k % dp == 0), reverse=True):
+      trial = plan_phases(w.replace(rollout_prompts=size), mesh_shape, sizes=d)
+      if out["train.grad_accum_steps"] is not None and fits(trial, ("rollout",)):
+        out["grpo.rollout_micro_batch"] = size
+        plan = trial
+        break
+  elif out["train.grad_accum_steps"] is not None:
+    plan = plan_phases(w, mesh_shape, sizes=d)
+  out["plan"] = plan
+  return out
+
+
 def format_plan(p: dict[str, Any]) -> str:
   lines = [f"mesh {p['mesh']} ({p['devices']} devices, data-parallel {p['data_parallel']}), "
            f"remat {p['remat_policy']}, params {p['params'] / 1e9:.3f} B "
@@ -362,14 +708,121 @@ def format_plan(p: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_phases(p: dict[str, Any]) -> str:
+  """The phase plan as a table (GiB per device), with XLA's figures where `--xla` added them."""
+  w = p["workload"]
+  lines = [f"{w['mode'].upper()} step on mesh {p['mesh']} ({p['devices']} devices, data-parallel "
+           f"{p['data_parallel']}); remat {w['remat_policy']}, compute {w['dtype']}, parameters {w['param_dtype']}"]
+  if w["mode"] == "grpo":
+    lines.append(f"  rollout: {w['rollout_prompts']} prompts x {w['num_samples']} samples per generate call, "
+                 f"{w['prompt_len']} prompt + {w['new_tokens']} new tokens; updates: {w['micro_rows']} rows x "
+                 f"{w['seq_len']} tokens x {w['micro_batches']} micro-batches; reference "
+                 f"{w['ref_dtype'] if w['use_ref'] else 'none'}")
+  else:
+    lines.append(f"  {w['micro_rows']} rows x {w['seq_len']} tokens x {w['micro_batches']} micro-batches")
+  lines.append("  resident: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in p["resident"].items() if v) + " GiB")
+  xla = p.get("xla", {})
+  head = f"  {'phase':<13}{'arguments':>10}{'temps':>8}{'beside':>8}{'total':>8}"
+  lines.append(head + ("   XLA: program  total  est/XLA" if xla else "") + "   largest parts (GiB)")
+  for name, e in p["phases"].items():
+    row = (f"  {name:<13}{e['arguments'] / GiB:>10.2f}{e['temporaries'] / GiB:>8.2f}"
+           f"{e['resident_beside'] / GiB:>8.2f}{e['total'] / GiB:>8.2f}")
+    if name in xla:
+      x = xla[name]
+      row += f"   {x['peak'] / GiB:>12.2f} {x['total'] / GiB:>6.2f} {e['peak'] / x['peak']:>8.2f}"
+    parts = sorted(e["parts"].items(), key=lambda kv: -kv[1])[:4]
+    row += "   " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts)
+    lines.append(row)
+  lines.append(f"  peak: {p['peak_phase']}, {p['peak_bytes'] / GiB:.2f} GiB per device")
+  for sug in p.get("suggestions", []):
+    knobs = {k: v for k, v in sug.items() if k not in ("device_memory", "plan")}
+    fit = ", ".join(f"{k}={v}" for k, v in knobs.items())
+    if sug["plan"] is None:
+      lines.append(f"  {sug['device_memory'] / GiB:g} GiB per device: does not fit ({fit}; use more devices)")
+    else:
+      lines.append(f"  {sug['device_memory'] / GiB:g} GiB per device: {fit} (peak {sug['plan']['peak_phase']}, "
+                   f"{sug['plan']['peak_bytes'] / GiB:.2f} GiB)")
+  return "\n".join(lines)
+
+
+def parse_bytes(text: str) -> int:
+  """'80GiB', '32 GB', '512MiB' or a plain number of bytes."""
+  units = {"tib": 2 ** 40, "gib": 2 ** 30, "mib": 2 ** 20, "kib": 2 ** 10, "tb": 1e12, "gb": 1e9, "mb": 1e6,
+           "kb": 1e3, "b": 1}
+  t = text.strip().lower().replace(" ", "")
+  for unit, scale in units.items():
+    if t.endswith(unit):
+      return int(float(t[:-len(unit)]) * scale)
+  return int(float(t))
+
+
+def apply_overrides(config: Any, assignments: list[str]) -> None:
+  """`key.path=value` overrides of a trainer config, typed like the value they replace."""
+  for item in assignments:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. grpo.rollout_micro_batch=16")
+    *path, last = key.split(".")
+    node = config
+    for k in path:
+      node = node[k]
+    if last not in node:
+      raise KeyError(f"--set {item!r}: the config has no key {key!r}")
+    old = node[last]
+    with config.unlocked():
+      if isinstance(old, bool):
+        node[last] = value.lower() in ("1", "true", "yes")
+      elif isinstance(old, (tuple, list)):
+        node[last] = type(old)(type(old[0])(x) if old else x for x in value.split(","))
+      else:
+        node[last] = type(old)(value)
+
+
+def xla_phase_figures(w: Any, mesh_shape: tuple[int, ...], rules: Any = None) -> dict[str, dict[str, int]]:
+  """XLA's memory analysis of every phase program of `w` compiled on `mesh_shape` (needs that many
+  devices in this process), with the resident bytes beside each and their total."""
+  from tools import phase_programs as pp
+  n = math.prod(mesh_shape)
+  if jax.device_count() < n:
+    raise RuntimeError(f"--xla on mesh {mesh_shape} needs {n} devices; this process has {jax.device_count()}")
+  programs = pp.PhasePrograms(w, shd.make_mesh(mesh_shape, devices=jax.devices()[:n]), rules)
+  out = {}
+  for phase in w.phases:
+    t0 = time.perf_counter()
+    figures = pp.memory(programs.lower(phase).compile())
+    figures["compile_s"] = round(time.perf_counter() - t0, 1)
+    figures["resident_beside"] = programs.resident_extra(phase)
+    figures["total"] = figures["peak"] + figures["resident_beside"]
+    out[phase] = figures
+  return out
+
+
+def _config_workload(a: argparse.Namespace, config: Any | None = None) -> Any:
+  from tools import phase_programs as pp
+  c = config if config is not None else load_trainer_config(a.config)
+  apply_overrides(c, a.set or [])
+  return pp.Workload.from_config(c, model_from_trainer_config(c, a.remat), weight_major=a.weight_major)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--config", help="trainer config file[:preset], e.g. configs/sft.py:vlaa_thinker_3b")
-  src.add_argument("--hf_config", help="an HF Qwen2.5-VL config.json")
-  src.add_argument("--model", help="built-in shapes: 3b | 7b")
+  src.add_argument("--config", help="trainer config file[:preset], e.g. configs/grpo.py:vlaa_thinker_3b: "
+                                    "every phase of its step")
+  src.add_argument("--hf_config", help="an HF Qwen2.5-VL config.json (one update micro-batch, by component)")
+  src.add_argument("--model", help="built-in shapes: 3b | 7b (one update micro-batch, by component)")
   ap.add_argument("--mesh", required=True, help="devices along data,fsdp,tensor, e.g. 1,8,1")
   ap.add_argument("--rules", default=None, help="fsdp_tp | fsdp | dp (default: config's or fsdp_tp)")
+  ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="--config: override a config key, e.g. --set grpo.rollout_micro_batch=16 (repeatable)")
+  ap.add_argument("--device_memory", default=None,
+                  help="--config: per-device memory to fit, e.g. 80GiB or 80GiB,32GiB: suggests "
+                       "train.grad_accum_steps and grpo.rollout_micro_batch")
+  ap.add_argument("--weight_major", action="store_true",
+                  help="--config: the rollout decodes on transposed weight copies (the sampler's CPU default)")
+  ap.add_argument("--xla", action="store_true",
+                  help="--config: also compile every phase on simulated CPU devices and print XLA's figures")
+  ap.add_argument("--xla_only", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--rows", type=int, default=None, help="global rows per micro-batch")
   ap.add_argument("--seq_len", type=int, default=None, help="tokens per row")
   ap.add_argument("--images", type=int, default=None, help="images per row")
@@ -383,22 +836,33 @@ def main(argv=None) -> int:
   ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
   a = ap.parse_args(argv)
   mesh_shape = tuple(int(x) for x in a.mesh.split(","))
+  if a.config:
+    w = _config_workload(a)
+    if a.xla_only:        # the child process of --xla, with the devices the mesh needs
+      print(json.dumps(xla_phase_figures(w, mesh_shape, a.rules)))
+      return 0
+    result = plan_phases(w, mesh_shape, a.rules)
+    if a.device_memory:
+      result["suggestions"] = [suggest(w, mesh_shape, parse_bytes(m), a.rules) for m in a.device_memory.split(",")]
+    if a.xla:
+      from tools import phase_programs as pp
+      child = [os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--xla_only"]
+      child = [x for x in child if x not in ("--xla", "--json")]
+      result["xla"] = json.loads(pp.run_on_devices(math.prod(mesh_shape), child).strip().splitlines()[-1])
+    print(json.dumps(result, indent=1, default=str) if a.json else format_phases(result))
+    return 0
   overrides = dict(rules=a.rules, rows=a.rows, seq_len=a.seq_len, images=a.images,
                    patches=a.patches, micro_batches=a.micro_batches,
                    freeze_vision=a.freeze_vision, reference_model=a.reference_model,
                    activations=not a.no_activations)
-  if a.config:
-    result = plan_from_trainer_config(load_trainer_config(a.config), mesh_shape, remat=a.remat,
-                                      **overrides)
+  run = dict(dtype=a.dtype or "bfloat16", param_dtype="float32", remat_policy=a.remat or "none")
+  if a.model:
+    config = builtin_config(a.model, **run)
   else:
-    run = dict(dtype=a.dtype or "bfloat16", param_dtype="float32", remat_policy=a.remat or "none")
-    if a.model:
-      config = builtin_config(a.model, **run)
-    else:
-      from vlaa_jax.models.qwen2_5_vl import from_hf_dict
-      with open(a.hf_config) as f:
-        config = from_hf_dict(json.load(f), source=a.hf_config, **run)
-    result = plan(config, mesh_shape, **{k: v for k, v in overrides.items() if v is not None})
+    from vlaa_jax.models.qwen2_5_vl import from_hf_dict
+    with open(a.hf_config) as f:
+      config = from_hf_dict(json.load(f), source=a.hf_config, **run)
+  result = plan(config, mesh_shape, **{k: v for k, v in overrides.items() if v is not None})
   print(json.dumps(result, indent=1) if a.json else format_plan(result))
   return 0
 

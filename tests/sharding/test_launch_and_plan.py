@@ -105,16 +105,15 @@ def test_plan_memory_on_3b_shapes_matches_hand_arithmetic():
   assert dp["bytes_per_device"]["params"] == 4 * total
 
 
-def test_plan_memory_cli_with_trainer_config_and_activations(capsys):
+def test_plan_memory_components_from_trainer_config_and_activations():
+  """The component plan of one update micro-batch (`plan_from_trainer_config`; the command line's
+  --model / --hf_config path): activations scale with the rows."""
   from tools import plan_memory
-  assert plan_memory.main(["--config", os.path.join(ROOT, "configs/sft.py:demo"), "--mesh", "1,4,1",
-                           "--json"]) == 0
-  import json
-  small = json.loads(capsys.readouterr().out)
+  config = plan_memory.load_trainer_config(os.path.join(ROOT, "configs/sft.py:demo"))
+  small = plan_memory.plan_from_trainer_config(config, (1, 4, 1))
   assert small["micro_batch"]["rows"] == 4 and small["micro_batch"]["seq_len"] == 256
   assert small["bytes_per_device"]["activations"] > 0
-  big = plan_memory.plan_from_trainer_config(
-      plan_memory.load_trainer_config(os.path.join(ROOT, "configs/sft.py:demo")), (1, 4, 1), rows=8)
+  big = plan_memory.plan_from_trainer_config(config, (1, 4, 1), rows=8)
   ratio = big["bytes_total"]["activations"] / small["bytes_total"]["activations"]
   assert 1.8 < ratio < 2.2   # activations scale with the rows of the micro-batch
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):

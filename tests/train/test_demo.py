@@ -65,7 +65,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert "before" in out and "after" in out and "no answer" in out
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     for key in ("reward", "accuracy", "response_length", "clipfrac", "kl", "entropy", "lr", "tokens_per_s",
-                "time/rollout_s", "time/reward_s", "time/update_s"):
+                "time/rollout_s", "time/reward_s", "time/update_s", "compiles/rollout"):
         assert key in rows[-1], key
     samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
     assert samples and {"prompt", "response", "reward"} <= set(samples[0])
@@ -89,4 +89,8 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["num_items"] == 6
     assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
     assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too
+    # Distinct generate programs so far: the before-table's (5 prompts, greedy) and the steps' (2 prompts,
+    # 4 samples; one per prompt-length bucket at most).
+    counts = [r["compiles/rollout"] for r in rows]
+    assert counts == sorted(counts) and 2 <= counts[-1] <= 1 + len(rows)
     assert all(v == v for row in rows for v in row.values() if isinstance(v, float))  # no NaN logged

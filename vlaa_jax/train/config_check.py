@@ -107,6 +107,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if mode in ("grpo", "eval", "generate"):
         g = config.grpo
         _require(g.rollout_batch_prompts > 0, "grpo.rollout_batch_prompts", "must be positive")
+        _require(g.rollout_micro_batch >= 0 and (g.rollout_micro_batch == 0
+                                                 or g.rollout_batch_prompts % g.rollout_micro_batch == 0),
+                 "grpo.rollout_micro_batch",
+                 f"must divide grpo.rollout_batch_prompts={g.rollout_batch_prompts} (0 = all in one call), "
+                 f"got {g.rollout_micro_batch}")
         _require(g.ref_dtype in REF_DTYPES, "grpo.ref_dtype", f"one of {REF_DTYPES}, got {g.ref_dtype!r}")
         _require(g.num_samples > 0, "grpo.num_samples", "must be positive")
         _require(g.temperature > 0, "grpo.temperature", "must be positive (greedy is used for eval)")

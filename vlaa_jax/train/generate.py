@@ -7,7 +7,7 @@ sample j of prompt i. A row ends at its first stop id (kept, mask 1); later slot
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -31,3 +31,18 @@ def generate(graphdef: Any, params: Any, rest: Any, prompt: Mapping[str, np.ndar
         sampling=rollout.SamplingConfig(temperature=temperature, top_p=top_p), rng=rng,
         stop_ids=eos_ids, pad_id=pad_id, mesh=mesh, rules=rules)
     return Generation(out.tokens, out.logprobs, out.mask)
+
+
+def concat_generations(parts: Sequence[Generation], pad_id: int) -> Generation:
+    """The rows of several `generate` calls (micro-batches of prompts) as one Generation, in order; a
+    narrower part is padded on the right with pad_id tokens, log-prob 0 and mask 0 (past its end)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(x: np.ndarray, value) -> np.ndarray:
+        return np.pad(x, [(0, 0), (0, width - x.shape[1])], constant_values=value)
+
+    return Generation(np.concatenate([pad(p.tokens, pad_id) for p in parts]),
+                      np.concatenate([pad(p.logprobs, 0.0) for p in parts]),
+                      np.concatenate([pad(p.mask, 0) for p in parts]))

@@ -1,7 +1,8 @@
 """GRPO with the paper's mixed reward (arXiv 2504.11468 sec. 4, appendix C; OpenRLHF-style loop).
 
 One trainer step = one rollout batch, in this order:
-  prompts (loader) -> rollout: `num_samples` responses per prompt (generate.py) -> mixed rewards on
+  prompts (loader) -> rollout: `num_samples` responses per prompt (generate.py), `grpo.rollout_micro_batch`
+  prompts per generate call, images padded to the loader's pixel buckets -> mixed rewards on
   the host (vlaa_jax.rewards) -> group advantages (vlaa_jax.rl.grpo) -> old-policy log-probs
   (recomputed with the training forward; on-policy, when a rollout batch gets exactly one update, the
   update's own log-probs held constant instead) and reference log-probs (frozen initial policy, a
@@ -32,7 +33,8 @@ from vlaa_jax.rl.kl import kl_penalty, make_kl_controller
 from vlaa_jax.rl.sampling import filter_zero_variance_groups
 from vlaa_jax.train import common, loop
 from vlaa_jax.train import step as step_lib
-from vlaa_jax.train.generate import generate
+from vlaa_jax.train.config_check import ConfigError
+from vlaa_jax.train.generate import concat_generations, generate
 
 RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], tuple[np.ndarray, dict[str, float]]]
 RECORD_KEYS = ("id", "source", "question", "ground_truth", "verifier_type")
@@ -150,6 +152,31 @@ def update_full_rows(max_patches: int, micro_batch: int, patches: int) -> tuple[
     return (micro_batch, lr) if micro_batch * lr * lr < patches * patches else False
 
 
+def rollout_chunks(num_prompts: int, micro_batch: int) -> list[np.ndarray]:
+    """Prompt indices of each generate call: consecutive runs of `micro_batch` (0: all in one call)."""
+    size = min(micro_batch or num_prompts, num_prompts)
+    return [np.arange(i, min(i + size, num_prompts)) for i in range(0, num_prompts, size)]
+
+
+def check_rollout_micro_batch(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> None:
+    """A ConfigError unless each rollout generate call (`grpo.rollout_micro_batch` prompts, or the whole
+    `grpo.rollout_batch_prompts`) splits evenly over the data-parallel devices: checked before any model
+    is built, where generate would otherwise fail on the first step."""
+    g = config.grpo
+    key = "grpo.rollout_micro_batch" if g.rollout_micro_batch else "grpo.rollout_batch_prompts"
+    try:
+        shd.check_batch_divisible(g.rollout_micro_batch or g.rollout_batch_prompts, mesh, rules,
+                                  what="prompts per rollout generate call")
+    except ValueError as e:
+        raise ConfigError(f"config key {key!r}: {e}") from e
+
+
+def program_key(batch: Mapping[str, np.ndarray], *, n: int, greedy: bool) -> tuple:
+    """What makes generate compile a new program for a prompt batch: its field shapes and the static
+    options this trainer varies (samples per prompt, greedy)."""
+    return tuple(sorted((k, np.shape(v)) for k, v in batch.items())), n, greedy
+
+
 def reference_params(params: Any, ref_dtype: str) -> Any:
     """The frozen reference policy: a copy of `params` (the trained ones are donated each update) with
     floating leaves in `ref_dtype` ("param": as stored), each leaf sharded like its parameter. A bf16
@@ -170,6 +197,7 @@ class GRPOTrainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, reward_fn: RewardFn | None = None):
         self.config, self.workdir = config, os.path.abspath(workdir)
         g = config.grpo
+        check_rollout_micro_batch(config, *common.make_mesh(config))
         init_path = None
         if g.warm_start_sft_steps and config.mode == "grpo":  # eval / generate use the model as given
             init_path = warm_start(config, self.workdir)
@@ -184,6 +212,7 @@ class GRPOTrainer:
         self.use_ref = g.init_kl_coef > 0
         # The reference is the initial policy (a copy: the trained params are donated each update).
         self.ref_params = reference_params(self.run.params, g.ref_dtype) if self.use_ref else None
+        self.rollout_programs: set = set()  # shapes + static options of the generate calls so far
 
     # -- pieces --------------------------------------------------------------------------------
     def _mixed_reward(self, responses, records, image_hw=None):
@@ -193,16 +222,35 @@ class GRPOTrainer:
         return self._mixed(responses, records, image_hw)
 
     def rollout(self, prompts: Prompts, rng: jax.Array, *, n: int, greedy: bool = False):
-        """n responses per prompt (greedy: temperature 0). Returns (prompt index per row, Generation,
-        decoded response texts)."""
+        """n responses per prompt (greedy: temperature 0), in generate calls of `grpo.rollout_micro_batch`
+        prompts (`rollout_batches`; call k samples with fold_in(rng, k)). Returns (prompt index per row,
+        Generation, decoded response texts)."""
         g, run = self.config.grpo, self.run
-        gen = generate(run.graphdef, run.params, run.rest, prompts.rows(np.arange(len(prompts)), run.mcfg),
-                       rng=rng, num_samples=n, max_new_tokens=g.max_new_tokens,
-                       temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
-                       eos_ids=self.eos_ids, pad_id=self.pad_id, mesh=run.mesh, rules=run.rules)
+        parts = []
+        for k, batch in enumerate(self.rollout_batches(prompts)):
+            self.rollout_programs.add(program_key(batch, n=n, greedy=greedy))
+            parts.append(generate(run.graphdef, run.params, run.rest, batch, rng=jax.random.fold_in(rng, k),
+                                  num_samples=n, max_new_tokens=g.max_new_tokens,
+                                  temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
+                                  eos_ids=self.eos_ids, pad_id=self.pad_id, mesh=run.mesh, rules=run.rules))
+        gen = concat_generations(parts, self.pad_id)
         texts = run.tokenizer.batch_decode([t[m > 0] for t, m in zip(gen.tokens, gen.mask)],
                                            skip_special_tokens=True)
         return np.repeat(np.arange(len(prompts)), n), gen, texts
+
+    def rollout_batches(self, prompts: Prompts) -> list[dict]:
+        """The host prompt batches of a rollout, `grpo.rollout_micro_batch` prompts each (0: all), in order.
+        Each call's images are padded to one of the loader's pixel buckets for its number of prompts
+        (`update_patch_bucket`), with per-image full-attention rows of power-of-two length
+        (`update_full_rows`): a run compiles a bounded set of generate programs, where rounding the patch
+        count to a multiple of 64 compiled a new one on most steps when image sizes vary."""
+        out = []
+        for idx in rollout_chunks(len(prompts), self.config.grpo.rollout_micro_batch):
+            patches = sum(len(prompts.patches[i]) for i in idx)
+            p = update_patch_bucket(patches, len(idx), self.config.data.max_pixels)
+            full_rows = update_full_rows(max(len(prompts.patches[i]) for i in idx), len(idx), p)
+            out.append(prompts.rows(idx, self.run.mcfg, num_patches=p, full_rows=full_rows))
+        return out
 
     def score(self, prompts: Prompts, src: np.ndarray, texts: Sequence[str]):
         records = [prompts.records[i] for i in src]
@@ -281,6 +329,7 @@ class GRPOTrainer:
             "tokens_per_s": float(gen.mask.sum() + prompts.mask.sum() * g.num_samples) / max(dt, 1e-9),
             "time/rollout_s": t_rollout, "time/reward_s": t_reward,
             "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
+            "compiles/rollout": len(self.rollout_programs),
             **_defined(behaviour_metrics(texts, lengths=gen.mask.sum(axis=1), correct=rewards >= 1.0)),
             **{k: float(v) for k, v in metrics.items()}}
         return row, {"src": src, "texts": texts, "rewards": rewards}

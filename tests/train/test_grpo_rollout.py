@@ -1,0 +1,148 @@
+"""The GRPO trainer at scale settings, in process on a (2, 1, 4) mesh of the 8 test devices (data-parallel
+size 2): micro-batched generate calls give the one-call tokens, the prompt batches take a bounded set of
+shapes, the reference is a bf16 copy sharded like the params (its log-probs: test_grpo_reference.py), and
+the config's attention kernel reaches the model that trains and samples."""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import grpo as grpo_config
+from data_pipeline.loader import default_pixel_buckets
+from vlaa_jax.models.qwen2_5_vl.layout import row_length
+from vlaa_jax.rollout import sampler
+from vlaa_jax.train import common, config_check
+from vlaa_jax.train import grpo as grpo_train
+from vlaa_jax.train.generate import Generation, concat_generations
+
+PROMPTS = 8
+MAX_PIXELS = 224 * 224   # demo images (112..336 px a side) resize to many grids of up to 256 patches
+
+
+def _config(demo_data_dir: str, tokenizer_dir: str):
+    c = grpo_config.get_config("demo")
+    c.data.dir = demo_data_dir
+    c.data.min_pixels, c.data.max_pixels = 56 * 56, MAX_PIXELS
+    c.data.max_prompt_length = 256            # room for an image of 64 tokens
+    c.model.tokenizer_dir = tokenizer_dir
+    c.model.attention_impl = "cudnn"          # XLA on the CPU: the setting must still reach the model
+    c.model.tiny.embedding_init_std = 1.0     # a peaked random policy: greedy argmax far from ties
+    c.sharding.mesh_shape, c.sharding.rules = (2, 1, 4), "fsdp"
+    c.grpo.rollout_batch_prompts, c.grpo.max_new_tokens = PROMPTS, 8
+    c.grpo.warm_start_sft_steps, c.grpo.eval_prompts = 0, 0
+    c.train.progress_bar = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def trainer(demo_data_dir, qwen_tokenizer_dir, tmp_path_factory):
+    c = _config(demo_data_dir, qwen_tokenizer_dir)
+    config_check.validate(c)
+    return grpo_train.GRPOTrainer(c, str(tmp_path_factory.mktemp("grpo_rollout")))
+
+
+@pytest.fixture(scope="module")
+def loader(trainer):
+    loader = trainer.run.loader(trainer.config.data.train_split, batch_size=PROMPTS, mode="grpo", shuffle=False,
+                                num_epochs=None)
+    yield loader
+    loader.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(loader):
+    return grpo_train.Prompts.from_loader(next(loader))
+
+
+@contextlib.contextmanager
+def _micro_batch(trainer, micro: int):
+    g = trainer.config.grpo
+    saved, g.rollout_micro_batch = g.rollout_micro_batch, micro
+    try:
+        yield
+    finally:
+        g.rollout_micro_batch = saved
+
+
+def _rollout(trainer, prompts, micro: int, *, greedy: bool = True, n: int = 1):
+    with _micro_batch(trainer, micro):
+        return trainer.rollout(prompts, jax.random.key(3), n=n, greedy=greedy)[1]
+
+
+def test_micro_batched_rollout_gives_the_one_call_tokens(trainer, prompts):
+    one = _rollout(trainer, prompts, 0)
+    assert one.tokens.shape == (PROMPTS, trainer.config.grpo.max_new_tokens)
+    assert one.mask.sum() > 2 * PROMPTS  # responses of several tokens: the comparison means something
+    before = len(trainer.rollout_programs)
+    for micro in (4, 2):
+        got = _rollout(trainer, prompts, micro)
+        np.testing.assert_array_equal(got.tokens, one.tokens)
+        np.testing.assert_array_equal(got.mask, one.mask)
+        np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-4)
+    # Two new prompt-batch shapes (4 and 2 prompts per call); the same calls again compile nothing new.
+    assert len(trainer.rollout_programs) == before + 2
+    _rollout(trainer, prompts, 4)
+    assert len(trainer.rollout_programs) == before + 2
+
+
+def test_rollout_prompt_batches_take_a_bounded_set_of_shapes(trainer, loader):
+    """Prompts with images of many sizes: every call's image groups are padded to one of the loader's
+    pixel buckets for their prompts, so the shapes seen stay within buckets x prompt lengths."""
+    micro = 4
+    per_group = micro  # one image group per call
+    keys, lengths, totals, patch_rows = set(), set(), set(), set()
+    with _micro_batch(trainer, micro):
+        for _ in range(12):
+            p = grpo_train.Prompts.from_loader(next(loader))
+            for batch in trainer.rollout_batches(p):
+                keys.add(grpo_train.program_key(batch, n=4, greedy=False))
+                lengths.add(batch["input_ids"].shape)
+                patch_rows.add(batch["pixel_values"].shape[-2])
+            totals.update(sum(map(len, p.patches[i:i + per_group])) for i in range(0, PROMPTS, per_group))
+    buckets = set(default_pixel_buckets(per_group, MAX_PIXELS))
+    # The images vary in size: rounding each group's patches up to a multiple of 64 would give shapes
+    # outside the bucket set (one compile each).
+    assert {common.bucket(t, 64) for t in totals} - buckets
+    assert patch_rows <= buckets, (patch_rows, buckets)
+    rows_shapes = {row_length(n) for n in range(1, MAX_PIXELS // 196 + 1)}
+    assert len(keys) <= len(buckets) * len(lengths) * (len(rows_shapes) + 1)
+
+
+def test_rollout_micro_batch_must_split_over_the_data_parallel_devices(demo_data_dir, tmp_path):
+    c = _config(demo_data_dir, "qwen")
+    c.grpo.rollout_micro_batch = 1   # divides the 8 prompts, not the data-parallel size 2
+    config_check.validate(c)
+    with pytest.raises(config_check.ConfigError, match=r"'grpo\.rollout_micro_batch'.*data-parallel size 2"):
+        grpo_train.GRPOTrainer(c, str(tmp_path))
+    assert not (tmp_path / "tokenizer").exists()  # refused before anything was built
+
+
+def test_reference_is_a_bf16_copy_sharded_like_the_params(trainer):
+    params, ref = jax.tree.leaves(trainer.run.params), jax.tree.leaves(trainer.ref_params)
+    assert trainer.config.grpo.ref_dtype == "bfloat16" and len(params) == len(ref)
+    for p, r in zip(params, ref):
+        assert p.dtype == jnp.float32 and r.dtype == jnp.bfloat16 and r.shape == p.shape
+        assert r.sharding.is_equivalent_to(p.sharding, p.ndim)
+        np.testing.assert_allclose(np.asarray(r, np.float32), np.asarray(p), rtol=2 ** -8, atol=1e-30)
+
+
+def test_attention_impl_reaches_the_trainers_model(trainer):
+    """model.attention_impl (cudnn; XLA on the CPU) in the trainer's model config, in the model it
+    trains and in the graph the rollout engine samples with (model_config's branches: tests/test_main.py)."""
+    assert trainer.run.mcfg.attention_impl == "cudnn"
+    model = nnx.merge(trainer.run.graphdef, trainer.run.params, trainer.run.rest)
+    assert model.config.attention_impl == "cudnn"
+    state = (trainer.run.params, trainer.run.rest)
+    assert sampler._model_config(trainer.run.graphdef, state).attention_impl == "cudnn"  # what rollouts run
+
+
+def test_concat_generations_pads_narrower_parts():
+    a = Generation(np.full((2, 3), 7, np.int32), np.full((2, 3), -1.0, np.float32), np.ones((2, 3), np.int32))
+    b = Generation(np.full((1, 2), 5, np.int32), np.full((1, 2), -2.0, np.float32), np.ones((1, 2), np.int32))
+    out = concat_generations([a, b], pad_id=9)
+    np.testing.assert_array_equal(out.tokens, [[7, 7, 7], [7, 7, 7], [5, 5, 9]])
+    np.testing.assert_array_equal(out.logprobs, [[-1, -1, -1], [-1, -1, -1], [-2, -2, 0]])
+    np.testing.assert_array_equal(out.mask, [[1, 1, 1], [1, 1, 1], [1, 1, 0]])
