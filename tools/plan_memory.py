@@ -1,20 +1,26 @@
-"""Per-device memory and FLOPs of a training step, before paying for a pod.
+"""Per-device memory of every phase of a training step, before paying for a pod.
 
-    python tools/plan_memory.py --config configs/grpo.py:vlaa_thinker_3b --mesh 1,8,1
-    python tools/plan_memory.py --model 3b --mesh 1,8,1 --rows 8 --seq_len 4096
-    python tools/plan_memory.py --hf_config /path/to/config.json --mesh 2,8,2 --rules fsdp_tp --json
+    python tools/plan_memory.py --config configs/grpo.py:vlaa_thinker_3b --mesh 1,8,1 --device_memory 80GiB,32GiB
+    python tools/plan_memory.py --config configs/grpo.py:vlaa_thinker_7b --mesh 1,16,1 --xla
+    python tools/plan_memory.py --config configs/sft.py:vlaa_thinker_3b --mesh 1,8,1 --set train.grad_accum_steps=16
+    python tools/plan_memory.py --model 3b --mesh 1,8,1 --rows 8 --seq_len 4096 --json
 
-Nothing is allocated: parameter and optimizer-state shapes come from `nnx.eval_shape` /
-`jax.eval_shape`, and every array's per-device size from the sharding rules (vlaa_jax/sharding.py) on
-an abstract mesh. The activation estimate is the set of residuals that `jax.vjp` keeps for the
-backward pass of one micro-batch (again via `jax.eval_shape`, for the chosen remat policy), minus the
-parameter-shaped ones, divided by the data-parallel size; XLA's fusion and buffer reuse usually make
-the real peak lower, and temporary buffers (e.g. attention scores of the block being recomputed) come
-on top. FLOPs are counted analytically from the shapes (matmuls and dense attention as executed).
+With a trainer config (`--config`, `--set key=value` overrides): every phase of its step as the
+trainer runs it (tools/phase_programs.py builds the same programs): a GRPO step's rollout (one generate
+call of `grpo.rollout_micro_batch` prompts: prefill with the images, KV cache, decode loop), old-policy
+and reference log-prob forwards and update (`grad_accum_steps` micro-batches), or an SFT step. Per
+phase and device: the program's arguments, its temporaries and the resident state beside it
+(parameters, Adam moments, the `grpo.ref_dtype` reference copy); the peak phase; with
+`--device_memory`, the `train.grad_accum_steps` / `grpo.rollout_micro_batch` that fit; with `--xla`,
+XLA's own figures of the compiled phases on simulated CPU devices beside the estimate. The estimate's
+buffers are those of XLA's buffer assignment of these programs (see "Phases" below and docs/scaling.md).
 
-Shapes per training micro-batch: `rows` sequences of `seq_len` tokens with `images` images of
-`patches` patches each (defaults from the config: SFT `data.max_length`, GRPO `max_prompt_length +
-max_new_tokens`; `data.max_pixels / 14^2` patches).
+With `--model` / `--hf_config`: one update micro-batch by component (parameters, gradients, optimizer
+state, reference, activations: the residuals `jax.vjp` keeps, from `jax.eval_shape`, largest
+attention scores) and analytic FLOPs, for shapes given on the command line (`--rows`, `--seq_len`, ...).
+
+Nothing is allocated: shapes come from `nnx.eval_shape` / `jax.eval_shape`, per-device sizes from the
+sharding rules (vlaa_jax/sharding.py) on an abstract mesh.
 """
 from __future__ import annotations
 
@@ -544,9 +550,13 @@ def estimate_logprobs(d: DeviceSizes, host: dict, *, reference: bool) -> dict[st
     head["decoder_weights_f32"] = d.stack_f32
   # the gathered projection and its float32 / relaid copy (one copy where it is not gathered)
   logits = {"head": d.head + (head["head"] if d.head_gathered else 0)}
+  layer = _layer_parts(d, rows, length, length, backward=False)
+  # a third score-sized buffer (the probabilities relaid for the value matmul) shares the room of the
+  # projection's copy; where it is larger it adds the difference
+  layer["scores_relaid"] = max(0, layer["scores"] // 2 - logits["head"] + head["head"])
   stages = {
       "vision": {**head, **_vision_parts(d, host, backward=False)},
-      "layer": {**head, **_layer_parts(d, rows, length, length, backward=False)},
+      "layer": {**head, **layer},
       "logits": {**head, **logits, "logits": 2 * rows * _logits_positions(d, host) * d.vocab * F32},
   }
   args = (d.ref if reference else d.params) + d.rest + d.batch_bytes(host)
