@@ -18,8 +18,11 @@ import os
 import shutil
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import type_handlers
 
 FORMAT = "vlaa-jax-model/1"
@@ -98,10 +101,92 @@ def load_params(model_dir: str, target: Any | None = None) -> Any:
 
     `target` may be an abstract tree (`jax.ShapeDtypeStruct`s with shardings, e.g. from `nnx.eval_shape`):
     each shard is then read straight onto its devices and the full model never sits on one device.
+    A directory written before the decoder layers were stacked (per-layer subtrees "0", "1", ... where
+    `target` has one stacked array per parameter) is restacked on load (`_restore_restacked`).
     """
     if not is_model_dir(model_dir):
         raise FileNotFoundError(
             f"{model_dir!r} is not a vlaa-jax model directory (no {MARKER_FILE} and {PARAMS_SUBDIR}/); "
             "convert an HF checkpoint with tools/convert_hf_to_orbax.py")
+    params_dir = os.path.join(os.path.abspath(model_dir), PARAMS_SUBDIR)
     checkpointer = ocp.StandardCheckpointer()
-    return checkpointer.restore(os.path.join(os.path.abspath(model_dir), PARAMS_SUBDIR), target)
+    if target is not None:
+        stored = checkpointer.metadata(params_dir).item_metadata.tree
+        if _per_layer_nodes(stored, target):
+            return _restore_restacked(checkpointer, params_dir, stored, target)
+    return checkpointer.restore(params_dir, target)
+
+
+def _per_layer_nodes(stored: Any, target: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths where `stored` holds per-layer subtrees ("0", "1", ...) and `target` one stacked subtree."""
+    if not isinstance(stored, Mapping) or not isinstance(target, Mapping):
+        return []
+    if set(stored) != set(target) and stored and all(str(k).isdigit() for k in stored) and not any(
+            str(k).isdigit() for k in target):
+        return [path]
+    return [p for k in target if k in stored for p in _per_layer_nodes(stored[k], target[k], path + (k,))]
+
+
+def _layer_target(x: Any) -> Any:
+    """The target of one layer's slice of a stacked target leaf (its sharding without the layer axis)."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def _restore_restacked(checkpointer: Any, params_dir: str, stored: Any, target: Any) -> Any:
+    """Restores a per-layer (pre-stacking) directory into the stacked layout of `target`: each layer's
+    arrays are read onto the devices the stacked target places them on, then stacked one parameter at a
+    time (peak: the weights once plus one stacked parameter)."""
+    nodes = set(_per_layer_nodes(stored, target))
+
+    def count(path):
+        node = stored
+        for k in path:
+            node = node[k]
+        return len(node)
+
+    def per_layer(tree, path=()):
+        if path in nodes:
+            n = count(path)
+            for leaf in jax.tree.leaves(tree):
+                if leaf.shape[0] != n:
+                    raise ValueError(f"{params_dir}: {'.'.join(path)} holds {n} per-layer subtrees but the "
+                                     f"model stacks {leaf.shape[0]} layers; re-run tools/convert_hf_to_orbax.py")
+            return {str(i): jax.tree.map(_layer_target, tree) for i in range(n)}
+        if isinstance(tree, Mapping):
+            return {k: per_layer(v, path + (k,)) for k, v in tree.items()}
+        return tree
+
+    def restack(tree, like, path=()):
+        if path in nodes:
+            flat = [jax.tree.leaves(tree[str(i)]) for i in range(len(tree))]
+            tree.clear()
+            out = []
+            for j, t in enumerate(jax.tree.leaves(like)):
+                pieces = [f[j] for f in flat]
+                for f in flat:
+                    f[j] = None
+                out.append(_stack(pieces, t))
+                del pieces
+            return jax.tree.unflatten(jax.tree.structure(like), out)
+        if isinstance(tree, Mapping):
+            return {k: restack(tree[k], like[k], path + (k,)) for k in list(tree)}
+        return tree
+
+    try:
+        restored = checkpointer.restore(params_dir, per_layer(target))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{params_dir}: a model directory with per-layer decoder parameters (written before "
+                         f"the layers were stacked) that does not fit this model ({e}); re-run "
+                         "tools/convert_hf_to_orbax.py on the HF checkpoint") from e
+    return restack(restored, target)
+
+
+def _stack(pieces: list[Any], target: Any) -> jax.Array:
+    """One stacked parameter from its layers, placed like `target` (a ShapeDtypeStruct)."""
+    sharding = getattr(target, "sharding", None)
+    if sharding is None:
+        return jnp.stack(pieces).astype(target.dtype)
+    return jax.jit(lambda *xs: jnp.stack(xs).astype(target.dtype), out_shardings=sharding)(*pieces)

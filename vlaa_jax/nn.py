@@ -234,6 +234,21 @@ def local_segment_attention(query: jax.Array, key: jax.Array, value: jax.Array, 
     return out.reshape(n * C, *out.shape[2:])[:T]
 
 
+# ------------------------------------------------------------------------------------------ stacked blocks
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n identical blocks as ONE module whose parameters have a leading axis of size n (logical axis
+    "layers" prepended to each parameter's names), for a scan over depth: `nnx.vmap` over one key per
+    block, so the blocks are initialised independently, as separate modules would be."""
+    keys = jax.random.split(rngs.params(), n)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def one(key: jax.Array) -> nnx.Module:
+        return make(nnx.Rngs(params=key))
+
+    return one(keys)
+
+
 # ------------------------------------------------------------------------------------------------- remat
 
 def remat_policy(name: str):

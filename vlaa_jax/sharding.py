@@ -28,8 +28,10 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 #   kv_heads  key/value heads * head_dim (flattened)    patch     flattened patch input (3*2*14*14)
 #   batch     batch rows of activations                 length    sequence positions of activations
 #   norm      RMSNorm scales (always replicated)
+#   layers    the leading axis of stacked (scanned) blocks, e.g. decoder layers: never sharded, each device holds
+#             all layers of its shard (a scan slices one layer per step)
 LOGICAL_AXES: tuple[str, ...] = (
-    "vocab", "embed", "mlp", "heads", "kv_heads", "patch", "batch", "length", "norm")
+    "vocab", "embed", "mlp", "heads", "kv_heads", "patch", "batch", "length", "norm", "layers")
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -46,6 +48,7 @@ FSDP_TP_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("patch", None),
     ("norm", None),
+    ("layers", None),
 )
 # FSDP only (ZeRO-3): every weight sharded over `fsdp` along its model width, no tensor parallelism.
 FSDP_RULES: Rules = (
@@ -58,6 +61,7 @@ FSDP_RULES: Rules = (
     ("kv_heads", None),
     ("patch", None),
     ("norm", None),
+    ("layers", None),
 )
 # Pure data parallelism: weights replicated, the batch split over every mesh axis.
 DP_RULES: Rules = tuple(
@@ -544,6 +548,14 @@ def _hf_slice(kind: str, hf: np.ndarray, index: tuple[slice, ...], to_ours: Call
   return to_ours(kind, np.asarray(hf))[index]            # any other layout: whole tensor, then slice
 
 
+def _stacked_slice(kind: str, hfs: Sequence[np.ndarray], index: tuple[slice, ...],
+                   to_ours: Callable) -> np.ndarray:
+  """Our-layout slice `index` of a stacked parameter whose layer i is the HF tensor hfs[i]: index[0]
+  picks the layers, the rest slices each layer's tensor (`_hf_slice`)."""
+  layers = range(*index[0].indices(len(hfs)))
+  return np.stack([_hf_slice(kind, hfs[i], index[1:], to_ours) for i in layers])
+
+
 def load_pretrained_sharded(path: str, mesh: Mesh,
                             rules: str | Rules | Mapping[str, MeshAxes] | None = None,
                             **run_options: Any) -> tuple[Any, Any, Any]:
@@ -571,27 +583,39 @@ def load_pretrained_sharded(path: str, mesh: Mesh,
   headers: dict[str, dict[str, Any]] = {}
   flat = abstract.to_pure_dict()
   pure: dict[str, Any] = {}
-  for entry in hf_params.param_table(config):
+  def memmap(entry):
     if entry.hf_name not in ckpt.files:
       raise KeyError(f"{path}: tensor {entry.hf_name!r} is missing")
     shard, stored = ckpt.files[entry.hf_name]
     file = os.path.join(path, shard)
     if shard not in headers:
       headers[shard] = safetensors_header(file)
-    # A memmap per tensor, dropped once its shards are on the devices, so pages read so far do not
-    # stay mapped (resident) for the whole load.
     hf = safetensors_tensor(file, headers[shard][stored])
     if tuple(hf.shape) != entry.hf_shape:
       raise ValueError(f"{path}: tensor {entry.hf_name!r} has shape {tuple(hf.shape)}, expected "
                        f"{entry.hf_shape} for this config")
-    target = _lookup_path(flat, entry.path)
+    return hf
+
+  # One parameter at a time: an unstacked one from its HF tensor, a stacked one from its layers' tensors
+  # (rows of one stacked parameter are consecutive in the table).
+  groups: dict[tuple[str, ...], list[Any]] = {}
+  for entry in hf_params.param_table(config):
+    groups.setdefault(entry.path, []).append(entry)
+  for param_path, entries in groups.items():
+    # A memmap per tensor, dropped once its shards are on the devices, so pages read so far do not
+    # stay mapped (resident) for the whole load.
+    hfs = [memmap(e) for e in entries]            # stacked: in layer order
+    kind, stacked = entries[0].kind, entries[0].layer is not None
+    target = _lookup_path(flat, param_path)
     pure_node = pure
-    for k in entry.path[:-1]:
+    for k in param_path[:-1]:
       pure_node = pure_node.setdefault(k, {})
-    pure_node[entry.path[-1]] = array_from_reader(
-        target.shape, target.dtype, target.sharding,
-        lambda index, kind=entry.kind, hf=hf: _hf_slice(kind, hf, index, hf_params.to_ours))
-    del hf
+    if stacked:
+      read = lambda index, kind=kind, hfs=hfs: _stacked_slice(kind, hfs, index, hf_params.to_ours)
+    else:
+      read = lambda index, kind=kind, hf=hfs[0]: _hf_slice(kind, hf, index, hf_params.to_ours)
+    pure_node[param_path[-1]] = array_from_reader(target.shape, target.dtype, target.sharding, read)
+    del hfs, read
   nnx.replace_by_pure_dict(abstract, pure)
   return config, graphdef, abstract
 

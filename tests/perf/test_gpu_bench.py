@@ -100,10 +100,11 @@ def test_decode_weights_are_the_models_decoder_weights():
 def test_forward_flops_match_xla_cost_analysis():
     """Text-only forward of a mid-size model (matmuls dominate): the analytic forward FLOPs against
     XLA's count of the compiled forward (which adds elementwise work and the masked half of the
-    causal attention square)."""
+    causal attention square). One decoder layer: XLA counts the body of the layer scan once."""
     base = gpu.model_config(True, dtype="float32")
     text = dataclasses.replace(base.text, hidden_size=256, intermediate_size=768, num_attention_heads=4,
-                               num_key_value_heads=2, mrope_section=(8, 12, 12), vocab_size=2048)
+                               num_key_value_heads=2, mrope_section=(8, 12, 12), vocab_size=2048,
+                               num_hidden_layers=1)
     cfg = base.replace(text=text, vision=dataclasses.replace(base.vision, out_hidden_size=256))
     B, L, R = 2, 128, 64
     model = Qwen25VL(cfg, rngs=nnx.Rngs(0))

@@ -29,7 +29,8 @@ def _grads_on(mesh_shape, ref, rules="fsdp_tp", **run_options):
 
 
 # Named parameters and the spec the fsdp_tp rules give them on each mesh (dims that do not divide
-# stay replicated; a mesh axis of size 1 is never named).
+# stay replicated; a mesh axis of size 1 is never named). "up" / "qkv" are one block's: the stacked
+# decoder / vision parameters add their (never sharded) leading layer axis, see `_stacked`.
 SPEC_CHECKS = {
     (8, 1, 1): {"up": P(), "qkv": P(), "embed": P()},
     (1, 8, 1): {"up": P("fsdp"), "qkv": P("fsdp"), "embed": P(None, "fsdp")},
@@ -38,6 +39,11 @@ SPEC_CHECKS = {
     (1, 2, 4): {"up": P("fsdp", "tensor"), "qkv": P("fsdp", None, "tensor"),
                 "embed": P("tensor", "fsdp")},
 }
+
+
+def _stacked(spec: P) -> P:
+  """The spec of a stacked (decoder or vision) parameter whose blocks are sharded like `spec`."""
+  return P(None, *spec) if len(spec) else P()
 
 
 @pytest.mark.parametrize("mesh_shape", list(SPEC_CHECKS), ids=lambda s: "x".join(map(str, s)))
@@ -51,12 +57,12 @@ def test_mesh_matches_single_device(tiny_ref, mesh_shape):
   assert scale > 1e-3   # the comparison is not vacuous
   want = SPEC_CHECKS[mesh_shape]
   lm = params["language_model"]
-  assert lm["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec == want["up"]
+  assert lm["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == _stacked(want["up"])
   assert params["visual"]["blocks"][0]["attn"]["qkv"]["kernel"].sharding.spec == want["qkv"]
   assert lm["embed_tokens"].sharding.spec == want["embed"]
   assert lm["norm"]["scale"].sharding.spec == P()
   # gradients come back placed like their parameters
-  assert grads["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec == want["up"]
+  assert grads["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == _stacked(want["up"])
 
 
 def test_remat_policies_identical_gradients(tiny_ref):
@@ -81,16 +87,16 @@ def test_load_hf_and_converted_checkpoint_onto_fsdp_mesh(tiny_ref, tmp_path):
   from vlaa_jax.models.qwen2_5_vl import params as hf_params, to_hf_dict
   # HF safetensors, read slice by slice onto the mesh
   state, logits = _sharded_logits(tiny_ref.hf_dir, (1, 8, 1), tiny_ref)
-  kernel = state["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp")
-  assert {s.data.shape for s in kernel.addressable_shards} == {(64 // 8, 64)}
+  kernel = state["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(2, 64 // 8, 64)}   # both layers, a row slice
   np.testing.assert_allclose(np.asarray(logits), tiny_ref.logits, atol=1e-4, rtol=0)
   # a converted (Orbax) model directory, restored with a sharded target
   hf = hf_params.HFCheckpoint(tiny_ref.hf_dir)
   pure = hf_params.hf_to_state(tiny_ref.config, hf)
   converted = checkpoint.save_model_dir(str(tmp_path / "converted"), pure, to_hf_dict(tiny_ref.config))
   state, logits = _sharded_logits(converted, (1, 8, 1), tiny_ref)
-  assert state["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].sharding.spec == P("fsdp")
+  assert state["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp")
   np.testing.assert_allclose(np.asarray(logits), tiny_ref.logits, atol=1e-4, rtol=0)
 
 
@@ -125,9 +131,9 @@ def test_train_step_with_micro_batches_and_frozen_vision(tiny_ref):
   after = jax.tree.map(np.asarray, new_params.to_pure_dict())
   assert _max_diff(after["visual"], before["visual"]) == 0
   assert _max_diff(after["language_model"], before["language_model"]) > 0
-  up = new_params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
-  assert up.sharding.spec == P("fsdp", "tensor")
-  assert params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"].is_deleted()  # donated
+  up = new_params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert up.sharding.spec == P(None, "fsdp", "tensor")
+  assert params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].is_deleted()  # donated
 
 
 def test_splash_attention_model_matches_xla(tiny_ref, monkeypatch):

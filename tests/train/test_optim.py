@@ -55,3 +55,20 @@ def test_state_matches_apply_if_finite_structure():
   ours = jax.tree.structure(optim.skip_nonfinite(inner).init(params))
   theirs = jax.tree.structure(optax.apply_if_finite(inner, max_consecutive_errors=2 ** 30).init(params))
   assert ours == theirs
+
+
+def test_weight_decay_skips_vectors_of_stacked_layers():
+  """Decay on matrices only, by the rank one layer sees: a stacked decoder layer's bias [layers, N] and
+  norm scale are vectors (no decay), its kernels [layers, K, N] matrices."""
+  from flax import nnx
+  from tests.fixtures.hf_models import tiny_hf_config_dict
+  from vlaa_jax.models import qwen2_5_vl as q
+  from vlaa_jax.train import step as st
+  _, params, _ = st.split_model(q.Qwen25VL(q.from_hf_dict(tiny_hf_config_dict()), rngs=nnx.Rngs(0)))
+  tx = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10, weight_decay=0.5, max_grad_norm=None)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  attn = updates["language_model"]["layers"]["self_attn"]["q_proj"]
+  assert attn["bias"][...].ndim == 2 and float(jnp.abs(attn["bias"][...]).max()) == 0
+  assert float(jnp.abs(updates["language_model"]["layers"]["input_layernorm"]["scale"][...]).max()) == 0
+  assert float(jnp.abs(attn["kernel"][...]).max()) > 0
+  assert float(jnp.abs(updates["language_model"]["embed_tokens"][...]).max()) > 0

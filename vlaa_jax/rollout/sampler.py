@@ -22,8 +22,8 @@ How it works (one jitted program per (batch, prompt-length, patch, new-token) bu
     `layout.mrope_positions` of the prompt.
 
 Sharded use: pass the mesh and rules the state is sharded with; the batch rows are split over the
-data-parallel axes (`sharding.batch_shardings`), images and their layout are replicated, the cache is
-constrained to (batch, -, kv_heads, -).
+data-parallel axes (`sharding.batch_shardings`), images and their layout are replicated, the stacked
+cache is constrained to (layers, batch, -, kv_heads, -).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ ENDOFTEXT_ID = 151643
 VISION_KEYS: tuple[str, ...] = layout_lib.VisionLayout._fields
 # Compiled new-token lengths: a request is rounded up to the next bucket (then stopped at its own count).
 NEW_TOKEN_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 800, 1024, 2048, 4096)
-CACHE_AXES = ("batch", None, "kv_heads", None)
+CACHE_AXES = ("layers", "batch", None, "kv_heads", None)   # stacked keys / values [L, B, S, K, H]
 
 
 class Generation(NamedTuple):
@@ -141,8 +141,7 @@ def _merge(graphdef: nnx.GraphDef, state: Any):
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    c = lambda x: shd.constrain(x, CACHE_AXES)  # noqa: E731
-    return cache._replace(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)),
+    return cache._replace(k=shd.constrain(cache.k, CACHE_AXES), v=shd.constrain(cache.v, CACHE_AXES),
                           segments=shd.constrain(cache.segments, ("batch", None)))
 
 
@@ -171,9 +170,9 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, *,
     step_model = model.decode_view(decode_weights) if weight_major else model
     cache, logits = prefill(model, prompts, L + new_tokens, head=step_model)
 
-    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
-    if num_samples > 1:
-        cache = _constrain_cache(KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+    rep = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
+    if num_samples > 1:      # the stacked keys / values have their rows on axis 1
+        cache = _constrain_cache(KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1),
                                          segments=rep(cache.segments), index=cache.index))
         logits = rep(logits)
     # Position of the first new token: number of real prompt tokens + rope_delta.

@@ -1,7 +1,8 @@
 """Optax AdamW with linear warm-up + cosine decay to a floor, global-norm clipping, frozen parameters.
 
 Frozen parameters (e.g. the vision tower during SFT) get no optimizer state and no update
-(`optax.masked`); weight decay skips vectors (norm scales, biases), as is usual for transformers.
+(`optax.masked`); weight decay skips vectors (norm scales, biases), as is usual for transformers,
+judged per block: a stacked (scanned) layer's bias [layers, N] is still a vector (`per_block_ndim`).
 """
 from __future__ import annotations
 
@@ -54,8 +55,26 @@ def trainable_mask(params: Any, frozen: Sequence[str] = ()) -> Any:
   return jax.tree.map(lambda f: not f, frozen_mask)
 
 
+def per_block_ndim(x: Any) -> int:
+  """Rank of a parameter as one block sees it: a stacked (scanned) parameter's leading "layers" axis
+  (its `out_sharding` logical names, kept by nnx Variables through grads and optax) does not count."""
+  from flax import nnx
+  if isinstance(x, nnx.Variable):
+    names = x.get_metadata().get("out_sharding") or ()
+    value = x.get_value()
+    return getattr(value, "ndim", 0) - (1 if names and names[0] == "layers" else 0)
+  return getattr(x, "ndim", 0)
+
+
 def _decay_mask(params: Any) -> Any:
-  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+  """Weight decay on matrices only: not on vectors (norm scales, biases), stacked ones included."""
+  from flax import nnx
+
+  def one(x):
+    decay = per_block_ndim(x) >= 2
+    return jax.tree.map(lambda _: decay, x) if isinstance(x, nnx.Variable) else decay
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(

@@ -5,9 +5,19 @@ checkpoints (transformers 4.4x) use `visual.*` and `model.*` and are accepted on
 Layouts: torch Linear weights are [out, in], ours [in, out]; the fused vision qkv is [D, 3, D] here so the
 `heads` axis shards without cutting across q/k/v; the Conv3d patch embedding is a [patch_dim, D] matmul.
 
-Our side is a nested "pure dict" keyed by the NNX state path with string keys (layer indices as "0",
+Our side is a nested "pure dict" keyed by the NNX state path with string keys (block indices as "0",
 "1", ...), the tree Orbax stores and `nnx.replace_by_pure_dict` applies (it maps "0" back to 0).
 Reading is tensor by tensor (`HFCheckpoint`), so peak host memory stays about one copy of the weights.
+
+Stacked blocks: a run of identical blocks that the model scans (the decoder layers, text.py) is one
+module whose parameters have a leading layer axis. The table keeps one row per HF tensor: HF
+`model.language_model.layers.{i}.X` is slice i of our `language_model.layers.X` (`ParamEntry.layer`).
+`repeated(..., stacked=...)` in `param_table` builds either form for any run of blocks (per block:
+`visual.blocks.{i}.X`), so a tower is stacked in the checkpoint format by flipping its flag with its
+module. Stacked rows come parameter by parameter (all layers of one tensor, then the next), so a reader
+fills one stacked array at a time. Model directories written before stacking (per-layer paths such as
+`language_model.layers.{i}.X`) still load: `checkpoint.load_params` restacks them against the model's
+target, and `state_to_hf` reads either layout.
 """
 from __future__ import annotations
 
@@ -28,10 +38,27 @@ class ParamEntry(NamedTuple):
     path: tuple[str, ...]          # NNX state path (string keys)
     hf_shape: tuple[int, ...]
     kind: str                      # copy | linear | qkv_weight | qkv_bias | patch
+    layer: int | None = None       # stacked: this tensor is slice `layer` of the leading axis of `path`
+    num_layers: int | None = None  # stacked: the size of that axis
+    stack: tuple[str, ...] = ()    # stacked: path of the stacked module (e.g. language_model.layers)
+
+    @property
+    def per_layer_path(self) -> tuple[str, ...]:
+        """The path this tensor had before stacking (`language_model.layers.{i}.X`); `path` if unstacked."""
+        if self.layer is None:
+            return self.path
+        n = len(self.stack)
+        return self.path[:n] + (str(self.layer),) + self.path[n:]
+
+    def our_shape(self) -> tuple[int, ...]:
+        """Shape of our (whole, stacked) parameter."""
+        shape = to_ours(self.kind, np.empty(self.hf_shape, np.bool_)).shape
+        return shape if self.layer is None else (self.num_layers, *shape)
 
 
 def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
-    """Every parameter of the model: HF name, our path, HF shape and the layout transform."""
+    """Every HF tensor of the model: HF name, our path (and, for stacked blocks, which layer of it), HF
+    shape and the layout transform."""
     t, v = config.text, config.vision
     rows: list[ParamEntry] = []
 
@@ -51,17 +78,34 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
         linear(f"{hf}.up_proj", f"{path}.up_proj", dim, hidden, bias)
         linear(f"{hf}.down_proj", f"{path}.down_proj", hidden, dim, bias)
 
+    def repeated(hf_prefix, prefix, n, block, stacked):
+        """Rows of n identical blocks `block(hf, path)`: HF `{hf_prefix}.{i}.X` -> our `{prefix}.{i}.X`,
+        or, stacked, slice i of `{prefix}.X` (rows reordered parameter-major)."""
+        start = len(rows)
+        for i in range(n):
+            block(f"{hf_prefix}.{i}", prefix if stacked else f"{prefix}.{i}")
+        if not stacked or not n:
+            return
+        per_layer = rows[start:]
+        del rows[start:]
+        k = len(per_layer) // n
+        stack = tuple(prefix.split("."))
+        rows.extend(per_layer[i * k + j]._replace(layer=i, num_layers=n, stack=stack)
+                    for j in range(k) for i in range(n))
+
     D = v.hidden_size
     add("model.visual.patch_embed.proj.weight", "visual.patch_embed.kernel",
         (D, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), "patch")
-    for i in range(v.depth):
-        hf, p = f"model.visual.blocks.{i}", f"visual.blocks.{i}"
+
+    def vision_block(hf, p):
         norm(f"{hf}.norm1", f"{p}.norm1", D)
         norm(f"{hf}.norm2", f"{p}.norm2", D)
         add(f"{hf}.attn.qkv.weight", f"{p}.attn.qkv.kernel", (3 * D, D), "qkv_weight")
         add(f"{hf}.attn.qkv.bias", f"{p}.attn.qkv.bias", (3 * D,), "qkv_bias")
         linear(f"{hf}.attn.proj", f"{p}.attn.proj", D, D, True)
         mlp(f"{hf}.mlp", f"{p}.mlp", D, v.intermediate_size, True)
+
+    repeated("model.visual.blocks", "visual.blocks", v.depth, vision_block, stacked=False)
     wide = D * v.spatial_merge_size ** 2
     norm("model.visual.merger.ln_q", "visual.merger.ln_q", D)
     linear("model.visual.merger.mlp.0", "visual.merger.fc1", wide, wide, True)
@@ -69,8 +113,8 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
 
     H, qd, kvd = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     add("model.language_model.embed_tokens.weight", "language_model.embed_tokens", (t.vocab_size, H), "copy")
-    for i in range(t.num_hidden_layers):
-        hf, p = f"model.language_model.layers.{i}", f"language_model.layers.{i}"
+
+    def decoder_layer(hf, p):
         norm(f"{hf}.input_layernorm", f"{p}.input_layernorm", H)
         norm(f"{hf}.post_attention_layernorm", f"{p}.post_attention_layernorm", H)
         linear(f"{hf}.self_attn.q_proj", f"{p}.self_attn.q_proj", H, qd, True)
@@ -78,6 +122,9 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
         linear(f"{hf}.self_attn.v_proj", f"{p}.self_attn.v_proj", H, kvd, True)
         linear(f"{hf}.self_attn.o_proj", f"{p}.self_attn.o_proj", qd, H, False)
         mlp(f"{hf}.mlp", f"{p}.mlp", H, t.intermediate_size, False)
+
+    repeated("model.language_model.layers", "language_model.layers", t.num_hidden_layers, decoder_layer,
+             stacked=True)
     norm("model.language_model.norm", "language_model.norm", H)
     if not config.tie_word_embeddings:
         add("lm_head.weight", "lm_head", (t.vocab_size, H), "linear")
@@ -129,11 +176,13 @@ def hf_to_state(config: Qwen25VLConfig, tensors: Mapping[str, np.ndarray] | Call
     """Builds our nested pure dict from HF tensors, one tensor at a time.
 
     `tensors`: a mapping or a getter by (transformers-5) name, e.g. an `HFCheckpoint`. `put(array, path)`
-    converts each array as it is made (cast, device_put, shard); default keeps NumPy. Errors name the
-    tensor (and `source`) on a missing tensor or a wrong shape.
+    converts each array as it is made (cast, device_put, shard); default keeps NumPy. A stacked parameter
+    is filled layer by layer into one host array and put once complete. Errors name the tensor (and
+    `source`) on a missing tensor or a wrong shape.
     """
     get = tensors.__getitem__ if isinstance(tensors, Mapping) or hasattr(tensors, "__getitem__") else tensors
     out: dict[str, Any] = {}
+    filling: dict[tuple[str, ...], list] = {}       # stacked path -> [host array, layers filled]
     for e in param_table(config):
         try:
             x = get(e.hf_name)
@@ -143,6 +192,14 @@ def hf_to_state(config: Qwen25VLConfig, tensors: Mapping[str, np.ndarray] | Call
             raise ValueError(f"{source}: tensor {e.hf_name!r} has shape {tuple(x.shape)}, expected {e.hf_shape} "
                              "for this config")
         y = to_ours(e.kind, np.asarray(x))
+        if e.layer is not None:
+            if e.path not in filling:
+                filling[e.path] = [np.empty((e.num_layers, *y.shape), y.dtype), 0]
+            filling[e.path][0][e.layer] = y
+            filling[e.path][1] += 1
+            if filling[e.path][1] < e.num_layers:
+                continue
+            y = filling.pop(e.path)[0]
         node = out
         for k in e.path[:-1]:
             node = node.setdefault(k, {})
@@ -163,14 +220,35 @@ def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
     return node
 
 
+def _tensor(state: Any, e: ParamEntry, stacked: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
+    """Our-layout array of one HF tensor: the parameter, or its layer's slice of a stacked one (each stacked
+    parameter is converted to NumPy once, kept in `stacked` while its layers are read), or the per-layer
+    array of a tree written before stacking."""
+    if e.layer is None:
+        return np.asarray(_lookup(state, e.path))
+    if e.path not in stacked:
+        stacked.clear()
+        try:
+            stacked[e.path] = np.asarray(_lookup(state, e.path))
+        except KeyError:
+            return np.asarray(_lookup(state, e.per_layer_path))
+    x = stacked[e.path]
+    if x.shape != e.our_shape():
+        raise ValueError(f"state {'.'.join(e.path)!r} has shape {x.shape}, expected {e.our_shape()} "
+                         f"({e.num_layers} stacked layers of HF tensors like {e.hf_name!r})")
+    return x[e.layer]
+
+
 def state_to_hf(config: Qwen25VLConfig, state: Any) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (transformers-5 HF name, NumPy array in HF layout) for every parameter, one at a time.
-    `state`: our nested pure dict (str or int keys), or `nnx.state(model)`."""
+    `state`: our nested pure dict (str or int keys), or `nnx.state(model)`; stacked layers may also come
+    per layer (a model directory written before stacking)."""
     if hasattr(state, "to_pure_dict"):
         from flax import nnx
         state = nnx.to_pure_dict(state)
+    stacked: dict[tuple[str, ...], np.ndarray] = {}
     for e in param_table(config):
-        x = np.asarray(_lookup(state, e.path))
+        x = _tensor(state, e, stacked)
         expected = to_ours(e.kind, np.empty(e.hf_shape, np.bool_)).shape
         if x.shape != expected:
             raise ValueError(f"state {'.'.join(e.path)!r} has shape {x.shape}, expected {expected} "

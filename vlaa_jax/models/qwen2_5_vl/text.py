@@ -3,8 +3,14 @@
 Masks come from segment ids ([B, L] int, 0 = padding; an HF attention_mask is a valid segment array)
 plus causality over cache slots, so left padding, right padding and packed rows all use one path.
 
-KV cache (for the sampler): `KVCache` holds per-layer keys/values [B, S, K, H] for S preallocated slots,
-the segment id of every slot (0 = empty or padding) and `index`, the next slot to write. A forward with a
+Decoder layers are stacked (`TextModel.layers` is ONE `DecoderLayer` whose parameters carry a leading
+layer axis, logical axis "layers") and run by `jax.lax.scan`, with remat inside the scanned body: the
+program holds one layer's body however deep the model is, so compile time and program size do not grow
+with depth.
+
+KV cache (for the sampler): `KVCache` holds the keys/values of all layers [num_layers, B, S, K, H] for S
+preallocated slots (carried through the layer scan and written in place), the segment id of every slot
+(0 = empty or padding) and `index`, the next slot to write. A forward with a
 cache writes its T new tokens at slots [index, index + T) and attends to every filled slot at or before
 its own: prefill is a call with index 0 and the prompt; decoding is a call with T = 1. The caller gives
 the rotary positions of the new tokens (from `layout.mrope_positions`: a decoded token's position is
@@ -14,8 +20,8 @@ Decoding layout (`DecodeLinear`, `Qwen25VL.decode_view`): a decode step multipli
 every weight, so it is bound by reading the weights. XLA:CPU streams a weight stored [out, in] about 2x
 faster as `W @ x.T` than a weight stored [in, out] as `x @ W` (measured on the 2-core EPYC dev machine,
 batch 8, float32: 151936x2048 head 115 vs 239 ms, 2048x11008 gate 3.6 vs 14.6 ms, 11008x2048 down 10.7 vs
-17.5 ms). The decode view therefore holds transposed copies of the decoder's kernels, made once per
-jitted generate call.
+17.5 ms). The decode view therefore holds transposed copies of the decoder's kernels (stacked like the
+kernels, [num_layers, out, in]), made once per jitted generate call.
 """
 from __future__ import annotations
 
@@ -38,15 +44,18 @@ def rows_matmul(x: jax.Array, weight_t: jax.Array) -> jax.Array:
 
 
 def weight_major(w: jax.Array) -> jax.Array:
-    """A materialised transposed copy of a [K, N] weight, [N, K] (the barrier stops XLA from folding the
-    transpose into the consuming dot as a strided operand)."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(w, 0, 1))
+    """A materialised transposed copy of a [..., K, N] weight, [..., N, K] (the last two dims swapped, so
+    stacked kernels transpose layer by layer; the barrier stops XLA from folding the transpose into the
+    consuming dot as a strided operand)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(w, -1, -2))
 
 
-def decode_kernel(linear: nn.Linear) -> jax.Array:
-    """The [out, in] copy of a Linear's kernel that `DecodeLinear` multiplies."""
+def decode_kernel(linear: nn.Linear, stacked: bool = False) -> jax.Array:
+    """The [out, in] copy of a Linear's kernel that `DecodeLinear` multiplies ([layers, out, in] for a
+    `stacked` Linear, whose kernel has a leading layer axis)."""
     k = linear.kernel[...]
-    return weight_major(k.reshape(k.shape[0], -1).astype(linear.dtype))
+    lead = k.shape[:1] if stacked else ()
+    return weight_major(k.reshape(*lead, k.shape[len(lead)], -1).astype(linear.dtype))
 
 
 DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -55,14 +64,16 @@ DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp
 class DecodeLinear(nnx.Module):
     """`nn.Linear` for decoding (few rows per call): the same y = x @ kernel + bias, from a transposed
     kernel copy [out, in] multiplied weight-major (`rows_matmul`). Built from a Linear inside a jitted
-    program (`Qwen25VL.decode_view`); never saved."""
+    program (`Qwen25VL.decode_view`); never saved. `stacked`: the Linear (and so this module's arrays)
+    has a leading layer axis; the layer scan hands each step its slice."""
 
-    def __init__(self, linear: nn.Linear, kernel_t: jax.Array | None = None):
+    def __init__(self, linear: nn.Linear, kernel_t: jax.Array | None = None, *, stacked: bool = False):
         k = linear.kernel[...]
         self.dtype = linear.dtype
-        self.out_shape = tuple(k.shape[1:])
-        self.kernel_t = decode_kernel(linear) if kernel_t is None else kernel_t
-        self.bias = None if linear.bias is None else linear.bias[...].astype(self.dtype)
+        self.out_shape = tuple(k.shape[1 + stacked:])
+        # Declared data: the layer scan slices them (a traced value would otherwise be taken as static).
+        self.kernel_t = nnx.data(decode_kernel(linear, stacked) if kernel_t is None else kernel_t)
+        self.bias = nnx.data(None if linear.bias is None else linear.bias[...].astype(self.dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = rows_matmul(x.astype(self.dtype), self.kernel_t).reshape(*x.shape[:-1], *self.out_shape)
@@ -70,8 +81,8 @@ class DecodeLinear(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    k: tuple[jax.Array, ...]     # per layer [B, S, K, H]
-    v: tuple[jax.Array, ...]     # per layer [B, S, K, H]
+    k: jax.Array                 # [num_layers, B, S, K, H]
+    v: jax.Array                 # [num_layers, B, S, K, H]
     segments: jax.Array          # [B, S] int32, 0 = empty / padding slot
     index: jax.Array             # [] int32, next slot to write
 
@@ -84,10 +95,17 @@ def init_cache(config: Qwen25VLConfig, batch: int, max_len: int, dtype=None) -> 
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
     t = config.text
     dtype = config.jnp_dtype if dtype is None else jnp.dtype(dtype)
-    shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers)),
+    shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segments=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class LayerCache(NamedTuple):
+    """One layer's handle on the stacked cache: all layers' keys/values and which layer this is (traced
+    inside the layer scan), so the layer writes its new keys/values in place."""
+    k: jax.Array                 # [num_layers, B, S, K, H]
+    v: jax.Array                 # [num_layers, B, S, K, H]
+    layer: jax.Array | int
 
 
 class Attention(nnx.Module):
@@ -105,7 +123,8 @@ class Attention(nnx.Module):
         self.o_proj = nn.Linear(t.num_attention_heads * t.head_dim, t.hidden_size, names=("heads", "embed"),
                                 use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache=None, index=None, last_only=False):
+    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache: LayerCache | None = None, index=None,
+                 last_only=False):
         """last_only: keys/values (and the cache) for all T tokens, but queries and output for the last
         token only ([B, 1, D]): all a prefill's top layer has to compute."""
         B, T, _ = x.shape
@@ -117,11 +136,13 @@ class Attention(nnx.Module):
             segment_ids = None
         q = nn.apply_rotary(self.q_proj(x).reshape(B, x.shape[1], self.num_heads, self.head_dim), cos, sin)
         if kv_cache is not None:
-            ck, cv = kv_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            kv_cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            ck, cv, layer = kv_cache
+            at = (layer, 0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            kv_cache = LayerCache(ck, cv, layer)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
         # Without a cache, the mask is causal + segment equality: splash can use its fast path.
         out = nn.dot_product_attention(q, k, v, mask, implementation=self.impl, causal=True,
                                        segment_ids=segment_ids if kv_cache is None else None)
@@ -145,41 +166,42 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-    """Embedding, decoder layers and final norm (the lm_head lives in the full model)."""
+    """Embedding, decoder layers (stacked, scanned) and final norm (the lm_head lives in the full model)."""
 
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         t = config.text
         self.config = config
         self.embed_tokens = nn.param(rngs, nnx.initializers.normal(1.0), (t.vocab_size, t.hidden_size),
                                      config.param_dtype, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(t.num_hidden_layers)])
+        self.layers = nn.stacked(lambda r: DecoderLayer(config, rngs=r), t.num_hidden_layers, rngs)
         self.norm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype)
 
-    def decode_kernels(self) -> list[dict[str, jax.Array]]:
-        """Per layer, the transposed kernels of its decoder Linears (`decode_kernel`), by name."""
-        return [{name: decode_kernel(getattr(getattr(layer, part), name)) for part, names in DECODE_LINEARS
-                 for name in names} for layer in self.layers]
+    def decode_kernels(self) -> dict[str, jax.Array]:
+        """The transposed kernels [layers, out, in] of the decoder Linears (`decode_kernel`), by name."""
+        return {name: decode_kernel(getattr(getattr(self.layers, part), name), stacked=True)
+                for part, names in DECODE_LINEARS for name in names}
 
-    def use_decode_layout(self, kernels: list[dict[str, jax.Array]] | None = None) -> None:
-        """Swaps every decoder Linear for its `DecodeLinear` (in place: call it on a view made inside a
-        jitted program, see `Qwen25VL.decode_view`), from `kernels` (`decode_kernels()`) when given."""
-        for i, layer in enumerate(self.layers):
-            for part, names in DECODE_LINEARS:
-                module = getattr(layer, part)
-                for name in names:
-                    setattr(module, name, DecodeLinear(getattr(module, name),
-                                                       None if kernels is None else kernels[i][name]))
+    def use_decode_layout(self, kernels: dict[str, jax.Array] | None = None) -> None:
+        """Swaps every decoder Linear for its (stacked) `DecodeLinear` (in place: call it on a view made
+        inside a jitted program, see `Qwen25VL.decode_view`), from `kernels` (`decode_kernels()`) when
+        given."""
+        for part, names in DECODE_LINEARS:
+            module = getattr(self.layers, part)
+            for name in names:
+                setattr(module, name, DecodeLinear(getattr(module, name),
+                                                   None if kernels is None else kernels[name], stacked=True))
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
                  cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D], position_ids [3, B, T], segment_ids [B, T] -> (final-norm hidden
         [B, T, D], updated cache or None). last_only: hidden of the last token only, [B, 1, D] (a
-        prefill: the top layer then computes keys/values for every token and the rest for the last one,
-        the only one whose output is used)."""
+        prefill: layers 0..N-2 run in the scan, then the top layer, its slice of the stacked parameters,
+        computes keys/values for every token and the rest for the last one, the only one whose output
+        is used)."""
         t = self.config.text
         cos, sin = nn.mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         segment_ids = segment_ids.astype(jnp.int32)
@@ -190,21 +212,39 @@ class TextModel(nnx.Module):
             segments = jax.lax.dynamic_update_slice(cache.segments, segment_ids, (0, cache.index))
             q_slots = cache.index + jnp.arange(T)[None]
             mask = nn.attention_mask(segment_ids, segments, causal=True, q_slots=q_slots)
+        index = None if cache is None else cache.index
+        graphdef, stacked = nnx.split(self.layers)
+        num_layers = t.num_hidden_layers
+
+        def layer_at(i):
+            """Layer i (traced or static) as a module: its slice of the stacked state."""
+            return nnx.merge(graphdef, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                                    stacked))
+
+        def body(carry, xs):
+            x, kv = carry
+            params, i = xs
+            layer = layer_at(i) if params is None else nnx.merge(graphdef, params)
+            x, kv = layer(x, cos, sin, mask, segment_ids, None if kv is None else LayerCache(*kv, i), index)
+            return (x, None if kv is None else kv[:2]), None
+
         # Remat only pays in a backward pass; with a KV cache (prefill / decode inside the sampler's
-        # while_loop) there is none, and nnx.remat inside that loop cannot trace the layer's params.
+        # while_loop) there is none. Inside the scan it covers one layer, as the unscanned layers did.
         policy = self.config.remat_policy if cache is None else "none"
-        step = nn.maybe_remat(lambda layer, *args: layer(*args), policy)
-        x = inputs_embeds
-        new_k, new_v = [], []
-        top = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            args = (x, cos, sin, mask, segment_ids, kv, None if cache is None else cache.index)
-            x, kv = layer(*args, last_only=True) if last_only and i == top else step(layer, *args)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        if policy != "none":
+            body = jax.checkpoint(body, policy=nn.remat_policy(policy), prevent_cse=False)
+        scanned = num_layers - 1 if last_only else num_layers
+        # All layers: their parameters are the scan's inputs (their gradients its outputs). The prefill's
+        # first N-1: indexed out of the stacked state (inference only), no sliced copy of the weights.
+        xs = (stacked if scanned == num_layers else None, jnp.arange(scanned, dtype=jnp.int32))
+        carry = (inputs_embeds, None if cache is None else (cache.k, cache.v))
+        if scanned:
+            carry, _ = jax.lax.scan(body, carry, xs)
+        x, kv = carry
+        if last_only:
+            x, kv = layer_at(num_layers - 1)(x, cos, sin, mask, segment_ids,
+                                             None if kv is None else LayerCache(*kv, num_layers - 1), index,
+                                             last_only=True)
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), segments=segments,
-                            index=cache.index + inputs_embeds.shape[1])
+            cache = KVCache(k=kv[0], v=kv[1], segments=segments, index=cache.index + inputs_embeds.shape[1])
         return self.norm(x), cache
