@@ -551,9 +551,10 @@ def estimate_logprobs(d: DeviceSizes, host: dict, *, reference: bool) -> dict[st
   # the gathered projection and its float32 / relaid copy (one copy where it is not gathered)
   logits = {"head": d.head + (head["head"] if d.head_gathered else 0)}
   layer = _layer_parts(d, rows, length, length, backward=False)
-  # a third score-sized buffer (the probabilities relaid for the value matmul) shares the room of the
-  # projection's copy; where it is larger it adds the difference
-  layer["scores_relaid"] = max(0, layer["scores"] // 2 - logits["head"] + head["head"])
+  # FSDP: a third score-sized buffer (the probabilities relaid for the value matmul) shares the room of
+  # the gathered projection's copy; where it is larger it adds the difference
+  if d.head_gathered:
+    layer["scores_relaid"] = max(0, layer["scores"] // 2 - logits["head"] + head["head"])
   stages = {
       "vision": {**head, **_vision_parts(d, host, backward=False)},
       "layer": {**head, **layer},
