@@ -262,7 +262,7 @@ def sft_host_batch(mcfg, shapes: Shapes, rng) -> tuple[dict, int]:
     P = common.bucket(len(pv), 64)
     pv = np.pad(pv, [(0, P - len(pv)), (0, 0)])
     batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, loss_mask=loss_mask, pixel_values=pv,
-                 image_grid_thw=grid, **common.vision_fields(grid, mcfg, P))
+                 image_grid_thw=grid)
     return sft.host_batch([batch], mcfg, groups=1)   # one device: the trainer's data-parallel size
 
 

@@ -214,7 +214,6 @@ def build_ours(hf_dir: str, host: dict, batch: int) -> dict:
     train_step = sft.make_sft_step(config, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
     raw = {k: host[k] for k in ("input_ids", "attention_mask", "loss_mask", "position_ids", "pixel_values",
                                 "image_grid_thw")}
-    raw.update(common.vision_fields(host["image_grid_thw"], mcfg, host["pixel_values"].shape[0]))
     hb, tokens = sft.host_batch([raw], mcfg, groups=shd.data_parallel_size(mesh, rules))
     device_batch = common.put_batch(hb, mesh, rules, batch_size=batch)
     return dict(step=train_step, params=params, opt_state=opt_state, rest=rest, batch=device_batch,

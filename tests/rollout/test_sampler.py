@@ -275,7 +275,8 @@ def test_n_samples_share_one_prefill(tiny, monkeypatch):
 @untied_only
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)], ids=["1x8x1", "2x2x2"])
 def test_sharded_greedy_equals_single_device(tiny, mesh_shape):
-    """8 prompts (the two rows four times) on a mesh of 8 CPU devices give the single-device tokens."""
+    """8 prompts (the two rows four times) on a mesh of 8 CPU devices give the single-device tokens, with
+    the images in one image group per data-parallel device (each prefills its own rows' images)."""
     from vlaa_jax import sharding as shd
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -287,8 +288,14 @@ def test_sharded_greedy_equals_single_device(tiny, mesh_shape):
               stop_ids=(TINY_STOP,), pad_id=TINY_PAD)
     single = rollout.generate(tiny.graphdef, tiny.state, prompts, **kw)
     mesh = shd.make_mesh(mesh_shape)
+    dp = shd.data_parallel_size(mesh, "fsdp_tp")
+    grouped = rollout.prompt_batch(tiny.model.config, ids, mask, pixel_values=np.tile(b.pixel_values, (4, 1)),
+                                   image_grid_thw=np.tile(b.image_grid_thw, (4, 1)), pad_id=TINY_PAD, groups=dp)
+    assert grouped["pixel_values"].shape[0] == dp and grouped["vision_window_index"].shape[0] == dp
+    spec = shd.batch_shardings(grouped, mesh, "fsdp_tp", batch_size=8)["pixel_values"].spec
+    assert spec[0] is not None                   # image groups split over the data-parallel devices
     _, graphdef, state = shd.load_pretrained_sharded(tiny.ref.hf_dir, mesh, "fsdp_tp")
-    sharded = rollout.generate(graphdef, state, prompts, mesh=mesh, rules="fsdp_tp", **kw)
+    sharded = rollout.generate(graphdef, state, grouped, mesh=mesh, rules="fsdp_tp", **kw)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_array_equal(sharded.lengths, single.lengths)
     np.testing.assert_allclose(sharded.raw_logprobs, single.raw_logprobs, atol=1e-4)
@@ -310,7 +317,7 @@ def test_prompt_batch_buckets_and_repads(tiny):
         np.testing.assert_array_equal(p[k], v, err_msg=k)
     L0 = ref.batches["left"].input_ids.shape[1]
     L = p["input_ids"].shape[1]
-    assert L % 64 == 0 and p["pixel_values"].shape[0] % 256 == 0
+    assert L % 64 == 0 and p["pixel_values"].shape[0] == 1 and p["pixel_values"].shape[1] % 256 == 0
     hf_pos, hf_deltas = ref.positions["left"]
     valid = ref.batches["left"].attention_mask.astype(bool)
     np.testing.assert_array_equal(p["position_ids"][:, :, L - L0:][:, valid], hf_pos[:, valid])

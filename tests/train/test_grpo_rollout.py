@@ -88,11 +88,26 @@ def test_micro_batched_rollout_gives_the_one_call_tokens(trainer, prompts):
     assert len(trainer.rollout_programs) == before + 2
 
 
+def test_micro_batched_sampled_rollout_gives_the_one_call_samples(trainer, prompts):
+    """Sampled (n = 2): each call continues the row numbering of the PRNG streams, so the samples do not
+    depend on how the prompts are split into calls."""
+    g = trainer.config.grpo
+    saved, g.temperature = g.temperature, 50.0        # the peaked test policy, flattened
+    try:
+        one = _rollout(trainer, prompts, 0, greedy=False, n=2)
+        got = _rollout(trainer, prompts, 2, greedy=False, n=2)
+    finally:
+        g.temperature = saved
+    assert len({tuple(t) for t in one.tokens}) > 1
+    np.testing.assert_array_equal(got.tokens, one.tokens)
+    np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-4)
+
+
 def test_rollout_prompt_batches_take_a_bounded_set_of_shapes(trainer, loader):
     """Prompts with images of many sizes: every call's image groups are padded to one of the loader's
     pixel buckets for their prompts, so the shapes seen stay within buckets x prompt lengths."""
     micro = 4
-    per_group = micro  # one image group per call
+    per_group = micro // trainer.image_groups(micro)
     keys, lengths, totals, patch_rows = set(), set(), set(), set()
     with _micro_batch(trainer, micro):
         for _ in range(12):

@@ -90,28 +90,46 @@ def test_sharded_groups_match(setup):
                grads.to_pure_dict(), ref_grads)
 
 
-def _host(grid, length=8):
+def _host(grid, image_token_id, length=8):
+  """One row per image: the row's image tokens, then text (pixels all zero)."""
   from vlaa_jax.models.qwen2_5_vl import layout
   grid = np.asarray(grid, np.int32)
   n = sum(layout.frame_lengths(grid))
-  return {"input_ids": np.zeros((len(grid), length), np.int32), "attention_mask": np.ones((len(grid), length), np.int32),
-          "loss_mask": np.ones((len(grid), length), np.int32), "position_ids": np.zeros((3, len(grid), length), np.int32),
-          "pixel_values": np.zeros((n, 1176), np.float32), "image_grid_thw": grid}
+  tokens = [int(np.prod(g)) // 4 for g in grid]
+  ids = np.zeros((len(grid), max(tokens) + length), np.int32)
+  for r, k in enumerate(tokens):
+    ids[r, :k] = image_token_id
+  return {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32), "loss_mask": np.ones(ids.shape, np.int32),
+          "position_ids": np.zeros((3,) + ids.shape, np.int32), "pixel_values": np.zeros((n, 1176), np.float32),
+          "image_grid_thw": grid}
 
 
 def test_pad_to_gives_micro_batches_one_row_shape():
   """Micro-batches that must stack get per-image rows of one shape (the largest); where any of them
-  gains nothing from rows, all stay dense."""
+  gains nothing from rows, all stay dense. With one image group per row each group holds its own
+  image (dense attention within a group is per-image attention)."""
   from tests.fixtures.hf_models import qwen3b_shaped_hf_config_dict
   from vlaa_jax.models.qwen2_5_vl import layout
   mcfg = from_hf_dict(qwen3b_shaped_hf_config_dict())
-  big, small = _host([[1, 32, 32], [1, 32, 32]]), _host([[1, 16, 16], [1, 16, 16]], length=6)
+  img = mcfg.image_token_id
+  big, small = _host([[1, 32, 32], [1, 32, 32]], img), _host([[1, 16, 16], [1, 16, 16]], img, length=6)
   out = common.pad_to([big, small], mcfg)
-  assert [b["vision_full_index"].shape for b in out] == [(2, 1024), (2, 1024)]
-  assert {b["input_ids"].shape[1] for b in out} == {8} and {b["pixel_values"].shape[0] for b in out} == {2048}
+  assert [b["vision_full_index"].shape for b in out] == [(1, 2, 1024), (1, 2, 1024)]
+  assert {b["input_ids"].shape[1] for b in out} == {264} and {b["pixel_values"].shape for b in out} == {(1, 2048, 1176)}
   for b, src in zip(out, (big, small)):
     ref = layout.vision_layout(src["image_grid_thw"], num_patches_padded=2048, full_rows=(2, 1024))
-    np.testing.assert_array_equal(b["vision_full_index"], ref.full_index)
-    np.testing.assert_array_equal(b["vision_full_slot"], ref.full_slot)
-  dense = common.pad_to([big, _host([[1, 32, 64]])], mcfg)     # one 2048-patch image: rows gain nothing
+    np.testing.assert_array_equal(b["vision_full_index"][0], ref.full_index)
+    np.testing.assert_array_equal(b["vision_full_slot"][0], ref.full_slot)
+  dense = common.pad_to([big, _host([[1, 32, 64]], img)], mcfg)     # one 2048-patch image: rows gain nothing
   assert all("vision_full_index" not in b for b in dense)
+  per_row = common.pad_to([big, small], mcfg, groups=2)
+  assert {b["pixel_values"].shape for b in per_row} == {(2, 1024, 1176)}
+  assert all("vision_full_index" not in b for b in per_row)
+  for b, src in zip(per_row, (big, small)):
+    for g in range(2):
+      ref = layout.vision_layout(src["image_grid_thw"][g:g + 1], num_patches_padded=1024)
+      np.testing.assert_array_equal(b["vision_window_index"][g], ref.window_index)
+      np.testing.assert_array_equal(b["vision_full_segments"][g], ref.full_segments)
+  with pytest.raises(ValueError, match="3 image groups do not divide the batch of 2 rows"):
+    common.pad_to([big], mcfg, groups=3)
+

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from vlaa_jax import sharding as shd
 from vlaa_jax.eval import behaviour
 from vlaa_jax.eval.benchmarks import BenchmarkError, EvalItem, load_benchmark
 from vlaa_jax.eval.config import eval_config
@@ -93,6 +94,9 @@ class ModelGenerator:
         self.tokenizer, self.prompts = tokenizer, prompts
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.mesh, self.rules, self.progress = mesh, rules, progress
+        # One image group per data-parallel device (each encodes its own rows' images) where it divides.
+        dp = 1 if mesh is None else shd.data_parallel_size(mesh, rules)
+        self.image_groups = dp if self.batch_size % dp == 0 else 1
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.stop_ids = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id}))
 
@@ -111,7 +115,7 @@ class ModelGenerator:
                 ids[i, :len(row)], mask[i, :len(row)] = row, 1
             batch = prompt_batch(self.mcfg, ids, mask, pixel_values=np.concatenate([f.pixel_values for _, f in built]),
                                  image_grid_thw=np.concatenate([f.image_grid_thw for _, f in built]),
-                                 pad_id=self.pad_id)
+                                 pad_id=self.pad_id, groups=self.image_groups)
             gen = generate(self.graphdef, self.state, batch, max_new_tokens=self.max_new_tokens,
                            sampling=SamplingConfig(temperature=0.0), stop_ids=self.stop_ids, pad_id=self.pad_id,
                            mesh=self.mesh, rules=self.rules)

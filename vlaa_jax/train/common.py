@@ -143,31 +143,46 @@ def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None
 
 
 # ---------------------------------------------------------------------------------- batch plumbing
-def vision_fields(grid: np.ndarray, mcfg: qwen.Qwen25VLConfig, num_patches: int,
-                  full_rows: bool | tuple[int, int] = False) -> dict[str, np.ndarray]:
-    """The vision layout of `grid` padded to `num_patches`, as flat `vision_*` batch fields (with
-    `full_rows`, per-image full attention: see `layout.vision_layout`)."""
+def image_groups(batch: Mapping[str, Any], mcfg: qwen.Qwen25VLConfig, groups: int) -> np.ndarray:
+    """The image group of each image of a host batch: groups of B // groups consecutive rows."""
+    B = np.shape(batch["input_ids"])[0]
+    if groups < 1 or B % groups:
+        raise ValueError(f"{groups} image groups do not divide the batch of {B} rows")
+    rows = qwen.layout.image_rows(batch["input_ids"], batch["image_grid_thw"], image_token_id=mcfg.image_token_id,
+                                  spatial_merge_size=mcfg.vision.spatial_merge_size)
+    return rows // (B // groups)
+
+
+def grouped_vision_fields(pixel_values: np.ndarray, grid: np.ndarray, image_group: np.ndarray, groups: int,
+                          mcfg: qwen.Qwen25VLConfig, *, num_patches: int | None = None,
+                          full_rows: bool | tuple[int, int] = False) -> dict[str, np.ndarray]:
+    """`pixel_values` [G, num_patches, patch_dim] and the `vision_*` layout fields [G, ...] of the images
+    (flat real patches + grids, in image order) split into `groups` image groups (`layout.grouped_vision`)."""
     v = mcfg.vision
-    lay = qwen.vision_layout(grid, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-                             window_size=v.window_size, num_patches_padded=num_patches, full_rows=full_rows)
-    return {f"vision_{k}": np.asarray(x) for k, x in lay._asdict().items() if x is not None}
+    pv, lay = qwen.layout.grouped_vision(
+        pixel_values, grid, image_group, groups, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+        window_size=v.window_size, num_patches_padded=num_patches, full_rows=full_rows)
+    return {"pixel_values": pv.astype(np.float32),
+            **{f"vision_{k}": np.asarray(x) for k, x in lay._asdict().items() if x is not None}}
+
+
+def group_bucket(patches: int, largest: int, multiple: int = 64) -> int:
+    """Patches per image group: the smallest largest / 2^k (rounded up to `multiple`) that holds
+    `patches` (a bounded set of shapes for each loader pixel bucket `largest`)."""
+    size = bucket(largest, multiple)
+    while size > multiple and bucket(-(-size // 2), multiple) >= patches:
+        size = bucket(-(-size // 2), multiple)
+    return max(size, bucket(patches, multiple))
 
 
 def vision_from_batch(batch: Mapping[str, jax.Array]) -> qwen.VisionLayout | None:
     return qwen.layout.layout_from_fields(batch)
 
 
-def replicated_axes(batch: Mapping[str, Any]) -> dict[str, tuple]:
-    """Sharding overrides: image-side fields have no batch axis and are replicated."""
-    return {k: () for k in batch if k.startswith("vision_") or k in ("pixel_values", "image_grid_thw",
-                                                                       "loss_normalizer")}
-
-
 def put_batch(batch: Mapping[str, np.ndarray], mesh, rules, *, batch_size: int,
               micro_batched: bool = False) -> dict[str, jax.Array]:
     """Host NumPy batch -> global arrays sharded by the rules (batch rows over the data axes)."""
-    shardings = shd.batch_shardings(batch, mesh, rules, batch_size=batch_size,
-                                    overrides=replicated_axes(batch), micro_batched=micro_batched)
+    shardings = shd.batch_shardings(batch, mesh, rules, batch_size=batch_size, micro_batched=micro_batched)
     return shd.shard_batch(batch, shardings)
 
 
@@ -343,27 +358,35 @@ def device_fields(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig) -> list[dict[str, np.ndarray]]:
-    """Pads host batches to one length and one pixel bucket (so they stack into micro-batches); the
-    vision layout is recomputed for the common pixel bucket, with per-image full attention rows of one
-    shape for all of them (`layout.full_attention_rows`: the largest; dense where any batch would gain
-    nothing or the common shape does not hold its images)."""
+def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig, groups: int = 1
+           ) -> list[dict[str, np.ndarray]]:
+    """Pads host batches to one length and one image-group shape (so they stack into micro-batches):
+    each batch's images are split into `groups` image groups of B // groups rows (`grouped_vision_fields`;
+    the trainers pass the data-parallel size, so every device encodes its own rows' images), padded to
+    one patch bucket, with per-image full-attention rows of one shape for all of them
+    (`layout.group_full_rows`; dense where any group would gain nothing or the common shape does not
+    hold its images)."""
     L = max(b["input_ids"].shape[1] for b in batches)
-    P = max(b["pixel_values"].shape[0] for b in batches) if "pixel_values" in batches[0] else 0
-    if not P:
-        return [_pad_batch(b, L, 0, mcfg, False) for b in batches]
-    shapes = [qwen.layout.full_attention_rows(qwen.layout.frame_lengths(b["image_grid_thw"]), P) for b in batches]
-    if all(shapes):
+    if "pixel_values" not in batches[0]:
+        return [_pad_batch(b, L) for b in batches]
+    members = [image_groups(b, mcfg, groups) for b in batches]
+    grids = [qwen.layout.valid_grids(b["image_grid_thw"]) for b in batches]
+    need = max([int(np.prod(g[m == k], axis=1).sum()) for g, m in zip(grids, members) for k in range(groups)] + [1])
+    P = group_bucket(need, max(b["pixel_values"].shape[0] for b in batches))
+    frames = [qwen.layout.frame_lengths(g[m == k]) for g, m in zip(grids, members) for k in range(groups)]
+    rows = qwen.layout.group_full_rows(frames, P)
+    if rows:
         try:
-            rows = (max(r for r, _ in shapes), max(n for _, n in shapes))
-            return [_pad_batch(b, L, P, mcfg, rows) for b in batches]
+            return [_pad_batch(b, L, (m, groups, P, rows), mcfg) for b, m in zip(batches, members)]
         except ValueError:
             pass
-    return [_pad_batch(b, L, P, mcfg, False) for b in batches]
+    return [_pad_batch(b, L, (m, groups, P, False), mcfg) for b, m in zip(batches, members)]
 
 
-def _pad_batch(b: dict[str, np.ndarray], L: int, P: int, mcfg: qwen.Qwen25VLConfig,
-               rows: bool | tuple[int, int]) -> dict[str, np.ndarray]:
+def _pad_batch(b: dict[str, np.ndarray], L: int, images: tuple | None = None,
+               mcfg: qwen.Qwen25VLConfig | None = None) -> dict[str, np.ndarray]:
+    """One batch padded to length L; images = (image group of each image, groups, patches per group,
+    full-attention rows): its image fields regrouped (`grouped_vision_fields`)."""
     b = dict(b)
     extra = L - b["input_ids"].shape[1]
     if extra:
@@ -371,9 +394,9 @@ def _pad_batch(b: dict[str, np.ndarray], L: int, P: int, mcfg: qwen.Qwen25VLConf
             if k in b:
                 b[k] = np.pad(b[k], [(0, 0), (0, extra)], constant_values=0)
         b["position_ids"] = np.pad(b["position_ids"], [(0, 0), (0, 0), (0, extra)])
-    if P:
-        if b["pixel_values"].shape[0] != P:
-            b["pixel_values"] = np.pad(b["pixel_values"], [(0, P - b["pixel_values"].shape[0]), (0, 0)])
+    if images is not None:
+        member, groups, P, rows = images
         b = {k: v for k, v in b.items() if not k.startswith("vision_")}
-        b.update(vision_fields(b["image_grid_thw"], mcfg, P, full_rows=rows))
+        b.update(grouped_vision_fields(b["pixel_values"], b["image_grid_thw"], member, groups, mcfg,
+                                       num_patches=P, full_rows=rows))
     return b

@@ -23,13 +23,15 @@ class Generation(NamedTuple):
 
 def generate(graphdef: Any, params: Any, rest: Any, prompt: Mapping[str, np.ndarray], *, rng: jax.Array,
              num_samples: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-             eos_ids: tuple[int, ...], pad_id: int, mesh=None, rules=None) -> Generation:
+             eos_ids: tuple[int, ...], pad_id: int, mesh=None, rules=None, row_offset: int = 0) -> Generation:
     """`num_samples` continuations of every row of `prompt` (left-padded input_ids, attention_mask,
-    position_ids, rope_deltas, optional pixel_values + vision_* fields); temperature 0 = greedy."""
+    position_ids, rope_deltas, optional pixel_values + vision_* fields); temperature 0 = greedy. Output row
+    r samples with fold_in(rng, row_offset + r): a batch split into calls, each given its first output
+    row, samples what one call would."""
     out = rollout.generate(
         graphdef, (params, rest), prompt, max_new_tokens=max_new_tokens, num_samples=num_samples,
         sampling=rollout.SamplingConfig(temperature=temperature, top_p=top_p), rng=rng,
-        stop_ids=eos_ids, pad_id=pad_id, mesh=mesh, rules=rules)
+        stop_ids=eos_ids, pad_id=pad_id, mesh=mesh, rules=rules, row_offset=row_offset)
     return Generation(out.tokens, out.logprobs, out.mask)
 
 

@@ -73,11 +73,13 @@ class Prompts:
 
     def rows(self, src: np.ndarray, mcfg, *, num_patches: int | None = None,
              responses: np.ndarray | None = None, response_mask: np.ndarray | None = None,
-             full_rows: bool | tuple[int, int] = True) -> dict:
+             full_rows: bool | tuple[int, int] = True, groups: int = 1) -> dict:
         """Host batch of prompts `src` (indices, repeats allowed), optionally followed by responses.
 
         Response tokens sit at columns [Lp, Lp + T); the k-th valid token of a row has M-RoPE position
-        k + rope_delta on all three axes (how they were generated)."""
+        k + rope_delta on all three axes (how they were generated). The images form `groups` image
+        groups of len(src) // groups consecutive rows (`common.grouped_vision_fields`), each padded to
+        `num_patches` patches (default: the largest group's, rounded up to 64)."""
         ids, mask, pos = self.ids[src], self.mask[src], self.positions[:, src]
         out = {"rope_deltas": self.deltas[src]}
         if responses is not None:
@@ -87,13 +89,16 @@ class Prompts:
             ids = np.concatenate([ids, responses], axis=1)
             mask = np.concatenate([mask, response_mask], axis=1)
             pos = np.concatenate([pos, np.broadcast_to(resp_pos[None], (3,) + resp_pos.shape)], axis=2)
+        if len(src) % groups:
+            raise ValueError(f"{groups} image groups do not divide {len(src)} prompt rows")
+        member = np.arange(len(src)) // (len(src) // groups)          # one image per prompt
         patches = np.concatenate([self.patches[i] for i in src], axis=0)
-        p = num_patches or common.bucket(len(patches), 64)
-        pixel_values = np.zeros((p, patches.shape[1]), np.float32)
-        pixel_values[:len(patches)] = patches
         out.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
-                   position_ids=pos.astype(np.int32), pixel_values=pixel_values)
-        out.update(common.vision_fields(self.grids[src], mcfg, p, full_rows=full_rows))
+                   position_ids=pos.astype(np.int32))
+        out.update(common.grouped_vision_fields(
+            patches, self.grids[src], member, groups, mcfg, full_rows=full_rows,
+            num_patches=num_patches or common.bucket(max(
+                sum(len(self.patches[i]) for i in src[member == g]) for g in range(groups)), 64)))
         return out
 
     def max_patches(self) -> int:
@@ -215,6 +220,12 @@ class GRPOTrainer:
         self.rollout_programs: set = set()  # shapes + static options of the generate calls so far
 
     # -- pieces --------------------------------------------------------------------------------
+    def image_groups(self, rows: int) -> int:
+        """Image groups of a batch of `rows` prompt rows: the data-parallel size (each device encodes only
+        its own rows' images) when it divides the rows, else one group."""
+        dp = shd.data_parallel_size(self.run.mesh, self.run.rules)
+        return dp if rows % dp == 0 else 1
+
     def _mixed_reward(self, responses, records, image_hw=None):
         from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
         if self._mixed is None:
@@ -223,16 +234,18 @@ class GRPOTrainer:
 
     def rollout(self, prompts: Prompts, rng: jax.Array, *, n: int, greedy: bool = False):
         """n responses per prompt (greedy: temperature 0), in generate calls of `grpo.rollout_micro_batch`
-        prompts (`rollout_batches`; call k samples with fold_in(rng, k)). Returns (prompt index per row,
-        Generation, decoded response texts)."""
+        prompts (`rollout_batches`; each call continues the row numbering of the PRNG streams, so the
+        samples do not depend on the micro-batch). Returns (prompt index per row, Generation, decoded
+        response texts)."""
         g, run = self.config.grpo, self.run
-        parts = []
-        for k, batch in enumerate(self.rollout_batches(prompts)):
+        parts, rows = [], 0
+        for batch in self.rollout_batches(prompts):
             self.rollout_programs.add(program_key(batch, n=n, greedy=greedy))
-            parts.append(generate(run.graphdef, run.params, run.rest, batch, rng=jax.random.fold_in(rng, k),
+            parts.append(generate(run.graphdef, run.params, run.rest, batch, rng=rng, row_offset=rows,
                                   num_samples=n, max_new_tokens=g.max_new_tokens,
                                   temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
                                   eos_ids=self.eos_ids, pad_id=self.pad_id, mesh=run.mesh, rules=run.rules))
+            rows += len(batch["input_ids"]) * n
         gen = concat_generations(parts, self.pad_id)
         texts = run.tokenizer.batch_decode([t[m > 0] for t, m in zip(gen.tokens, gen.mask)],
                                            skip_special_tokens=True)
@@ -240,16 +253,18 @@ class GRPOTrainer:
 
     def rollout_batches(self, prompts: Prompts) -> list[dict]:
         """The host prompt batches of a rollout, `grpo.rollout_micro_batch` prompts each (0: all), in order.
-        Each call's images are padded to one of the loader's pixel buckets for its number of prompts
+        Each image group is padded to one of the loader's pixel buckets for its number of prompts
         (`update_patch_bucket`), with per-image full-attention rows of power-of-two length
         (`update_full_rows`): a run compiles a bounded set of generate programs, where rounding the patch
         count to a multiple of 64 compiled a new one on most steps when image sizes vary."""
         out = []
         for idx in rollout_chunks(len(prompts), self.config.grpo.rollout_micro_batch):
-            patches = sum(len(prompts.patches[i]) for i in idx)
-            p = update_patch_bucket(patches, len(idx), self.config.data.max_pixels)
-            full_rows = update_full_rows(max(len(prompts.patches[i]) for i in idx), len(idx), p)
-            out.append(prompts.rows(idx, self.run.mcfg, num_patches=p, full_rows=full_rows))
+            groups = self.image_groups(len(idx))
+            per_group = len(idx) // groups
+            most = max(sum(len(prompts.patches[i]) for i in part) for part in np.split(idx, groups))
+            p = update_patch_bucket(most, per_group, self.config.data.max_pixels)
+            full_rows = update_full_rows(max(len(prompts.patches[i]) for i in idx), per_group, p)
+            out.append(prompts.rows(idx, self.run.mcfg, num_patches=p, full_rows=full_rows, groups=groups))
         return out
 
     def score(self, prompts: Prompts, src: np.ndarray, texts: Sequence[str]):
@@ -375,10 +390,14 @@ class GRPOTrainer:
         (mean of the updates' metrics, measured KL(old || ref) per token)."""
         run, g, t = self.run, self.config.grpo, self.config.train
         n = len(src)
-        p = update_patch_bucket(prompts.max_patches() * micro, micro, self.config.data.max_pixels)
-        full_rows = update_full_rows(prompts.max_patches(), micro, p)
+        # Image groups: one per data-parallel device (each encodes its own rows' images), of `per_group`
+        # one-image rows, padded to the loader's pixel buckets for that many rows.
+        groups = self.image_groups(micro)
+        per_group = micro // groups
+        p = update_patch_bucket(prompts.max_patches() * per_group, per_group, self.config.data.max_pixels)
+        full_rows = update_full_rows(prompts.max_patches(), per_group, p)
         build = lambda idx: prompts.rows(src[idx], run.mcfg, num_patches=p, responses=tokens[idx],
-                                         response_mask=resp_mask[idx], full_rows=full_rows)
+                                         response_mask=resp_mask[idx], full_rows=full_rows, groups=groups)
         # One update per rollout batch: it is on-policy, the loss takes the old log-probs from its own
         # forward (grpo_loss_fn); otherwise they are recomputed here before the first update.
         on_policy = self.on_policy

@@ -47,10 +47,11 @@ def make_sft_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, par
 
 def host_batch(batches: list[dict], mcfg, groups: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Stacks M loader batches into one step's micro-batches with the global token normaliser.
-    groups: target positions are compacted per group of rows (`common.target_positions`); the trainer
-    passes the data-parallel size, so each device's rows share one padded target list. Default: per row.
-    Returns (batch, number of assistant tokens)."""
-    arrays = common.pad_to([common.device_fields(b) for b in batches], mcfg)
+    groups: target positions are compacted per group of rows (`common.target_positions`) and the images
+    form one image group per group of rows (`common.pad_to`); the trainer passes the data-parallel size,
+    so each device's rows share one padded target list and each device encodes only its rows' images.
+    Default: targets per row, all images in one group. Returns (batch, number of assistant tokens)."""
+    arrays = common.pad_to([common.device_fields(b) for b in batches], mcfg, groups=groups or 1)
     m = len(arrays)
     tokens = int(sum(a["loss_mask"][:, 1:].sum() for a in arrays))
     targets = [common.target_positions(a.pop("loss_mask"), groups=groups) for a in arrays]

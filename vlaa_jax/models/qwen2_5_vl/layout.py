@@ -18,7 +18,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 
-def _valid_grids(image_grid_thw: np.ndarray | None) -> np.ndarray:
+def valid_grids(image_grid_thw: np.ndarray | None) -> np.ndarray:
     if image_grid_thw is None:
         return np.zeros((0, 3), np.int64)
     g = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
@@ -52,7 +52,7 @@ def mrope_positions(
     mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if mask.shape != (B, L):
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    grids = _valid_grids(image_grid_thw)
+    grids = valid_grids(image_grid_thw)
     m = spatial_merge_size
     position_ids = np.zeros((3, B, L), np.int32)
     deltas = np.zeros((B, 1), np.int32)
@@ -139,7 +139,7 @@ def layout_from_fields(fields: Mapping[str, Any], prefix: str = "vision_") -> Vi
 
 def frame_lengths(image_grid_thw: np.ndarray | None) -> list[int]:
     """Patches of every frame (full-attention segment) of the non-padding images, in order."""
-    return [int(h * w) for t, h, w in _valid_grids(image_grid_thw).tolist() for _ in range(t)]
+    return [int(h * w) for t, h, w in valid_grids(image_grid_thw).tolist() for _ in range(t)]
 
 
 def row_length(longest_frame: int) -> int:
@@ -224,7 +224,7 @@ def vision_layout(
     (`full_attention_rows`; none when dense is no dearer), (R, Lr) forces one (e.g. the largest over
     micro-batches that must stack), False leaves the full-attention blocks dense.
     """
-    grids = _valid_grids(image_grid_thw)
+    grids = valid_grids(image_grid_thw)
     m = spatial_merge_size
     unit = m * m
     win = window_size // m // patch_size
@@ -285,7 +285,87 @@ def vision_layout(
     )
 
 
+def image_rows(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, *, image_token_id: int = 151655,
+               spatial_merge_size: int = 2) -> np.ndarray:
+    """The batch row of each (non-padding) image: images fill the <|image_pad|> tokens in row-major order,
+    each image within one row."""
+    ids = np.asarray(input_ids)
+    grids = valid_grids(image_grid_thw)
+    per_image = np.prod(grids, axis=1) // spatial_merge_size ** 2
+    per_row = (ids == image_token_id).sum(axis=1)
+    if per_image.sum() != per_row.sum():
+        raise ValueError(f"input_ids hold {int(per_row.sum())} image tokens; image_grid_thw implies "
+                         f"{int(per_image.sum())}")
+    row_end = np.cumsum(per_row)
+    first = np.cumsum(per_image) - per_image
+    rows = np.searchsorted(row_end, first, side="right")
+    last = np.searchsorted(row_end, first + per_image - 1, side="right")
+    if (rows != last).any():
+        raise ValueError(f"image {int(np.flatnonzero(rows != last)[0])} spans two rows of input_ids")
+    return rows.astype(np.int32)
+
+
+def group_full_rows(frame_lengths_per_group: Sequence[Sequence[int]], num_patches: int) -> tuple[int, int] | None:
+    """One (R, Lr) per-image full-attention shape for several image groups of `num_patches` slots each
+    (the largest R and Lr of `full_attention_rows` over the groups that have images), or None (dense)
+    where any group would gain nothing or no group has images."""
+    shapes = [full_attention_rows(f, num_patches) for f in frame_lengths_per_group if len(f)]
+    if not shapes or not all(shapes):
+        return None
+    return max(r for r, _ in shapes), max(n for _, n in shapes)
+
+
+def grouped_vision(
+    pixel_values: np.ndarray,
+    image_grid_thw: np.ndarray | None,
+    image_group: np.ndarray,
+    groups: int,
+    *,
+    patch_size: int = 14,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    num_patches_padded: int | None = None,
+    full_rows: bool | tuple[int, int] = False,
+) -> tuple[np.ndarray, VisionLayout]:
+    """The images of a batch as `groups` image groups, each laid out on its own (`vision_layout`).
+
+    pixel_values [S, patch_dim]: the real patches of every image in image order (rows past them are
+    ignored); image_group [N] (non-decreasing): the group of each non-padding image, e.g. its row //
+    (rows per group). A group's images are contiguous in pixel_values, so group g's patches are one
+    slice. Returns (pixel_values [G, P, patch_dim], the layout with a leading G axis on every field),
+    P = num_patches_padded (default: the largest group, rounded up to the merge unit). full_rows: True
+    picks one per-image full-attention shape for all groups (`group_full_rows`), (R, Lr) forces one,
+    False keeps the full-attention blocks dense within each group.
+    """
+    grids = valid_grids(image_grid_thw)
+    image_group = np.asarray(image_group, np.int64).reshape(-1)
+    unit = spatial_merge_size ** 2
+    if len(image_group) != len(grids):
+        raise ValueError(f"image_group has {len(image_group)} entries for {len(grids)} images")
+    if len(image_group) and ((np.diff(image_group) < 0).any() or image_group.min() < 0
+                             or image_group.max() >= groups):
+        raise ValueError(f"image groups must be non-decreasing in [0, {groups}), got {image_group.tolist()}")
+    sizes = np.prod(grids, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    members = [np.flatnonzero(image_group == g) for g in range(groups)]
+    counts = [int(sizes[m].sum()) for m in members]
+    P = -(-max(counts + [unit]) // unit) * unit if num_patches_padded is None else int(num_patches_padded)
+    if max(counts) > P:
+        raise ValueError(f"an image group holds {max(counts)} patches, more than num_patches_padded={P}")
+    if full_rows is True:
+        full_rows = group_full_rows([frame_lengths(grids[m]) for m in members], P) or False
+    pixel_values = np.asarray(pixel_values)
+    out = np.zeros((groups, P, pixel_values.shape[-1]), pixel_values.dtype)
+    layouts = []
+    for g, m in enumerate(members):
+        if len(m):
+            out[g, :counts[g]] = pixel_values[offsets[m[0]]:offsets[m[-1] + 1]]
+        layouts.append(vision_layout(grids[m], patch_size=patch_size, spatial_merge_size=spatial_merge_size,
+                                     window_size=window_size, num_patches_padded=P, full_rows=full_rows))
+    return out, VisionLayout(*(None if f[0] is None else np.stack(f) for f in zip(*layouts)))
+
+
 def image_token_count(image_grid_thw: np.ndarray | None, spatial_merge_size: int = 2) -> int:
     """Number of <|image_pad|> tokens the (non-padding) images of `image_grid_thw` fill."""
-    g = _valid_grids(image_grid_thw)
+    g = valid_grids(image_grid_thw)
     return int(np.prod(g, axis=1).sum()) // spatial_merge_size ** 2

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vlaa_jax import nn
+from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlaa_jax.models.qwen2_5_vl.text import KVCache, TextModel, init_cache, rows_matmul, weight_major
@@ -24,12 +25,21 @@ from vlaa_jax.models.qwen2_5_vl.vision import VisionTransformer
 
 def scatter_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
                            image_token_id: int) -> jax.Array:
-    """Puts features[k] at the k-th <|image_pad|> token of the batch (row-major, like HF masked_scatter).
-    Fixed shapes: features [F, D] may hold more rows than there are image tokens (bucket padding)."""
-    is_img = input_ids == image_token_id
-    k = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-    gathered = jnp.take(features, jnp.clip(k, 0, features.shape[0] - 1), axis=0)
-    return jnp.where(is_img[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
+    """Puts the image features of each group of rows at its <|image_pad|> tokens, in order (row-major
+    within the group, like HF masked_scatter). features [G, F, D] for G groups of B // G consecutive
+    rows (the vision tower's image groups), or [F, D] for one group. Fixed shapes: a group's features
+    may hold more rows than it has image tokens (bucket padding)."""
+    if features.ndim == 2:
+        features = features[None]
+    B, L = input_ids.shape
+    G = features.shape[0]
+    if B % G:
+        raise ValueError(f"{G} image groups do not divide the batch of {B} rows")
+    is_img = (input_ids == image_token_id).reshape(G, (B // G) * L)
+    k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = shd.constrain(jnp.take_along_axis(features, k[..., None], axis=1), shd.ACTIVATION_AXES)
+    gathered = shd.constrain(gathered.reshape(B, L, -1), shd.ACTIVATION_AXES)
+    return jnp.where(is_img.reshape(B, L)[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
 
 
 class Qwen25VL(nnx.Module):
@@ -67,10 +77,13 @@ class Qwen25VL(nnx.Module):
             w = self._vocab_major_head.astype(self.config.jnp_dtype)
             return rows_matmul(hidden.astype(w.dtype), w).astype(jnp.float32)
         w = self.lm_head_weight().astype(self.config.jnp_dtype)
-        return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        names = {2: (shd.LOGITS_AXES[0], shd.LOGITS_AXES[-1]), 3: shd.LOGITS_AXES}.get(logits.ndim)
+        return logits if names is None else shd.constrain(logits, names)
 
     def encode_images(self, pixel_values: jax.Array, vision: layout_lib.VisionLayout) -> jax.Array:
-        """pixel_values [P, patch_dim] + layout -> merged image tokens [P // merge**2, hidden]."""
+        """pixel_values [G, P, patch_dim] + the groups' layout (`layout.grouped_vision`) -> merged image
+        tokens [G, P // merge**2, hidden]; [P, patch_dim] with one layout -> [P // merge**2, hidden]."""
         return self.visual(pixel_values, vision.window_index, vision.reverse_index, vision.window_segments,
                            vision.full_segments, vision.rotary_hw, vision.full_index, vision.full_slot)
 
@@ -106,12 +119,13 @@ class Qwen25VL(nnx.Module):
                 cache: KVCache | None = None, return_hidden: bool = False, last_only: bool = False,
                 ) -> tuple[jax.Array, KVCache | None]:
         """input_ids [B, T], position_ids [3, B, T] (`layout.mrope_positions`), segment_ids [B, T]
-        (attention_mask, 0 = padding), optional pixel_values [P, patch_dim] with `vision` =
-        `layout.vision_layout(..., num_patches_padded=P)`, optional KV cache.
+        (attention_mask, 0 = padding), optional pixel_values [G, P, patch_dim] (image groups of B // G
+        rows; or [P, patch_dim], one group) with `vision` =
+        `layout.grouped_vision(...)` (or `layout.vision_layout(..., num_patches_padded=P)`), optional KV cache.
         Returns (float32 logits [B, T, vocab], or final hidden states [B, T, D] with return_hidden; the
         updated cache or None). last_only: outputs of the last position only ([B, 1, ...]; with a cache,
         the whole prompt's keys/values are still written: a prefill)."""
-        x = self.language_model.embed(input_ids)
+        x = shd.constrain(self.language_model.embed(input_ids), shd.ACTIVATION_AXES)
         if pixel_values is not None:
             if vision is None:
                 raise ValueError("pixel_values given without its vision layout")

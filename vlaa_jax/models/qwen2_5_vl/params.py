@@ -9,14 +9,15 @@ Our side is a nested "pure dict" keyed by the NNX state path with string keys (b
 "1", ...), the tree Orbax stores and `nnx.replace_by_pure_dict` applies (it maps "0" back to 0).
 Reading is tensor by tensor (`HFCheckpoint`), so peak host memory stays about one copy of the weights.
 
-Stacked blocks: a run of identical blocks that the model scans (the decoder layers, text.py) is one
-module whose parameters have a leading layer axis. The table keeps one row per HF tensor: HF
-`model.language_model.layers.{i}.X` is slice i of our `language_model.layers.X` (`ParamEntry.layer`).
+Stacked blocks: a run of identical blocks that the model scans (the decoder layers, text.py; the vision
+blocks, vision.py) is one module whose parameters have a leading layer axis. The table keeps one row per
+HF tensor: HF `model.language_model.layers.{i}.X` is slice i of our `language_model.layers.X`, HF
+`model.visual.blocks.{i}.X` slice i of our `visual.blocks.X` (`ParamEntry.layer`).
 `repeated(..., stacked=...)` in `param_table` builds either form for any run of blocks (per block:
 `visual.blocks.{i}.X`), so a tower is stacked in the checkpoint format by flipping its flag with its
 module. Stacked rows come parameter by parameter (all layers of one tensor, then the next), so a reader
 fills one stacked array at a time. Model directories written before stacking (per-layer paths such as
-`language_model.layers.{i}.X`) still load: `checkpoint.load_params` restacks them against the model's
+`language_model.layers.{i}.X`, `visual.blocks.{i}.X`) still load: `checkpoint.load_params` restacks them against the model's
 target, and `state_to_hf` reads either layout.
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
         linear(f"{hf}.attn.proj", f"{p}.attn.proj", D, D, True)
         mlp(f"{hf}.mlp", f"{p}.mlp", D, v.intermediate_size, True)
 
-    repeated("model.visual.blocks", "visual.blocks", v.depth, vision_block, stacked=False)
+    repeated("model.visual.blocks", "visual.blocks", v.depth, vision_block, stacked=True)
     wide = D * v.spatial_merge_size ** 2
     norm("model.visual.merger.ln_q", "visual.merger.ln_q", D)
     linear("model.visual.merger.mlp.0", "visual.merger.fc1", wide, wide, True)

@@ -20,8 +20,10 @@ Decoding layout (`DecodeLinear`, `Qwen25VL.decode_view`): a decode step multipli
 every weight, so it is bound by reading the weights. XLA:CPU streams a weight stored [out, in] about 2x
 faster as `W @ x.T` than a weight stored [in, out] as `x @ W` (measured on the 2-core EPYC dev machine,
 batch 8, float32: 151936x2048 head 115 vs 239 ms, 2048x11008 gate 3.6 vs 14.6 ms, 11008x2048 down 10.7 vs
-17.5 ms). The decode view therefore holds transposed copies of the decoder's kernels (stacked like the
-kernels, [num_layers, out, in]), made once per jitted generate call.
+17.5 ms). The decode view therefore holds transposed copies of the decoder's kernels, made once per
+jitted generate call, one array per layer, and runs the layers one after the other instead of scanning
+them: XLA:CPU copies a layer's slice of a stacked weight before multiplying it, which doubled the time
+of a decode step (measured: 4 layers at the 3B widths, 8 rows, 106 -> 206 ms per token).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlaa_jax import nn
+from vlaa_jax import sharding as shd
+from vlaa_jax.sharding import ACTIVATION_AXES
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
 
@@ -44,18 +48,16 @@ def rows_matmul(x: jax.Array, weight_t: jax.Array) -> jax.Array:
 
 
 def weight_major(w: jax.Array) -> jax.Array:
-    """A materialised transposed copy of a [..., K, N] weight, [..., N, K] (the last two dims swapped, so
-    stacked kernels transpose layer by layer; the barrier stops XLA from folding the transpose into the
-    consuming dot as a strided operand)."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(w, -1, -2))
+    """A materialised transposed copy of a [K, N] weight, [N, K] (the barrier stops XLA from folding the
+    transpose into the consuming dot as a strided operand)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(w, 0, 1))
 
 
-def decode_kernel(linear: nn.Linear, stacked: bool = False) -> jax.Array:
-    """The [out, in] copy of a Linear's kernel that `DecodeLinear` multiplies ([layers, out, in] for a
-    `stacked` Linear, whose kernel has a leading layer axis)."""
-    k = linear.kernel[...]
-    lead = k.shape[:1] if stacked else ()
-    return weight_major(k.reshape(*lead, k.shape[len(lead)], -1).astype(linear.dtype))
+def decode_kernel(linear: nn.Linear, layer: int | None = None) -> jax.Array:
+    """The [out, in] copy of a Linear's kernel that `DecodeLinear` multiplies (of one `layer` of a stacked
+    Linear, whose kernel has a leading layer axis)."""
+    k = linear.kernel[...] if layer is None else linear.kernel[layer]
+    return weight_major(k.reshape(k.shape[0], -1).astype(linear.dtype))
 
 
 DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -64,16 +66,14 @@ DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp
 class DecodeLinear(nnx.Module):
     """`nn.Linear` for decoding (few rows per call): the same y = x @ kernel + bias, from a transposed
     kernel copy [out, in] multiplied weight-major (`rows_matmul`). Built from a Linear inside a jitted
-    program (`Qwen25VL.decode_view`); never saved. `stacked`: the Linear (and so this module's arrays)
-    has a leading layer axis; the layer scan hands each step its slice."""
+    program (`Qwen25VL.decode_view`); never saved."""
 
-    def __init__(self, linear: nn.Linear, kernel_t: jax.Array | None = None, *, stacked: bool = False):
+    def __init__(self, linear: nn.Linear, kernel_t: jax.Array | None = None):
         k = linear.kernel[...]
         self.dtype = linear.dtype
-        self.out_shape = tuple(k.shape[1 + stacked:])
-        # Declared data: the layer scan slices them (a traced value would otherwise be taken as static).
-        self.kernel_t = nnx.data(decode_kernel(linear, stacked) if kernel_t is None else kernel_t)
-        self.bias = nnx.data(None if linear.bias is None else linear.bias[...].astype(self.dtype))
+        self.out_shape = tuple(k.shape[1:])
+        self.kernel_t = decode_kernel(linear) if kernel_t is None else kernel_t
+        self.bias = None if linear.bias is None else linear.bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = rows_matmul(x.astype(self.dtype), self.kernel_t).reshape(*x.shape[:-1], *self.out_shape)
@@ -162,11 +162,17 @@ class DecoderLayer(nnx.Module):
         h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, kv_cache, index,
                                      last_only)
         x = (x[:, -1:] if last_only else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        # Block boundary: rows stay split over the data-parallel axes (FSDP then gathers weights
+        # instead of all-reducing activations).
+        return shd.constrain(x, ACTIVATION_AXES), kv_cache
 
 
 class TextModel(nnx.Module):
     """Embedding, decoder layers (stacked, scanned) and final norm (the lm_head lives in the full model)."""
+
+    # Set on decode views only (`use_decode_layout`): per decoder Linear, one [out, in] kernel per layer.
+    _decode_kernels: dict[str, tuple[jax.Array, ...]] | None = None
 
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         t = config.text
@@ -180,20 +186,18 @@ class TextModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.jnp_dtype)
 
-    def decode_kernels(self) -> dict[str, jax.Array]:
-        """The transposed kernels [layers, out, in] of the decoder Linears (`decode_kernel`), by name."""
-        return {name: decode_kernel(getattr(getattr(self.layers, part), name), stacked=True)
+    def decode_kernels(self) -> dict[str, tuple[jax.Array, ...]]:
+        """Per decoder Linear (by name), the transposed kernel [out, in] of every layer (`decode_kernel`),
+        each its own array (see the module docstring, "Decoding layout")."""
+        return {name: tuple(decode_kernel(getattr(getattr(self.layers, part), name), i)
+                            for i in range(self.config.text.num_hidden_layers))
                 for part, names in DECODE_LINEARS for name in names}
 
-    def use_decode_layout(self, kernels: dict[str, jax.Array] | None = None) -> None:
-        """Swaps every decoder Linear for its (stacked) `DecodeLinear` (in place: call it on a view made
-        inside a jitted program, see `Qwen25VL.decode_view`), from `kernels` (`decode_kernels()`) when
-        given."""
-        for part, names in DECODE_LINEARS:
-            module = getattr(self.layers, part)
-            for name in names:
-                setattr(module, name, DecodeLinear(getattr(module, name),
-                                                   None if kernels is None else kernels[name], stacked=True))
+    def use_decode_layout(self, kernels: dict[str, tuple[jax.Array, ...]] | None = None) -> None:
+        """Makes this model a decode view (in place: call it on a view made inside a jitted program, see
+        `Qwen25VL.decode_view`): its layers then run one by one, every decoder Linear as a `DecodeLinear`
+        on its layer's kernel from `kernels` (`decode_kernels()`, made here when not given)."""
+        self._decode_kernels = nnx.data(self.decode_kernels() if kernels is None else kernels)
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
                  cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
@@ -221,30 +225,44 @@ class TextModel(nnx.Module):
             return nnx.merge(graphdef, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
                                                     stacked))
 
-        def body(carry, xs):
+        def run(layer, carry, i, last_only=False):
             x, kv = carry
-            params, i = xs
-            layer = layer_at(i) if params is None else nnx.merge(graphdef, params)
-            x, kv = layer(x, cos, sin, mask, segment_ids, None if kv is None else LayerCache(*kv, i), index)
-            return (x, None if kv is None else kv[:2]), None
+            x, kv = layer(x, cos, sin, mask, segment_ids, None if kv is None else LayerCache(*kv, i), index,
+                          last_only=last_only)
+            return x, None if kv is None else kv[:2]
 
-        # Remat only pays in a backward pass; with a KV cache (prefill / decode inside the sampler's
-        # while_loop) there is none. Inside the scan it covers one layer, as the unscanned layers did.
-        policy = self.config.remat_policy if cache is None else "none"
-        if policy != "none":
-            body = jax.checkpoint(body, policy=nn.remat_policy(policy), prevent_cse=False)
-        scanned = num_layers - 1 if last_only else num_layers
-        # All layers: their parameters are the scan's inputs (their gradients its outputs). The prefill's
-        # first N-1: indexed out of the stacked state (inference only), no sliced copy of the weights.
-        xs = (stacked if scanned == num_layers else None, jnp.arange(scanned, dtype=jnp.int32))
+        def body(carry, xs):
+            params, i = xs
+            return run(layer_at(i) if params is None else nnx.merge(graphdef, params), carry, i), None
+
         carry = (inputs_embeds, None if cache is None else (cache.k, cache.v))
-        if scanned:
-            carry, _ = jax.lax.scan(body, carry, xs)
+        if self._decode_kernels is not None:          # decode view: layer by layer, per-layer kernels
+            for i in range(num_layers):
+                carry = run(self._decode_layer(layer_at(i), i), carry, i, last_only and i == num_layers - 1)
+        else:
+            # Remat only pays in a backward pass; with a KV cache (prefill / decode inside the sampler's
+            # while_loop) there is none. Inside the scan it covers one layer, as the unscanned layers did.
+            policy = self.config.remat_policy if cache is None else "none"
+            if policy != "none":
+                body = jax.checkpoint(body, policy=nn.remat_policy(policy), prevent_cse=False)
+            scanned = num_layers - 1 if last_only else num_layers
+            # All layers: their parameters are the scan's inputs (their gradients its outputs). The
+            # prefill's first N-1: indexed out of the stacked state (inference only), no sliced copy.
+            xs = (stacked if scanned == num_layers else None, jnp.arange(scanned, dtype=jnp.int32))
+            if scanned:
+                carry, _ = jax.lax.scan(body, carry, xs)
+            if last_only:
+                carry = run(layer_at(num_layers - 1), carry, num_layers - 1, last_only=True)
         x, kv = carry
-        if last_only:
-            x, kv = layer_at(num_layers - 1)(x, cos, sin, mask, segment_ids,
-                                             None if kv is None else LayerCache(*kv, num_layers - 1), index,
-                                             last_only=True)
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], segments=segments, index=cache.index + inputs_embeds.shape[1])
         return self.norm(x), cache
+
+    def _decode_layer(self, layer: DecoderLayer, i: int) -> DecoderLayer:
+        """Layer i of a decode view: its decoder Linears swapped (in place) for `DecodeLinear`s on the
+        layer's own kernel copies (its sliced standard kernels are then unused, and dropped by XLA)."""
+        for part, names in DECODE_LINEARS:
+            module = getattr(layer, part)
+            for name in names:
+                setattr(module, name, DecodeLinear(getattr(module, name), self._decode_kernels[name][i]))
+        return layer

@@ -1,8 +1,12 @@
 """Qwen2.5-VL vision tower: patch embedding, ViT blocks with window / full attention, 2x2 patch merger.
 
-Works on all patches of a batch at once ([P, patch_dim], P a bucket), laid out by `layout.vision_layout`:
-the tower runs in window order, attention is restricted by segment ids (windows, or whole image frames
-in `fullatt_block_indexes`), and the merged tokens come back in image order.
+Works on image groups: pixel_values [G, P, patch_dim] holds in group g the patches of the images of the
+g-th group of batch rows (P a bucket), laid out per group by `layout.vision_layout` (stacked by
+`layout.grouped_vision`). The group axis is a batch axis: it is split over the data-parallel devices,
+so every device encodes only the images of its own rows. The tower runs in window order, attention is
+restricted by segment ids (windows, or whole image frames in `fullatt_block_indexes`), and the merged
+tokens come back in image order. A 2-D pixel_values [P, patch_dim] with unbatched layout arrays is one
+group (all images of the batch together, as HF lays them out).
 """
 from __future__ import annotations
 
@@ -13,16 +17,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlaa_jax import nn
+from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
 
 class FullRows(NamedTuple):
-    """Per-image full attention (`layout.VisionLayout.full_index` / `full_slot`), with the segment ids
-    and mask of its rows, built once per forward."""
-    index: jax.Array      # [R, Lr]
-    slot: jax.Array       # [P]
-    segments: jax.Array   # [R, Lr], 0 = empty slot
-    mask: jax.Array       # [R, 1, Lr, Lr]
+    """Per-image full attention (`layout.VisionLayout.full_index` / `full_slot`, per group), with the
+    segment ids and mask of its rows, built once per forward."""
+    index: jax.Array      # [G, R, Lr]
+    slot: jax.Array       # [G, P]
+    segments: jax.Array   # [G * R, Lr], 0 = empty slot
+    mask: jax.Array       # [G * R, 1, Lr, Lr]
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [G, P, ...] gathered along axis 1 by index [G, K] -> [G, K, ...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 class VisionAttention(nnx.Module):
@@ -38,12 +48,11 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  mask: jax.Array | None, window_len: int | None, rows: "FullRows | None" = None) -> jax.Array:
-        """Window blocks (`window_len` = the longest window, in patches) use chunked local attention;
-        full-attention blocks attend within each image: per row of `rows` when given, else the dense
-        segment `mask` over all patches."""
-        P = x.shape[0]
-        qkv = self.qkv(x).reshape(P, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        """x [G, P, D] (window order) -> [G, P, D]. window_len: windowed blocks (chunked local attention);
+        rows: per-image full attention; else dense attention with `mask` over each group's patches."""
+        G, P = x.shape[:2]
+        qkv = self.qkv(x).reshape(G, P, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = nn.apply_rotary(q, cos, sin), nn.apply_rotary(k, cos, sin)
         if window_len is not None:
             out = nn.local_segment_attention(q, k, v, segments, max_segment_len=window_len,
@@ -51,15 +60,16 @@ class VisionAttention(nnx.Module):
         elif rows is not None:
             # Gather whole images into rows (slot P of the padded arrays: an empty slot), attend per row,
             # gather every patch back from its slot.
-            padded = [jnp.concatenate([t, jnp.zeros((1,) + t.shape[1:], t.dtype)]) for t in (q, k, v)]
-            qr, kr, vr = (t[rows.index] for t in padded)                   # [R, Lr, N, H]
+            R, Lr = rows.index.shape[1:]
+            flat = rows.index.reshape(G, R * Lr)
+            padded = [jnp.concatenate([t, jnp.zeros((G, 1) + t.shape[2:], t.dtype)], axis=1) for t in (q, k, v)]
+            qr, kr, vr = (_take(t, flat).reshape(G * R, Lr, *t.shape[2:]) for t in padded)
             out = nn.dot_product_attention(qr, kr, vr, rows.mask, implementation=self.impl,
                                            segment_ids=rows.segments)
-            out = out.reshape(-1, *out.shape[2:])[rows.slot]
+            out = _take(out.reshape(G, R * Lr, *out.shape[2:]), rows.slot)
         else:
-            out = nn.dot_product_attention(q[None], k[None], v[None], mask, implementation=self.impl,
-                                           segment_ids=segments[None])[0]
-        return self.proj(out.reshape(P, -1))
+            out = nn.dot_product_attention(q, k, v, mask, implementation=self.impl, segment_ids=segments)
+        return self.proj(out.reshape(G, P, -1))
 
 
 class VisionBlock(nnx.Module):
@@ -73,7 +83,7 @@ class VisionBlock(nnx.Module):
 
     def __call__(self, x, cos, sin, segments, mask, window_len=None, rows=None):
         x = x + self.attn(self.norm1(x), cos, sin, segments, mask, window_len, rows)
-        return x + self.mlp(self.norm2(x))
+        return shd.constrain(x + self.mlp(self.norm2(x)), shd.ACTIVATION_AXES)
 
 
 class PatchMerger(nnx.Module):
@@ -89,8 +99,10 @@ class PatchMerger(nnx.Module):
         self.fc2 = nn.Linear(wide, v.out_hidden_size, names=("mlp", "embed"), use_bias=True, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        """[G, P, D] -> [G, P // unit, out_hidden]."""
+        x = shd.constrain(self.ln_q(x).reshape(*x.shape[:-2], x.shape[-2] // self.unit, -1), shd.ACTIVATION_AXES)
+        h = shd.constrain(jax.nn.gelu(self.fc1(x), approximate=False), shd.MLP_AXES)
+        return shd.constrain(self.fc2(h), shd.ACTIVATION_AXES)
 
 
 class VisionTransformer(nnx.Module):
@@ -99,36 +111,52 @@ class VisionTransformer(nnx.Module):
         self.config = config
         self.patch_embed = nn.Linear(v.patch_dim, v.hidden_size, names=("patch", "embed"), use_bias=False,
                                      dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(config, rngs=rngs) for _ in range(v.depth)])
+        # All blocks as one module with a leading block axis, run by a scan (compile time and program size
+        # do not grow with depth); window and full-attention blocks share the weights' shapes.
+        self.blocks = nn.stacked(lambda r: VisionBlock(config, rngs=r), v.depth, rngs)
         self.merger = PatchMerger(config, rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array, window_index: jax.Array, reverse_index: jax.Array,
                  window_segments: jax.Array, full_segments: jax.Array, rotary_hw: jax.Array,
                  full_index: jax.Array | None = None, full_slot: jax.Array | None = None) -> jax.Array:
-        """pixel_values [P, patch_dim] (image order) + layout arrays -> merged tokens [P // unit,
-        out_hidden] in image order (the first num_patches // unit are real). With `full_index` /
-        `full_slot` the full-attention blocks attend per image (rows), else densely over all patches."""
+        """pixel_values [G, P, patch_dim] (image order per group) + the groups' layout arrays (leading
+        axis G) -> merged tokens [G, P // unit, out_hidden] in image order (per group, the first
+        num_patches // unit are real). With `full_index` / `full_slot` the full-attention blocks attend
+        per image (rows), else densely over each group's patches. A 2-D pixel_values [P, patch_dim] with
+        unbatched layout arrays is one group and gives [P // unit, out_hidden]."""
+        if pixel_values.ndim == 2:
+            args = (pixel_values, window_index, reverse_index, window_segments, full_segments, rotary_hw,
+                    full_index, full_slot)
+            return self(*(None if a is None else a[None] for a in args))[0]
         v = self.config.vision
         unit = v.spatial_merge_size ** 2
         x = self.patch_embed(pixel_values)
-        P, D = x.shape
-        x = x.reshape(P // unit, unit, D)[window_index].reshape(P, D)
+        G, P, D = x.shape
+        x = _take(x.reshape(G, P // unit, unit, D), window_index).reshape(G, P, D)
+        x = shd.constrain(x, shd.ACTIVATION_AXES)
         cos, sin = nn.rotary_2d(rotary_hw, v.head_dim, v.rope_theta)
         rows, full_mask = None, None
         if full_index is not None:
-            row_segments = jnp.concatenate([full_segments, jnp.zeros((1,), full_segments.dtype)])[full_index]
+            R, Lr = full_index.shape[1:]
+            padded = jnp.concatenate([full_segments, jnp.zeros((G, 1), full_segments.dtype)], axis=1)
+            row_segments = _take(padded, full_index.reshape(G, R * Lr)).reshape(G * R, Lr)
             rows = FullRows(full_index, full_slot, row_segments,
                             nn.attention_mask(row_segments, row_segments, causal=False))
         else:
-            full_mask = nn.attention_mask(full_segments[None], full_segments[None], causal=False)
+            full_mask = nn.attention_mask(full_segments, full_segments, causal=False)
         window_len = (v.window_size // v.patch_size) ** 2      # patches in the largest window
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, xs):
+            params, full = xs
+            blk = nnx.merge(graphdef, params)
+            window = lambda x: blk(x, cos, sin, window_segments, None, window_len)  # noqa: E731
+            dense = lambda x: blk(x, cos, sin, full_segments, full_mask, None, rows)  # noqa: E731
+            return jax.lax.cond(full, dense, window, x), None
+
         policy = self.config.remat_policy
-        window_step = nn.maybe_remat(lambda blk, *a: blk(*a, None, window_len), policy)
-        full_step = nn.maybe_remat(lambda blk, x, cos, sin, seg, mask, rows: blk(x, cos, sin, seg, mask, None, rows),
-                                   policy)
-        for i, blk in enumerate(self.blocks):
-            if i in v.fullatt_block_indexes:
-                x = full_step(blk, x, cos, sin, full_segments, full_mask, rows)
-            else:
-                x = window_step(blk, x, cos, sin, window_segments)
-        return self.merger(x)[reverse_index]
+        if policy != "none":          # remat inside the scan: one block's activations at a time
+            body = jax.checkpoint(body, policy=nn.remat_policy(policy), prevent_cse=False)
+        is_full = jnp.asarray([i in v.fullatt_block_indexes for i in range(v.depth)])
+        x, _ = jax.lax.scan(body, x, (stacked, is_full))
+        return shd.constrain(_take(self.merger(x), reverse_index), shd.ACTIVATION_AXES)
