@@ -176,3 +176,31 @@ def test_program_size_does_not_grow_with_depth(remat):
 
     two, six = size(2), size(6)
     assert six < 1.05 * two, (two, six)
+
+
+@untied_only
+def test_decode_view_runs_layer_by_layer_on_per_layer_kernels(tiny):
+    """The decode view's transposed kernels are one array per layer (a slice of a stacked weight would be
+    copied on every decode step on CPU) and its cached forward (prefill, then one token) gives the stacked
+    model's numbers."""
+    t = tiny.config.text
+    kernels = tiny.language_model.decode_kernels()
+    assert len(kernels["gate_proj"]) == t.num_hidden_layers
+    assert kernels["gate_proj"][1].shape == (t.intermediate_size, t.hidden_size)
+    np.testing.assert_array_equal(np.asarray(kernels["gate_proj"][1]),
+                                  np.asarray(tiny.language_model.layers.mlp.gate_proj.kernel[1]).T)
+    rs = np.random.default_rng(0)
+    ids = jnp.asarray(rs.integers(3, 400, (2, 9)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(9)[None, None], (3, 2, 9))
+
+    @nnx.jit(static_argnums=1)
+    def run(model, view):
+        m = model.decode_view() if view else model
+        cache = m.init_cache(2, 12)
+        first, cache = m.forward(ids[:, :8], pos[..., :8], jnp.ones((2, 8), jnp.int32), cache=cache, last_only=True)
+        second, cache = m.forward(ids[:, 8:], pos[..., 8:], jnp.ones((2, 1), jnp.int32), cache=cache)
+        return first, second, cache.k
+
+    ref, view = run(tiny, False), run(tiny, True)
+    for a, b in zip(ref, view):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
