@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd
 
+from vlaa_jax import sharding as shd
 from vlaa_jax.sharding import LOGICAL_AXES
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
@@ -102,7 +103,8 @@ class SwiGLU(nnx.Module):
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = shd.constrain(self.act(self.gate_proj(x)) * self.up_proj(x), shd.MLP_AXES)
+        return self.down_proj(h)
 
 
 # ------------------------------------------------------------------------------------------------ rotary
@@ -208,30 +210,32 @@ def local_segment_attention(query: jax.Array, key: jax.Array, value: jax.Array, 
     """Non-causal self-attention within contiguous segments no longer than `max_segment_len` (the vision
     windows, in window order), in O(T * max_segment_len) instead of O(T^2) memory and compute.
 
-    query/key/value [T, N, H], segment_ids [T] (0 = padding). The sequence is cut into chunks of C =
-    2 * max_segment_len queries; each chunk attends to its keys plus a halo of max_segment_len on each
-    side, which holds every key of every segment the chunk touches. Keys outside a query's segment are
-    masked, so the result equals the dense segment-masked attention. Fixed shapes; no loop over images.
+    query/key/value [B, T, N, H], segment_ids [B, T] (0 = padding; B independent sequences, e.g. image
+    groups). Each sequence is cut into chunks of C = 2 * max_segment_len queries; each chunk attends to
+    its keys plus a halo of max_segment_len on each side, which holds every key of every segment the
+    chunk touches. Keys outside a query's segment are masked, so the result equals the dense
+    segment-masked attention. Fixed shapes; no loop over images.
     """
-    T = query.shape[0]
+    B, T = query.shape[:2]
     halo = max_segment_len
     C = 2 * max_segment_len
     if T <= C + 2 * halo or implementation == "splash":   # small, or a kernel that skips masked blocks
-        mask = attention_mask(segment_ids[None], segment_ids[None], causal=False)
-        return dot_product_attention(query[None], key[None], value[None], mask, implementation=implementation,
-                                     scale=scale, segment_ids=segment_ids[None])[0]
+        mask = attention_mask(segment_ids, segment_ids, causal=False)
+        return dot_product_attention(query, key, value, mask, implementation=implementation, scale=scale,
+                                     segment_ids=segment_ids)
     n = -(-T // C)
     pad = n * C - T
-    q = jnp.pad(query, ((0, pad), (0, 0), (0, 0))).reshape(n, C, *query.shape[1:])
-    q_seg = jnp.pad(segment_ids, (0, pad)).reshape(n, C)
+    heads = query.shape[2:]
+    q = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B * n, C, *heads)
+    q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(B * n, C)
     idx = jnp.arange(n)[:, None] * C + jnp.arange(C + 2 * halo)[None]    # [n, C + 2 halo] into padded kv
-    kv_pad = ((halo, pad + halo), (0, 0), (0, 0))
-    k = jnp.pad(key, kv_pad)[idx]
-    v = jnp.pad(value, kv_pad)[idx]
-    kv_seg = jnp.pad(segment_ids, (halo, pad + halo))[idx]
+    kv_pad = ((0, 0), (halo, pad + halo), (0, 0), (0, 0))
+    k = jnp.pad(key, kv_pad)[:, idx].reshape(B * n, C + 2 * halo, *key.shape[2:])
+    v = jnp.pad(value, kv_pad)[:, idx].reshape(B * n, C + 2 * halo, *value.shape[2:])
+    kv_seg = jnp.pad(segment_ids, ((0, 0), (halo, pad + halo)))[:, idx].reshape(B * n, C + 2 * halo)
     mask = attention_mask(q_seg, kv_seg, causal=False)
     out = dot_product_attention(q, k, v, mask, implementation=implementation, scale=scale)
-    return out.reshape(n * C, *out.shape[2:])[:T]
+    return out.reshape(B, n * C, *out.shape[2:])[:, :T]
 
 
 # ------------------------------------------------------------------------------------------ stacked blocks
@@ -260,10 +264,3 @@ def remat_policy(name: str):
     if name == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     raise ValueError(f"remat_policy={name!r}: expected one of {REMAT_POLICIES}")
-
-
-def maybe_remat(fn: Callable, policy_name: str) -> Callable:
-    """Wraps a `fn(module, *args)` in `nnx.remat` with the named policy (identity for "none")."""
-    if policy_name == "none":
-        return fn
-    return nnx.remat(fn, policy=remat_policy(policy_name))

@@ -33,6 +33,13 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 LOGICAL_AXES: tuple[str, ...] = (
     "vocab", "embed", "mlp", "heads", "kv_heads", "patch", "batch", "length", "norm", "layers")
 
+# Logical names of the activations the model constrains (`constrain`) at block boundaries; the rules
+# below place them like the parameters. Both towers use them: for the vision tower "batch" is the
+# image-group axis and "length" the patches of a group.
+ACTIVATION_AXES: tuple[str, ...] = ("batch", "length", "embed")   # hidden states [rows, positions, width]
+MLP_AXES: tuple[str, ...] = ("batch", "length", "mlp")            # SwiGLU inner activations
+LOGITS_AXES: tuple[str, ...] = ("batch", "length", "vocab")       # logits [rows, positions, vocab]
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
@@ -338,7 +345,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh,
 # --------------------------------------------------------------------------------------------------
 
 # Logical names of the batch fields of design.md. Fields not listed: batch-major if their leading dim
-# is the batch size, else replicated. Image fields are concatenated over the batch: replicated.
+# is the batch size, else replicated.
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "input_ids": ("batch", "length"),
     "attention_mask": ("batch", "length"),
@@ -349,17 +356,18 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
     "target_pos": ("batch", None),
     "target_valid": ("batch", None),
     "position_ids": (None, "batch", "length"),
-    "pixel_values": (None, None),
     "image_grid_thw": (None, None),
-    # models/qwen2_5_vl/layout.VisionLayout fields (over the patches of the whole batch)
-    "window_index": (None,),
-    "reverse_index": (None,),
-    "window_segments": (None,),
-    "full_segments": (None,),
-    "rotary_hw": (None, None),
-    "num_patches": (),
-    "full_index": (None, None),
-    "full_slot": (None,),
+    "loss_normalizer": (),
+}
+# Image fields (`layout.grouped_vision`): a leading image-group axis, split like the batch rows, so each
+# device encodes its own rows' images. The same fields one rank lower (no group axis: one group, all
+# images of the batch) are replicated.
+VISION_BATCH_AXES: dict[str, tuple[str | None, ...]] = {
+    "pixel_values": ("batch", None, None),
+    # models/qwen2_5_vl/layout.VisionLayout fields, as batch fields `vision_<name>` (or `<name>`)
+    **{f"{prefix}{k}": ("batch",) + (None,) * n for prefix in ("vision_", "") for k, n in (
+        ("window_index", 1), ("reverse_index", 1), ("window_segments", 1), ("full_segments", 1),
+        ("rotary_hw", 2), ("num_patches", 0), ("full_index", 2), ("full_slot", 1))},
 }
 
 
@@ -373,6 +381,8 @@ def batch_axes(batch: Mapping[str, Any], batch_size: int,
     shape = np.shape(value)[len(lead):]
     if overrides and key in overrides:
       names = tuple(overrides[key])
+    elif key in VISION_BATCH_AXES:
+      names = VISION_BATCH_AXES[key] if len(shape) == len(VISION_BATCH_AXES[key]) else ()
     elif key in BATCH_AXES:
       names = BATCH_AXES[key]
     elif len(shape) >= 1 and shape[0] == batch_size:
@@ -583,6 +593,7 @@ def load_pretrained_sharded(path: str, mesh: Mesh,
   headers: dict[str, dict[str, Any]] = {}
   flat = abstract.to_pure_dict()
   pure: dict[str, Any] = {}
+
   def memmap(entry):
     if entry.hf_name not in ckpt.files:
       raise KeyError(f"{path}: tensor {entry.hf_name!r} is missing")

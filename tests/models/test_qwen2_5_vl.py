@@ -59,6 +59,49 @@ def test_vision_tower_matches_hf(tiny, tiny_hf, full_rows):
         np.testing.assert_allclose(feats[:n], tiny_hf.vision, rtol=1e-5, atol=1e-5 * np.abs(tiny_hf.vision).max())
 
 
+@nnx.jit
+def _forward(model, input_ids, position_ids, mask, pixel_values, vision):
+    return model.forward(input_ids, position_ids, mask, pixel_values=pixel_values, vision=vision)[0]
+
+
+@untied_only
+@pytest.mark.parametrize("full_rows", [False, (2, 512), True], ids=["dense", "rows", "auto"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_image_groups_match_hf(tiny, tiny_hf, groups, full_rows):
+    """Images split into image groups of rows (`layout.grouped_vision`: what each data-parallel device
+    encodes; row 0 holds two images, row 1 one), each group padded past its real patches: the logits
+    are HF's."""
+    c = tiny.config
+    b = tiny_hf.batches["left"]
+    rows = layout.image_rows(b.input_ids, b.image_grid_thw, image_token_id=c.image_token_id)
+    assert rows.tolist() == [0, 0, 1]
+    pv, vis = layout.grouped_vision(b.pixel_values, b.image_grid_thw, rows // (2 // groups), groups,
+                                    window_size=c.vision.window_size, num_patches_padded=704, full_rows=full_rows)
+    assert pv.shape == (groups, 704, pv.shape[-1]) and vis.window_segments.shape == (groups, 704)
+    # auto: per-image rows only where cheaper than dense (per row, not for all images together)
+    assert (vis.full_index is None) == (not full_rows or (full_rows is True and groups == 1))
+    pos, _ = layout.mrope_positions(b.input_ids, b.image_grid_thw, b.attention_mask,
+                                    image_token_id=c.image_token_id, vision_start_token_id=c.vision_start_token_id)
+    logits = _forward(tiny, jnp.asarray(b.input_ids, jnp.int32), jnp.asarray(pos), jnp.asarray(b.attention_mask),
+                      jnp.asarray(pv), vis.map(jnp.asarray))
+    _, rel = _rel_diff(logits, tiny_hf.logits["left"], b.attention_mask.astype(bool))
+    assert rel <= REL_TOL
+
+
+def test_grouped_vision_errors():
+    grid = np.array([[1, 4, 4], [1, 4, 6]])
+    pv = np.zeros((40, 1176), np.float32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        layout.grouped_vision(pv, grid, np.array([1, 0]), 2)
+    with pytest.raises(ValueError, match="more than num_patches_padded=16"):
+        layout.grouped_vision(pv, grid, np.array([0, 1]), 2, num_patches_padded=16)
+    ids = np.array([[7, 151655, 151655, 151655], [151655, 151655, 151655, 151655]])
+    with pytest.raises(ValueError, match="spans two rows"):
+        layout.image_rows(ids, np.array([[1, 4, 4], [1, 2, 6]]))
+    with pytest.raises(ValueError, match="image tokens"):
+        layout.image_rows(ids, grid)
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_logits_match_hf(tiny, tiny_hf, padding):
     b = tiny_hf.batches[padding]
@@ -347,16 +390,19 @@ def test_splash_attention_matches_hf(tiny_hf, monkeypatch):
 @pytest.mark.parametrize("T", [300, 517])
 def test_local_segment_attention_equals_dense(T):
     """Chunked window attention == dense segment-masked attention (contiguous segments <= 16 long,
-    padding at the end), including lengths that are not a multiple of the chunk."""
+    padding at the end), including lengths that are not a multiple of the chunk, for a batch of two
+    sequences segmented differently (image groups)."""
     rs = np.random.RandomState(T)
-    lengths = []
-    while sum(lengths) < T - 20:
-        lengths.append(rs.randint(1, 17))
-    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(T - sum(lengths), int)])
-    q_, k_, v_ = (jnp.asarray(rs.randn(T, 4, 8), jnp.float32) for _ in range(3))
-    seg = jnp.asarray(seg, jnp.int32)
-    dense = nn.dot_product_attention(q_[None], k_[None], v_[None],
-                                     nn.attention_mask(seg[None], seg[None], causal=False))[0]
+    segs = []
+    for _ in range(2):
+        lengths = []
+        while sum(lengths) < T - 20:
+            lengths.append(rs.randint(1, 17))
+        segs.append(np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)]
+                                   + [np.zeros(T - sum(lengths), int)]))
+    q_, k_, v_ = (jnp.asarray(rs.randn(2, T, 4, 8), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(np.stack(segs), jnp.int32)
+    dense = nn.dot_product_attention(q_, k_, v_, nn.attention_mask(seg, seg, causal=False))
     local = nn.local_segment_attention(q_, k_, v_, seg, max_segment_len=16)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(local)[real], np.asarray(dense)[real], rtol=1e-5, atol=1e-6)

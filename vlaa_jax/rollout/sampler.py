@@ -22,8 +22,8 @@ How it works (one jitted program per (batch, prompt-length, patch, new-token) bu
     `layout.mrope_positions` of the prompt.
 
 Sharded use: pass the mesh and rules the state is sharded with; the batch rows are split over the
-data-parallel axes (`sharding.batch_shardings`), images and their layout are replicated, the stacked
-cache is constrained to (layers, batch, -, kv_heads, -).
+data-parallel axes (`sharding.batch_shardings`), and so are the image groups (`prompt_batch(groups=...)`)
+and their layout; the stacked cache is constrained to (layers, batch, -, kv_heads, -).
 """
 from __future__ import annotations
 
@@ -93,13 +93,16 @@ def default_stop_ids(config: Qwen25VLConfig) -> tuple[int, ...]:
 
 def prompt_batch(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                  pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None,
-                 pad_id: int, length_multiple: int = 64, patch_multiple: int = 256) -> dict[str, np.ndarray]:
+                 pad_id: int, length_multiple: int = 64, patch_multiple: int = 256, groups: int = 1
+                 ) -> dict[str, np.ndarray]:
     """Host arrays of a prompt batch in the loader's field names, ready for `generate`.
 
     The unpadded tokens of every row (attention_mask 1; the input may be left- or right-padded) are
     left-padded to a multiple of `length_multiple`; pixel patches are padded to a multiple of
     `patch_multiple` (compiled buckets). Fields: input_ids, attention_mask [B, L], position_ids [3, B, L],
-    rope_deltas [B, 1] and, with images, pixel_values [P, patch_dim] and vision_<VisionLayout field>."""
+    rope_deltas [B, 1] and, with images, pixel_values [G, P, patch_dim] and vision_<VisionLayout field>
+    [G, ...]: the images as `groups` image groups of B // groups rows (`layout.grouped_vision`; pass the
+    data-parallel size of the mesh so that every device encodes only its own rows' images)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"prompt input_ids must be [batch, length], got shape {ids.shape}")
@@ -122,14 +125,20 @@ def prompt_batch(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: 
     if pixel_values is not None:
         v = config.vision
         pv = np.asarray(pixel_values, np.float32)
-        unit = v.spatial_merge_size ** 2
-        P = _round_up(pv.shape[0], int(np.lcm(patch_multiple, unit)))
-        lay = layout_lib.vision_layout(image_grid_thw, patch_size=v.patch_size,
-                                       spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                       num_patches_padded=P, full_rows=True)
-        if int(lay.num_patches) != pv.shape[0]:
-            raise ValueError(f"pixel_values has {pv.shape[0]} patches; image_grid_thw implies {int(lay.num_patches)}")
-        batch["pixel_values"] = np.concatenate([pv, np.zeros((P - pv.shape[0], pv.shape[1]), np.float32)])
+        grids = layout_lib.valid_grids(image_grid_thw)
+        if int(np.prod(grids, axis=1).sum()) != pv.shape[0]:
+            raise ValueError(f"pixel_values has {pv.shape[0]} patches; image_grid_thw implies "
+                             f"{int(np.prod(grids, axis=1).sum())}")
+        if B % groups:
+            raise ValueError(f"{groups} image groups do not divide the prompt batch of {B} rows")
+        member = layout_lib.image_rows(out_ids, grids, image_token_id=config.image_token_id,
+                                       spatial_merge_size=v.spatial_merge_size) // (B // groups)
+        largest = max(int(np.prod(grids[member == g], axis=1).sum()) for g in range(groups))
+        P = _round_up(max(largest, 1), int(np.lcm(patch_multiple, v.spatial_merge_size ** 2)))
+        pv, lay = layout_lib.grouped_vision(pv, grids, member, groups, patch_size=v.patch_size,
+                                            spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                            num_patches_padded=P, full_rows=True)
+        batch["pixel_values"] = pv
         batch.update({f"vision_{k}": np.asarray(x, np.int32) for k, x in lay._asdict().items() if x is not None})
     return batch
 
@@ -161,7 +170,7 @@ def prefill(model: Any, prompts: Mapping[str, jax.Array], cache_len: int, head: 
     return _constrain_cache(cache), (head or model).logits(hidden[:, -1])
 
 
-def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, *, graphdef, num_samples: int,
+def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, row_offset=0, *, graphdef, num_samples: int,
               new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, stop_ids: tuple[int, ...], pad_id: int,
               return_logits: bool = False, weight_major: bool = False):
     model = _merge(graphdef, state)
@@ -177,7 +186,7 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, *,
         logits = rep(logits)
     # Position of the first new token: number of real prompt tokens + rope_delta.
     start = rep(jnp.sum(prompts["attention_mask"], axis=1).astype(jnp.int32) + prompts["rope_deltas"][:, 0])
-    keys = row_keys(rng, R)
+    keys = row_keys(rng, R, row_offset)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     ones = jnp.ones((R, 1), jnp.int32)
 
@@ -269,7 +278,7 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
              rng: int | jax.Array = 0, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              mesh: jax.sharding.Mesh | None = None, rules: Any = None,
              new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, return_logits: bool = False,
-             weight_major: bool | None = None) -> Generation:
+             weight_major: bool | None = None, row_offset: int = 0) -> Generation:
     """Samples `num_samples` continuations of every prompt.
 
     graphdef, state: `nnx.split(model)` (state may also be a tuple of states, e.g. (params, rest)).
@@ -277,7 +286,9 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
         input_ids / attention_mask [B, L], position_ids [3, B, L], rope_deltas [B, 1], optional
         pixel_values + vision_* layout); extra fields are ignored.
     sampling: `SamplingConfig` (temperature 0 = greedy). rng: int seed or PRNG key; row r uses
-        fold_in(rng, r), so results do not depend on the mesh or on the other rows.
+        fold_in(rng, row_offset + r), so results do not depend on the mesh or on the other rows (a caller
+        that splits a batch into several calls passes each call's first row as `row_offset`: the same
+        tokens as one call).
     stop_ids: default `default_stop_ids(config)`; pad_id: default the config's pad id (else <|endoftext|>).
     mesh, rules: the mesh / rules the state is sharded with (B and B*n must divide the data-parallel size).
     return_logits: also return the raw logits of every step ([R, T, vocab] float32: for tests and
@@ -309,12 +320,11 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
                    return_logits=bool(return_logits), weight_major=weight_major)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     args = (key, jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p), jnp.int32(max_new_tokens),
-            decode_weights(graphdef, state) if weight_major else None)
+            decode_weights(graphdef, state) if weight_major else None, jnp.int32(row_offset))
     if mesh is not None:
         B = fields["input_ids"].shape[0]
         shd.check_batch_divisible(B, mesh, rules, what="prompt batch size")
-        overrides = {k: () for k in fields if k == "pixel_values" or k.startswith("vision_")}
-        fields = shd.shard_batch(fields, shd.batch_shardings(fields, mesh, rules, batch_size=B, overrides=overrides))
+        fields = shd.shard_batch(fields, shd.batch_shardings(fields, mesh, rules, batch_size=B))
         with shd.activate(mesh, rules):
             out = fn(state, fields, *args)
     else:

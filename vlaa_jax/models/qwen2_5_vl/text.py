@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlaa_jax import nn
+from vlaa_jax import sharding as shd
+from vlaa_jax.sharding import ACTIVATION_AXES
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
 
@@ -160,7 +162,10 @@ class DecoderLayer(nnx.Module):
         h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, segment_ids, kv_cache, index,
                                      last_only)
         x = (x[:, -1:] if last_only else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        # Block boundary: rows stay split over the data-parallel axes (FSDP then gathers weights
+        # instead of all-reducing activations).
+        return shd.constrain(x, ACTIVATION_AXES), kv_cache
 
 
 class TextModel(nnx.Module):
