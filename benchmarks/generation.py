@@ -127,7 +127,7 @@ def bench_config(name: str, batch: int, new_tokens: int, repeats: int, *, prefil
 
     result = dict(
         config=name, batch=batch, new_tokens=new_tokens, prompt_len=int(ids.shape[1]), padded_prompt_len=int(L),
-        image_patches=int(pv.shape[0]), padded_patches=int(prompts["pixel_values"].shape[0]),
+        image_patches=int(pv.shape[0]), padded_patches=int(np.prod(prompts["pixel_values"].shape[:-1])),
         device=str(jax.devices()[0].platform), torch_threads=torch.get_num_threads(), repeats=repeats,
         ours=dict(compile_s=round(ours_compile, 2), **side("ours")), hf=dict(warmup_s=round(hf_warmup, 2), **side("hf")),
         tokens_match=bool(np.array_equal(outs["ours_gen"].tokens, hf_tokens)),
