@@ -1,0 +1,49 @@
+"""The GRPO step's numbers are pinned: the first 3 steps of two seeded runs give the metrics.jsonl values
+recorded in tests/train/pinned/ by the code before the GRPO step was redesigned as typed hand-offs
+(commit a51a028). A refactor of the step must not change what it computes.
+
+- grpo_demo.jsonl: `python -m vlaa_jax.main --config configs/grpo.py:demo`, shortened (2 SFT warm-start
+  steps, 32 new tokens, no before/after table). Two updates per rollout batch: old-policy log-probs
+  recomputed, reference log-probs, adaptive KL controller, the mixed reward (all 0 this early).
+- grpo_toy_reward.jsonl: the test trainer (tests/train/runner.py) with a dense toy reward, so advantages,
+  the clipped policy-gradient loss and gradient accumulation carry non-zero numbers.
+Timing metrics (time/*, tokens_per_s) are not pinned.
+"""
+import json
+import os
+
+import pytest
+
+from tests.train.helpers import metrics, run_trainer
+from tests.train.test_demo import _main
+
+PINNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinned")
+TIMING = ("time/", "tokens_per_s")
+
+
+def _pinned(name: str) -> list[dict]:
+    with open(os.path.join(PINNED, name)) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def _compare(rows: list[dict], pinned: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [p["step"] for p in pinned]
+    for row, pin in zip(rows, pinned):
+        got = {k: v for k, v in row.items() if not k.startswith(TIMING)}
+        assert sorted(got) == sorted(pin), f"step {pin['step']}: metric keys differ"
+        for key, want in pin.items():
+            assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-7), f"step {pin['step']} {key}"
+
+
+def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
+    _main("configs/grpo.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
+          "--config.train.num_steps=3", "--config.grpo.warm_start_sft_steps=2", "--config.grpo.eval_prompts=0",
+          "--config.grpo.max_new_tokens=32", "--config.train.export_hf=False",
+          "--config.train.progress_bar=False", cache_dir=jax_cache_dir)
+    _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"))
+
+
+def test_grpo_toy_reward_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
+    run_trainer("grpo", tmp_path, demo_data_dir, "--steps", "3", "--checkpoint_every", "3", "--toy_reward",
+                cache_dir=jax_cache_dir)
+    _compare(metrics(tmp_path), _pinned("grpo_toy_reward.jsonl"))
