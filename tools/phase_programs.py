@@ -51,352 +51,352 @@ TEXT_ID = 3         # any ordinary token id
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """The shapes of every phase, read from a trainer config (worst case: full-length prompts and
-  responses, every image at `data.max_pixels`), and the model they run."""
-  config: Any                      # the trainer ConfigDict (mode "grpo" or "sft")
-  model: Any                       # Qwen25VLConfig
-  image_grid: tuple[int, int]      # patches (h, w) of every image
-  micro_rows: int                  # rows per update / log-prob / SFT micro-batch
-  micro_batches: int               # gradient-accumulation steps
-  seq_len: int                     # tokens per update row (GRPO: prompt + response; SFT: max_length)
-  rollout_prompts: int = 0         # prompts per generate call
-  num_samples: int = 1
-  prompt_len: int = 0
-  new_tokens: int = 0              # max_new_tokens (the update's response width)
-  cache_new_tokens: int = 0        # the sampler's compiled bucket for it (cache = prompt + this)
-  use_ref: bool = False
-  ref_dtype: str = "bfloat16"
-  on_policy: bool = False          # one update per rollout batch: no old-policy forward
-  weight_major: bool = False       # decode on transposed weight copies (the sampler's CPU default)
+    """The shapes of every phase, read from a trainer config (worst case: full-length prompts and
+    responses, every image at `data.max_pixels`), and the model they run."""
+    config: Any                      # the trainer ConfigDict (mode "grpo" or "sft")
+    model: Any                       # Qwen25VLConfig
+    image_grid: tuple[int, int]      # patches (h, w) of every image
+    micro_rows: int                  # rows per update / log-prob / SFT micro-batch
+    micro_batches: int               # gradient-accumulation steps
+    seq_len: int                     # tokens per update row (GRPO: prompt + response; SFT: max_length)
+    rollout_prompts: int = 0         # prompts per generate call
+    num_samples: int = 1
+    prompt_len: int = 0
+    new_tokens: int = 0              # max_new_tokens (the update's response width)
+    cache_new_tokens: int = 0        # the sampler's compiled bucket for it (cache = prompt + this)
+    use_ref: bool = False
+    ref_dtype: str = "bfloat16"
+    on_policy: bool = False          # one update per rollout batch: no old-policy forward
+    weight_major: bool = False       # decode on transposed weight copies (the sampler's CPU default)
 
-  @property
-  def mode(self) -> str:
-    return self.config.get("mode", "sft")
+    @property
+    def mode(self) -> str:
+        return self.config.get("mode", "sft")
 
-  @property
-  def image_patches(self) -> int:
-    return self.image_grid[0] * self.image_grid[1]
+    @property
+    def image_patches(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
 
-  @property
-  def phases(self) -> tuple[str, ...]:
-    if self.mode == "sft":
-      return ("sft",)
-    out = ["rollout"]
-    if not self.on_policy:
-      out.append("logprobs")
-    if self.use_ref:
-      out.append("ref_logprobs")
-    return tuple(out) + ("update",)
+    @property
+    def phases(self) -> tuple[str, ...]:
+        if self.mode == "sft":
+            return ("sft",)
+        out = ["rollout"]
+        if not self.on_policy:
+            out.append("logprobs")
+        if self.use_ref:
+            out.append("ref_logprobs")
+        return tuple(out) + ("update",)
 
-  @classmethod
-  def from_config(cls, config: Any, model: Any, *, weight_major: bool = False, **overrides: Any) -> "Workload":
-    """`model`: the architecture and run options (e.g. `plan_memory.model_from_trainer_config(config)`)."""
-    from vlaa_jax.rollout import sampler
-    d, t = config.data, config.train
-    side = max(2, int(math.isqrt(int(d.max_pixels))) // (PATCH * 2) * 2)
-    kw: dict[str, Any] = dict(config=config, model=model, image_grid=(side, side),
-                              micro_batches=int(t.grad_accum_steps),
-                              micro_rows=int(t.batch_size) // int(t.grad_accum_steps),
-                              weight_major=weight_major)
-    if config.get("mode", "sft") == "grpo":
-      g = config.grpo
-      updates = g.update_epochs * g.rollout_batch_prompts * g.num_samples // t.batch_size
-      kw.update(rollout_prompts=int(g.rollout_micro_batch or g.rollout_batch_prompts),
-                num_samples=int(g.num_samples), prompt_len=int(d.max_prompt_length),
-                new_tokens=int(g.max_new_tokens),
-                cache_new_tokens=sampler.new_token_bucket(int(g.max_new_tokens)),
-                seq_len=int(d.max_prompt_length) + int(g.max_new_tokens),
-                use_ref=float(g.init_kl_coef) > 0, ref_dtype=str(g.get("ref_dtype", "bfloat16")),
-                on_policy=updates == 1)
-    else:
-      kw.update(seq_len=int(d.max_length))
-    kw.update(overrides)
-    return cls(**kw)
+    @classmethod
+    def from_config(cls, config: Any, model: Any, *, weight_major: bool = False, **overrides: Any) -> "Workload":
+        """`model`: the architecture and run options (e.g. `plan_memory.model_from_trainer_config(config)`)."""
+        from vlaa_jax.rollout import sampler
+        d, t = config.data, config.train
+        side = max(2, int(math.isqrt(int(d.max_pixels))) // (PATCH * 2) * 2)
+        kw: dict[str, Any] = dict(config=config, model=model, image_grid=(side, side),
+                                  micro_batches=int(t.grad_accum_steps),
+                                  micro_rows=int(t.batch_size) // int(t.grad_accum_steps),
+                                  weight_major=weight_major)
+        if config.get("mode", "sft") == "grpo":
+            g = config.grpo
+            updates = g.update_epochs * g.rollout_batch_prompts * g.num_samples // t.batch_size
+            kw.update(rollout_prompts=int(g.rollout_micro_batch or g.rollout_batch_prompts),
+                      num_samples=int(g.num_samples), prompt_len=int(d.max_prompt_length),
+                      new_tokens=int(g.max_new_tokens),
+                      cache_new_tokens=sampler.new_token_bucket(int(g.max_new_tokens)),
+                      seq_len=int(d.max_prompt_length) + int(g.max_new_tokens),
+                      use_ref=float(g.init_kl_coef) > 0, ref_dtype=str(g.get("ref_dtype", "bfloat16")),
+                      on_policy=updates == 1)
+        else:
+            kw.update(seq_len=int(d.max_length))
+        kw.update(overrides)
+        return cls(**kw)
 
-  def replace(self, **kw: Any) -> "Workload":
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw: Any) -> "Workload":
+        return dataclasses.replace(self, **kw)
 
 
 # --------------------------------------------------------------------------------------- host batches
 def _image_ids(model, grid: tuple[int, int], text: int) -> np.ndarray:
-  """<|vision_start|> <|image_pad|>*k <|vision_end|> then `text` ordinary tokens."""
-  k = grid[0] * grid[1] // model.vision.spatial_merge_size ** 2
-  return np.concatenate([[model.vision_start_token_id], np.full(k, model.image_token_id),
-                         [model.vision_end_token_id], np.full(text, TEXT_ID)]).astype(np.int32)
+    """<|vision_start|> <|image_pad|>*k <|vision_end|> then `text` ordinary tokens."""
+    k = grid[0] * grid[1] // model.vision.spatial_merge_size ** 2
+    return np.concatenate([[model.vision_start_token_id], np.full(k, model.image_token_id),
+                           [model.vision_end_token_id], np.full(text, TEXT_ID)]).astype(np.int32)
 
 
 def synthetic_prompts(w: Workload, num: int):
-  """`train.grpo.Prompts` of `num` full-length image prompts (one-column patches)."""
-  from vlaa_jax.models.qwen2_5_vl import layout
-  from vlaa_jax.train.grpo import Prompts
-  m = w.model
-  image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
-  text = w.prompt_len - image_tokens - 2
-  if text < 1:
-    raise ValueError(f"data.max_prompt_length={w.prompt_len} does not hold an image of {image_tokens} tokens")
-  ids = np.tile(_image_ids(m, w.image_grid, text), (num, 1))
-  mask = np.ones_like(ids)
-  grids = np.tile(np.array([[1, *w.image_grid]], np.int64), (num, 1))
-  pos, deltas = layout.mrope_positions(ids, grids, mask, spatial_merge_size=m.vision.spatial_merge_size,
-                                       image_token_id=m.image_token_id,
-                                       vision_start_token_id=m.vision_start_token_id)
-  px = tuple(s * PATCH for s in w.image_grid)
-  return Prompts(ids=ids, mask=mask, positions=pos, deltas=deltas,
-                 patches=[np.zeros((w.image_patches, 1), np.float32)] * num, grids=grids,
-                 records=[{"id": str(i)} for i in range(num)], image_hw=[(px, px)] * num)
+    """`train.grpo.Prompts` of `num` full-length image prompts (one-column patches)."""
+    from vlaa_jax.models.qwen2_5_vl import layout
+    from vlaa_jax.train.grpo import Prompts
+    m = w.model
+    image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
+    text = w.prompt_len - image_tokens - 2
+    if text < 1:
+        raise ValueError(f"data.max_prompt_length={w.prompt_len} does not hold an image of {image_tokens} tokens")
+    ids = np.tile(_image_ids(m, w.image_grid, text), (num, 1))
+    mask = np.ones_like(ids)
+    grids = np.tile(np.array([[1, *w.image_grid]], np.int64), (num, 1))
+    pos, deltas = layout.mrope_positions(ids, grids, mask, spatial_merge_size=m.vision.spatial_merge_size,
+                                         image_token_id=m.image_token_id,
+                                         vision_start_token_id=m.vision_start_token_id)
+    px = tuple(s * PATCH for s in w.image_grid)
+    return Prompts(ids=ids, mask=mask, positions=pos, deltas=deltas,
+                   patches=[np.zeros((w.image_patches, 1), np.float32)] * num, grids=grids,
+                   records=[{"id": str(i)} for i in range(num)], image_hw=[(px, px)] * num)
 
 
 def _trainer_view(w: Workload, mesh, rules):
-  """What `GRPOTrainer.rollout_batches` / `image_groups` read of a trainer: its config, model config,
-  mesh and rules (so the rollout host batches are the trainer's own)."""
-  from vlaa_jax.train.grpo import GRPOTrainer
-  view = types.SimpleNamespace(config=w.config, run=types.SimpleNamespace(mcfg=w.model, mesh=mesh, rules=rules))
-  view.image_groups = types.MethodType(GRPOTrainer.image_groups, view)
-  return view
+    """What `GRPOTrainer.rollout_batches` / `image_groups` read of a trainer: its config, model config,
+    mesh and rules (so the rollout host batches are the trainer's own)."""
+    from vlaa_jax.train.grpo import GRPOTrainer
+    view = types.SimpleNamespace(config=w.config, run=types.SimpleNamespace(mcfg=w.model, mesh=mesh, rules=rules))
+    view.image_groups = types.MethodType(GRPOTrainer.image_groups, view)
+    return view
 
 
 def rollout_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
-  """One generate call's prompt batch (`w.rollout_prompts` prompts), as `GRPOTrainer.rollout_batches`
-  lays it out."""
-  from vlaa_jax.train.grpo import GRPOTrainer
-  config = w.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.grpo.rollout_micro_batch = w.rollout_prompts
-  prompts = synthetic_prompts(w, w.rollout_prompts)
-  return GRPOTrainer.rollout_batches(_trainer_view(w.replace(config=config), mesh, rules), prompts)[0]
+    """One generate call's prompt batch (`w.rollout_prompts` prompts), as `GRPOTrainer.rollout_batches`
+    lays it out."""
+    from vlaa_jax.train.grpo import GRPOTrainer
+    config = w.config.copy_and_resolve_references()
+    with config.unlocked():
+        config.grpo.rollout_micro_batch = w.rollout_prompts
+    prompts = synthetic_prompts(w, w.rollout_prompts)
+    return GRPOTrainer.rollout_batches(_trainer_view(w.replace(config=config), mesh, rules), prompts)[0]
 
 
 def grpo_host_batch(w: Workload, mesh, rules, *, forward: bool = False) -> dict[str, np.ndarray]:
-  """One update micro-batch (or, `forward`, one log-prob forward micro-batch) as `GRPOTrainer.update`
-  builds it: prompts + full-length responses, image groups per data-parallel device."""
-  from vlaa_jax.train import grpo as grpo_train
-  rows, T = w.micro_rows, w.new_tokens
-  prompts = synthetic_prompts(w, rows)
-  groups = _trainer_view(w, mesh, rules).image_groups(rows)
-  per_group = rows // groups
-  p = grpo_train.update_patch_bucket(prompts.max_patches() * per_group, per_group, w.config.data.max_pixels)
-  full_rows = grpo_train.update_full_rows(prompts.max_patches(), per_group, p)
-  tokens = np.full((rows, T), TEXT_ID, np.int32)
-  mask = np.ones((rows, T), np.int32)
-  b = prompts.rows(np.arange(rows), w.model, num_patches=p, responses=tokens, response_mask=mask,
-                   full_rows=full_rows, groups=groups)
-  b["response_mask"] = mask
-  if forward:
+    """One update micro-batch (or, `forward`, one log-prob forward micro-batch) as `GRPOTrainer.update`
+    builds it: prompts + full-length responses, image groups per data-parallel device."""
+    from vlaa_jax.train import grpo as grpo_train
+    rows, T = w.micro_rows, w.new_tokens
+    prompts = synthetic_prompts(w, rows)
+    groups = _trainer_view(w, mesh, rules).image_groups(rows)
+    per_group = rows // groups
+    p = grpo_train.update_patch_bucket(prompts.max_patches() * per_group, per_group, w.config.data.max_pixels)
+    full_rows = grpo_train.update_full_rows(prompts.max_patches(), per_group, p)
+    tokens = np.full((rows, T), TEXT_ID, np.int32)
+    mask = np.ones((rows, T), np.int32)
+    b = prompts.rows(np.arange(rows), w.model, num_patches=p, responses=tokens, response_mask=mask,
+                     full_rows=full_rows, groups=groups)
+    b["response_mask"] = mask
+    if forward:
+        return b
+    b.pop("rope_deltas")
+    f32 = np.float32
+    b.update(advantages=np.zeros(rows, f32), kl_coef=f32(1e-3), loss_normalizer=f32(T))
+    if not w.on_policy:
+        b["old_logp"] = np.zeros((rows, T), f32)
+    if w.use_ref:
+        b["ref_logp"] = np.zeros((rows, T), f32)
     return b
-  b.pop("rope_deltas")
-  f32 = np.float32
-  b.update(advantages=np.zeros(rows, f32), kl_coef=f32(1e-3), loss_normalizer=f32(T))
-  if not w.on_policy:
-    b["old_logp"] = np.zeros((rows, T), f32)
-  if w.use_ref:
-    b["ref_logp"] = np.zeros((rows, T), f32)
-  return b
 
 
 def sft_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
-  """One SFT micro-batch through `sft.host_batch` (the trainer's host path, one image group and one
-  target list per data-parallel device): image, 256 prompt tokens, the response up to `data.max_length`."""
-  from vlaa_jax.models.qwen2_5_vl import layout
-  from vlaa_jax.train import sft
-  m, rows = w.model, w.micro_rows
-  image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
-  text = w.seq_len - image_tokens - 2
-  prompt = min(256, text // 2)
-  ids = np.tile(_image_ids(m, w.image_grid, text), (rows, 1))
-  mask = np.ones_like(ids)
-  loss_mask = np.zeros_like(ids)
-  loss_mask[:, image_tokens + 2 + prompt:] = 1
-  grid = np.tile(np.array([[1, *w.image_grid]], np.int64), (rows, 1))
-  pos, _ = layout.mrope_positions(ids, grid, mask, spatial_merge_size=m.vision.spatial_merge_size,
-                                  image_token_id=m.image_token_id, vision_start_token_id=m.vision_start_token_id)
-  raw = dict(input_ids=ids, attention_mask=mask, position_ids=pos.astype(np.int32), loss_mask=loss_mask,
-             pixel_values=np.zeros((rows * w.image_patches, 1), np.float32), image_grid_thw=grid)
-  batch, _ = sft.host_batch([raw], m, groups=shd.data_parallel_size(mesh, rules))
-  return batch
+    """One SFT micro-batch through `sft.host_batch` (the trainer's host path, one image group and one
+    target list per data-parallel device): image, 256 prompt tokens, the response up to `data.max_length`."""
+    from vlaa_jax.models.qwen2_5_vl import layout
+    from vlaa_jax.train import sft
+    m, rows = w.model, w.micro_rows
+    image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
+    text = w.seq_len - image_tokens - 2
+    prompt = min(256, text // 2)
+    ids = np.tile(_image_ids(m, w.image_grid, text), (rows, 1))
+    mask = np.ones_like(ids)
+    loss_mask = np.zeros_like(ids)
+    loss_mask[:, image_tokens + 2 + prompt:] = 1
+    grid = np.tile(np.array([[1, *w.image_grid]], np.int64), (rows, 1))
+    pos, _ = layout.mrope_positions(ids, grid, mask, spatial_merge_size=m.vision.spatial_merge_size,
+                                    image_token_id=m.image_token_id, vision_start_token_id=m.vision_start_token_id)
+    raw = dict(input_ids=ids, attention_mask=mask, position_ids=pos.astype(np.int32), loss_mask=loss_mask,
+               pixel_values=np.zeros((rows * w.image_patches, 1), np.float32), image_grid_thw=grid)
+    batch, _ = sft.host_batch([raw], m, groups=shd.data_parallel_size(mesh, rules))
+    return batch
 
 
 # ------------------------------------------------------------------------------------- abstract arrays
 def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def abstract_batch(host: dict[str, np.ndarray], mesh, rules, *, model, micro_batches: int = 1,
                    dtypes: dict[str, Any] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Host fields -> sharded ShapeDtypeStructs (placed by `sharding.batch_shardings`, as `put_batch`
-  does), with a leading micro-batch axis when `micro_batches` > 1 and pixel_values at the model's
-  patch width."""
-  shapes = {}
-  for k, v in host.items():
-    shape = tuple(np.shape(v))
-    if k == "pixel_values":
-      shape = shape[:-1] + (model.vision.patch_dim,)
-    dtype = (dtypes or {}).get(k, np.asarray(v).dtype)
-    shapes[k] = jax.ShapeDtypeStruct(((micro_batches,) if micro_batches > 1 else ()) + shape, dtype)
-  rows = np.shape(host["input_ids"])[0]
-  sh = shd.batch_shardings(shapes, mesh, rules, batch_size=rows, micro_batched=micro_batches > 1)
-  return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh[k]) for k, s in shapes.items()}
+    """Host fields -> sharded ShapeDtypeStructs (placed by `sharding.batch_shardings`, as `put_batch`
+    does), with a leading micro-batch axis when `micro_batches` > 1 and pixel_values at the model's
+    patch width."""
+    shapes = {}
+    for k, v in host.items():
+        shape = tuple(np.shape(v))
+        if k == "pixel_values":
+            shape = shape[:-1] + (model.vision.patch_dim,)
+        dtype = (dtypes or {}).get(k, np.asarray(v).dtype)
+        shapes[k] = jax.ShapeDtypeStruct(((micro_batches,) if micro_batches > 1 else ()) + shape, dtype)
+    rows = np.shape(host["input_ids"])[0]
+    sh = shd.batch_shardings(shapes, mesh, rules, batch_size=rows, micro_batched=micro_batches > 1)
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh[k]) for k, s in shapes.items()}
 
 
 def tree_device_bytes(tree: Any) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard per device)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    if not hasattr(x, "shape"):
-      continue
-    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-  return total
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard per device)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if not hasattr(x, "shape"):
+            continue
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
 
 
 # --------------------------------------------------------------------------------------------- phases
 class PhasePrograms:
-  """Abstract state and the lowered phase programs of a workload on `mesh`."""
+    """Abstract state and the lowered phase programs of a workload on `mesh`."""
 
-  def __init__(self, w: Workload, mesh, rules: Any = None):
-    from flax import nnx
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VL
-    from vlaa_jax.train import common
-    from vlaa_jax.train import step as step_lib
-    self.w, self.mesh = w, mesh
-    self.rules = shd.resolve_rules(rules if rules is not None else w.config.get("sharding", {}).get("rules"))
-    self.graphdef, state, _ = shd.abstract_state(lambda: Qwen25VL(w.model, rngs=nnx.Rngs(0)), mesh, self.rules)
-    self.params, self.rest = step_lib.split_state(state)
-    self.tx, _ = common.make_optimizer(w.config, self.params, total_updates=1000)
-    opt = jax.eval_shape(self.tx.init, self.params)
-    self.opt_state = _abstract(opt, shd.tree_shardings(opt, mesh, self.rules))
-    ref = jnp.dtype(w.model.param_dtype if w.ref_dtype == "param" else w.ref_dtype)
-    self.ref_params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, ref if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-                                       sharding=a.sharding), self.params)
+    def __init__(self, w: Workload, mesh, rules: Any = None):
+        from flax import nnx
+        from vlaa_jax.models.qwen2_5_vl import Qwen25VL
+        from vlaa_jax.train import common
+        from vlaa_jax.train import step as step_lib
+        self.w, self.mesh = w, mesh
+        self.rules = shd.resolve_rules(rules if rules is not None else w.config.get("sharding", {}).get("rules"))
+        self.graphdef, state, _ = shd.abstract_state(lambda: Qwen25VL(w.model, rngs=nnx.Rngs(0)), mesh, self.rules)
+        self.params, self.rest = step_lib.split_state(state)
+        self.tx, _ = common.make_optimizer(w.config, self.params, total_updates=1000)
+        opt = jax.eval_shape(self.tx.init, self.params)
+        self.opt_state = _abstract(opt, shd.tree_shardings(opt, mesh, self.rules))
+        ref = jnp.dtype(w.model.param_dtype if w.ref_dtype == "param" else w.ref_dtype)
+        self.ref_params = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, ref if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+                                           sharding=a.sharding), self.params)
 
-  # -- resident state ---------------------------------------------------------------------------
-  def resident(self) -> dict[str, int]:
-    """Per-device bytes of what a run keeps between phases."""
-    out = {"params": tree_device_bytes(self.params), "rest": tree_device_bytes(self.rest),
-           "optimizer": tree_device_bytes(self.opt_state)}
-    out["reference"] = tree_device_bytes(self.ref_params) if self.w.use_ref else 0
-    return out
+    # -- resident state ---------------------------------------------------------------------------
+    def resident(self) -> dict[str, int]:
+        """Per-device bytes of what a run keeps between phases."""
+        out = {"params": tree_device_bytes(self.params), "rest": tree_device_bytes(self.rest),
+               "optimizer": tree_device_bytes(self.opt_state)}
+        out["reference"] = tree_device_bytes(self.ref_params) if self.w.use_ref else 0
+        return out
 
-  def resident_extra(self, phase: str) -> int:
-    """Resident bytes that are not arguments of `phase`'s program (they sit beside it)."""
-    r = self.resident()
-    passed = {"rollout": ("params", "rest"), "prefill": ("params", "rest"), "logprobs": ("params", "rest"),
-              "ref_logprobs": ("reference", "rest"), "update": ("params", "rest", "optimizer"),
-              "sft": ("params", "rest", "optimizer")}[phase]
-    return sum(v for k, v in r.items() if k not in passed)
+    def resident_extra(self, phase: str) -> int:
+        """Resident bytes that are not arguments of `phase`'s program (they sit beside it)."""
+        r = self.resident()
+        passed = {"rollout": ("params", "rest"), "prefill": ("params", "rest"), "logprobs": ("params", "rest"),
+                  "ref_logprobs": ("reference", "rest"), "update": ("params", "rest", "optimizer"),
+                  "sft": ("params", "rest", "optimizer")}[phase]
+        return sum(v for k, v in r.items() if k not in passed)
 
-  # -- programs ---------------------------------------------------------------------------------
-  def lower(self, phase: str, *, images: bool = True):
-    """The lowered program of `phase` (`images=False`: the same program on text-only rows of the
-    same length, for splitting cost between the towers)."""
-    if phase not in PHASES:
-      raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
-    fn, args = getattr(self, f"_{phase}")(images)
-    with shd.activate(self.mesh, self.rules):
-      return fn(*args)
+    # -- programs ---------------------------------------------------------------------------------
+    def lower(self, phase: str, *, images: bool = True):
+        """The lowered program of `phase` (`images=False`: the same program on text-only rows of the
+        same length, for splitting cost between the towers)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; phases are {PHASES}")
+        fn, args = getattr(self, f"_{phase}")(images)
+        with shd.activate(self.mesh, self.rules):
+            return fn(*args)
 
-  def _without_images(self, host: dict, images: bool) -> dict:
-    if images:
-      return host
-    return {k: v for k, v in host.items() if k != "pixel_values" and not k.startswith("vision_")}
+    def _without_images(self, host: dict, images: bool) -> dict:
+        if images:
+            return host
+        return {k: v for k, v in host.items() if k != "pixel_values" and not k.startswith("vision_")}
 
-  def _rollout_fields(self, images: bool) -> dict:
-    from vlaa_jax.rollout import sampler
-    host = self._without_images(rollout_host_batch(self.w, self.mesh, self.rules), images)
-    keep = ("input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values")
-    host = {k: v for k, v in host.items()
-            if k in keep or (k.startswith("vision_") and k[len("vision_"):] in sampler.VISION_KEYS)}
-    dtypes = {k: np.float32 if k == "pixel_values" else np.int32 for k in host}
-    return abstract_batch(host, self.mesh, self.rules, model=self.w.model, dtypes=dtypes)
+    def _rollout_fields(self, images: bool) -> dict:
+        from vlaa_jax.rollout import sampler
+        host = self._without_images(rollout_host_batch(self.w, self.mesh, self.rules), images)
+        keep = ("input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values")
+        host = {k: v for k, v in host.items()
+                if k in keep or (k.startswith("vision_") and k[len("vision_"):] in sampler.VISION_KEYS)}
+        dtypes = {k: np.float32 if k == "pixel_values" else np.int32 for k in host}
+        return abstract_batch(host, self.mesh, self.rules, model=self.w.model, dtypes=dtypes)
 
-  def _rollout(self, images: bool) -> tuple[Callable, tuple]:
-    from vlaa_jax.rollout import sampler
-    from vlaa_jax.rollout.sampling import SamplingConfig
-    w, g = self.w, self.w.config.grpo
-    sampling = SamplingConfig(temperature=float(g.temperature), top_p=float(g.top_p))
-    fn = sampler._compiled(  # pylint: disable=protected-access -- the sampler's own jitted program
-        self.graphdef, num_samples=w.num_samples, new_tokens=w.cache_new_tokens, greedy=sampling.greedy,
-        top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0,
-        stop_ids=sampler.default_stop_ids(w.model), pad_id=sampler.ENDOFTEXT_ID % w.model.text.vocab_size,
-        return_logits=False, weight_major=w.weight_major)
-    state = (self.params, self.rest)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    decode = self._decode_weights(state) if w.weight_major else None
-    args = (state, self._rollout_fields(images), key, scalar(jnp.float32), scalar(jnp.float32),
-            scalar(jnp.int32), decode)
-    return fn.lower, args
+    def _rollout(self, images: bool) -> tuple[Callable, tuple]:
+        from vlaa_jax.rollout import sampler
+        from vlaa_jax.rollout.sampling import SamplingConfig
+        w, g = self.w, self.w.config.grpo
+        sampling = SamplingConfig(temperature=float(g.temperature), top_p=float(g.top_p))
+        fn = sampler._compiled(  # pylint: disable=protected-access -- the sampler's own jitted program
+            self.graphdef, num_samples=w.num_samples, new_tokens=w.cache_new_tokens, greedy=sampling.greedy,
+            top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0,
+            stop_ids=sampler.default_stop_ids(w.model), pad_id=sampler.ENDOFTEXT_ID % w.model.text.vocab_size,
+            return_logits=False, weight_major=w.weight_major)
+        state = (self.params, self.rest)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+        decode = self._decode_weights(state) if w.weight_major else None
+        args = (state, self._rollout_fields(images), key, scalar(jnp.float32), scalar(jnp.float32),
+                scalar(jnp.int32), decode)
+        return fn.lower, args
 
-  def _decode_weights(self, state):
-    """Abstract `sampler.decode_weights(graphdef, state)`, placed as its jitted maker places them."""
-    from vlaa_jax.rollout import sampler
-    maker = sampler._decode_weights_fn(self.graphdef)  # pylint: disable=protected-access
-    with shd.activate(self.mesh, self.rules):
-      out = maker.lower(state).compile().output_shardings
-    shapes = jax.eval_shape(maker, state)
-    return _abstract(shapes, out)
+    def _decode_weights(self, state):
+        """Abstract `sampler.decode_weights(graphdef, state)`, placed as its jitted maker places them."""
+        from vlaa_jax.rollout import sampler
+        maker = sampler._decode_weights_fn(self.graphdef)  # pylint: disable=protected-access
+        with shd.activate(self.mesh, self.rules):
+            out = maker.lower(state).compile().output_shardings
+        shapes = jax.eval_shape(maker, state)
+        return _abstract(shapes, out)
 
-  def _prefill(self, images: bool) -> tuple[Callable, tuple]:
-    from flax import nnx
-    from vlaa_jax.rollout import sampler
-    w, graphdef = self.w, self.graphdef
-    fn = jax.jit(lambda p, r, b: sampler.prefill(nnx.merge(graphdef, p, r), b,
-                                                 w.prompt_len + w.cache_new_tokens))
-    return fn.lower, (self.params, self.rest, self._rollout_fields(images))
+    def _prefill(self, images: bool) -> tuple[Callable, tuple]:
+        from flax import nnx
+        from vlaa_jax.rollout import sampler
+        w, graphdef = self.w, self.graphdef
+        fn = jax.jit(lambda p, r, b: sampler.prefill(nnx.merge(graphdef, p, r), b,
+                                                     w.prompt_len + w.cache_new_tokens))
+        return fn.lower, (self.params, self.rest, self._rollout_fields(images))
 
-  def _forward_batch(self, images: bool) -> dict:
-    host = self._without_images(grpo_host_batch(self.w, self.mesh, self.rules, forward=True), images)
-    return abstract_batch(host, self.mesh, self.rules, model=self.w.model)
+    def _forward_batch(self, images: bool) -> dict:
+        host = self._without_images(grpo_host_batch(self.w, self.mesh, self.rules, forward=True), images)
+        return abstract_batch(host, self.mesh, self.rules, model=self.w.model)
 
-  def _logprob_fn(self) -> Callable:
-    """`GRPOTrainer._forward_logprobs`'s jitted function."""
-    from flax import nnx
-    from vlaa_jax.train import grpo as grpo_train
-    g, graphdef = self.w.config.grpo, self.graphdef
-    return jax.jit(lambda p, r, b: grpo_train.response_logprobs(
-        nnx.merge(graphdef, p, r), b, chunk_size=g.logprob_chunk, temperature=g.temperature)[0])
+    def _logprob_fn(self) -> Callable:
+        """`GRPOTrainer._forward_logprobs`'s jitted function."""
+        from flax import nnx
+        from vlaa_jax.train import grpo as grpo_train
+        g, graphdef = self.w.config.grpo, self.graphdef
+        return jax.jit(lambda p, r, b: grpo_train.response_logprobs(
+            nnx.merge(graphdef, p, r), b, chunk_size=g.logprob_chunk, temperature=g.temperature)[0])
 
-  def _logprobs(self, images: bool) -> tuple[Callable, tuple]:
-    return self._logprob_fn().lower, (self.params, self.rest, self._forward_batch(images))
+    def _logprobs(self, images: bool) -> tuple[Callable, tuple]:
+        return self._logprob_fn().lower, (self.params, self.rest, self._forward_batch(images))
 
-  def _ref_logprobs(self, images: bool) -> tuple[Callable, tuple]:
-    return self._logprob_fn().lower, (self.ref_params, self.rest, self._forward_batch(images))
+    def _ref_logprobs(self, images: bool) -> tuple[Callable, tuple]:
+        return self._logprob_fn().lower, (self.ref_params, self.rest, self._forward_batch(images))
 
-  def _update(self, images: bool) -> tuple[Callable, tuple]:
-    from vlaa_jax.train import grpo as grpo_train
-    w = self.w
-    host = self._without_images(grpo_host_batch(w, self.mesh, self.rules), images)
-    batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)
-    step = grpo_train.make_grpo_step(w.config, self.graphdef, self.tx, self.params, self.rest, self.mesh,
-                                     self.rules, micro_batches=w.micro_batches)
-    return step.lower, (self.params, self.opt_state, self.rest, batch)
+    def _update(self, images: bool) -> tuple[Callable, tuple]:
+        from vlaa_jax.train import grpo as grpo_train
+        w = self.w
+        host = self._without_images(grpo_host_batch(w, self.mesh, self.rules), images)
+        batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)
+        step = grpo_train.make_grpo_step(w.config, self.graphdef, self.tx, self.params, self.rest, self.mesh,
+                                         self.rules, micro_batches=w.micro_batches)
+        return step.lower, (self.params, self.opt_state, self.rest, batch)
 
-  def _sft(self, images: bool) -> tuple[Callable, tuple]:
-    from vlaa_jax.train import sft
-    w = self.w
-    host = self._without_images(sft_host_batch(w, self.mesh, self.rules), images)
-    batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)
-    step = sft.make_sft_step(w.config, self.graphdef, self.tx, self.params, self.rest, self.mesh, self.rules,
-                             micro_batches=w.micro_batches)
-    return step.lower, (self.params, self.opt_state, self.rest, batch)
+    def _sft(self, images: bool) -> tuple[Callable, tuple]:
+        from vlaa_jax.train import sft
+        w = self.w
+        host = self._without_images(sft_host_batch(w, self.mesh, self.rules), images)
+        batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)
+        step = sft.make_sft_step(w.config, self.graphdef, self.tx, self.params, self.rest, self.mesh, self.rules,
+                                 micro_batches=w.micro_batches)
+        return step.lower, (self.params, self.opt_state, self.rest, batch)
 
 
 # ------------------------------------------------------------------------------------ XLA's figures
 def memory(compiled) -> dict[str, int]:
-  """XLA's per-device memory analysis; peak = arguments + outputs + temporaries - aliased."""
-  m = compiled.memory_analysis()
-  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
+    """XLA's per-device memory analysis; peak = arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
 
 
 def flops(compiled) -> float:
-  """Per-device FLOPs of XLA's cost analysis (a loop body counts once)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+    """Per-device FLOPs of XLA's cost analysis (a loop body counts once)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -406,44 +406,44 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
 
 
 def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{collective: {"count", "bytes"}} from a compiled module's text: the result shapes of every
-  all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute instruction (async
-  pairs counted at their start; an instruction inside a loop body counts once)."""
-  out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    if "=" not in line:
-      continue
-    lhs, rhs = line.split("=", 1)
-    op = re.match(r"\s*(?:\([^)]*\)|[\w\[\]{},:. ]*?)\s*([a-z-]+)\(", rhs)
-    if not op:
-      continue
-    name = op.group(1)
-    base = name[:-len("-start")] if name.endswith("-start") else name
-    if base not in out:
-      continue
-    result = rhs[:op.start(1)]
-    if name.endswith("-start"):   # (operands..., outputs...) tuple: count the second half
-      shapes = _SHAPE.findall(result)
-      shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
-    else:
-      shapes = _SHAPE.findall(result)
-    out[base]["count"] += 1
-    out[base]["bytes"] += sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in shapes)
-  return out
+    """{collective: {"count", "bytes"}} from a compiled module's text: the result shapes of every
+    all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute instruction (async
+    pairs counted at their start; an instruction inside a loop body counts once)."""
+    out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        if "=" not in line:
+            continue
+        lhs, rhs = line.split("=", 1)
+        op = re.match(r"\s*(?:\([^)]*\)|[\w\[\]{},:. ]*?)\s*([a-z-]+)\(", rhs)
+        if not op:
+            continue
+        name = op.group(1)
+        base = name[:-len("-start")] if name.endswith("-start") else name
+        if base not in out:
+            continue
+        result = rhs[:op.start(1)]
+        if name.endswith("-start"):   # (operands..., outputs...) tuple: count the second half
+            shapes = _SHAPE.findall(result)
+            shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
+        else:
+            shapes = _SHAPE.findall(result)
+        out[base]["count"] += 1
+        out[base]["bytes"] += sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in shapes)
+    return out
 
 
 def run_on_devices(n: int, argv: list[str], *, timeout: float | None = None, capture_stderr: bool = True) -> str:
-  """Runs `python argv...` in a child process with `n` simulated CPU devices (XLA reads the device
-  count once per process); returns its stdout, raises with its stderr's tail if it fails
-  (`capture_stderr=False`: the child's stderr goes to ours as it runs)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  out = subprocess.run([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE if capture_stderr else None, text=True, timeout=timeout)
-  if out.returncode:
-    tail = out.stderr[-3000:] if capture_stderr else "(its stderr is above)"
-    raise RuntimeError(f"{' '.join(argv[:3])} ... on {n} devices failed ({out.returncode}):\n{tail}")
-  return out.stdout
+    """Runs `python argv...` in a child process with `n` simulated CPU devices (XLA reads the device
+    count once per process); returns its stdout, raises with its stderr's tail if it fails
+    (`capture_stderr=False`: the child's stderr goes to ours as it runs)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    out = subprocess.run([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE if capture_stderr else None, text=True, timeout=timeout)
+    if out.returncode:
+        tail = out.stderr[-3000:] if capture_stderr else "(its stderr is above)"
+        raise RuntimeError(f"{' '.join(argv[:3])} ... on {n} devices failed ({out.returncode}):\n{tail}")
+    return out.stdout
