@@ -17,7 +17,8 @@ _LENGTH_MULTIPLE, _PIXEL_MULTIPLE = 16, 64
 
 
 def length_buckets(max_length: int) -> tuple[int, ...]:
-    """Sequence lengths max_length / 8, / 4, / 2 (multiples of 16, at least 16) and max_length itself."""
+    """Sequence lengths max_length / 8, / 4, / 2 (rounded down to multiples of 16, at least 16) and
+    max_length itself."""
     m = _LENGTH_MULTIPLE
     return tuple(sorted({max(m, -(-max_length // d) // m * m) for d in _FRACTIONS} | {max_length}))
 
@@ -31,7 +32,7 @@ def max_image_patches(max_pixels: int, vision: VisionConfig) -> int:
 def pixel_buckets(batch_size: int, max_pixels: int, vision: VisionConfig, images_per_row: int = 1
                   ) -> tuple[int, ...]:
     """pixel_values rows for `batch_size` rows of `images_per_row` images: the worst case / 8, / 4, / 2
-    (multiples of 64, at least 64) and the worst case rounded up to a multiple of 64."""
+    (rounded down to multiples of 64, at least 64) and the worst case rounded up to a multiple of 64."""
     m = _PIXEL_MULTIPLE
     worst = batch_size * images_per_row * max_image_patches(max_pixels, vision)
     return tuple(sorted({max(m, -(-worst // d) // m * m) for d in _FRACTIONS} | {-(-worst // m) * m}))

@@ -1,9 +1,12 @@
 """Qwen2.5-VL image preprocessing in NumPy, number for number equal to HF `Qwen2VLImageProcessorPil`.
 
 Steps (same as HF): RGB conversion of any PIL mode (transparency composited on white), `smart_resize` to
-multiples of 28 within [min_pixels, max_pixels], PIL bicubic resize, rescale by 1/255 (float64 then
-float32), normalise with the OpenAI CLIP mean/std (float32), patchify to [grid_h*grid_w, 3*2*14*14] in
-the merge-window order the vision tower expects, with image_grid_thw = [[1, grid_h, grid_w]].
+multiples of patch_size * merge_size within [min_pixels, max_pixels], PIL bicubic resize, rescale by 1/255
+(float64 then float32), normalise with the OpenAI CLIP mean/std (float32), patchify to
+[grid_h*grid_w, channels*temporal_patch_size*patch_size**2] in the merge-window order the vision tower
+expects, with image_grid_thw = [[1, grid_h, grid_w]]. The patch geometry defaults to the released
+Qwen2.5-VL vision tower (`VisionConfig()`: patch 14, merge 2, temporal patch 2, so factor 28 and 1176
+values per patch); the loader passes its model's.
 
 Rescale + normalise is one 256-entry lookup table per channel (exactly the same float32 values as HF's
 two steps, without touching float64 arrays), applied as late as possible: examples and batches carry the
@@ -20,15 +23,17 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.records import DataError
+from vlaa_jax.models.qwen2_5_vl.config import VisionConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
+_QWEN25VL = VisionConfig()  # the released Qwen2.5-VL patch geometry: the default of callers without a model
 MAX_ASPECT_RATIO = 200  # HF smart_resize limit
 
 
 def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 1280
+    height: int, width: int, factor: int = _QWEN25VL.patch_size * _QWEN25VL.spatial_merge_size,
+    min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 1280
 ) -> tuple[int, int]:
     """(h, w) divisible by `factor`, area within [min_pixels, max_pixels], aspect ratio kept (HF rules).
 
@@ -55,10 +60,11 @@ def smart_resize(
 class ImageFeatures:
     """One preprocessed image.
 
-    patches_u8: uint8 [grid_h*grid_w, 3, 14*14], the resized RGB image cut into patches in the vision
-      tower's order, before rescale/normalise and before repeating the frame over the temporal patch
-      (8x fewer bytes than pixel_values: what crosses from Grain workers to the trainer process).
-    pixel_values: float32 [grid_h*grid_w, 1176] (computed from patches_u8; equals the HF processor).
+    patches_u8: uint8 [grid_h*grid_w, 3, patch_size**2], the resized RGB image cut into patches in the
+      vision tower's order, before rescale/normalise and before repeating the frame over the temporal
+      patch (8x fewer bytes than pixel_values: what crosses from Grain workers to the trainer process).
+    pixel_values: float32 [grid_h*grid_w, 3*temporal_patch_size*patch_size**2] (computed from
+      patches_u8; equals the HF processor).
     image_grid_thw: int32 [1, 3] = [[1, grid_h, grid_w]].
     original_hw / resized_hw: (height, width) before and after smart_resize. `scale_xy` maps original pixel
     coordinates to resized ones (x * sx, y * sy): the IoU reward needs it to compare boxes in one frame.
@@ -68,7 +74,8 @@ class ImageFeatures:
     image_grid_thw: np.ndarray
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+    temporal_patch_size: int = _QWEN25VL.temporal_patch_size
+    merge_size: int = _QWEN25VL.spatial_merge_size
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
@@ -84,7 +91,7 @@ class ImageFeatures:
     @property
     def num_tokens(self) -> int:
         """Number of <|image_pad|> tokens: merged patches, t*h*w / merge_size**2."""
-        return self.num_patches // (MERGE_SIZE * MERGE_SIZE)
+        return self.num_patches // (self.merge_size * self.merge_size)
 
     @property
     def scale_xy(self) -> tuple[float, float]:
@@ -109,7 +116,7 @@ def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...], rescale: flo
     return ((v[None, :] - m) / s).astype(np.float32)
 
 
-def patchify_u8(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE) -> np.ndarray:
+def patchify_u8(rgb: np.ndarray, patch_size: int, merge_size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [gh*gw, 3, p*p], rows in merge-window order (as HF's patchify)."""
     h, w, c = rgb.shape
     gh, gw = h // patch_size, w // patch_size
@@ -120,7 +127,7 @@ def patchify_u8(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int =
 
 def normalize_patches(patches_u8: np.ndarray, out: np.ndarray | None = None, *,
                       image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN, image_std: tuple[float, ...] = OPENAI_CLIP_STD,
-                      temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
+                      temporal_patch_size: int = _QWEN25VL.temporal_patch_size) -> np.ndarray:
     """uint8 [N, C, p*p] -> float32 [N, C*T*p*p]: rescale + normalise (HF's float32 values exactly, by
     lookup table), the still frame repeated over the temporal patch. Writes into `out[:N]` if given."""
     n, c, pp = patches_u8.shape
@@ -140,9 +147,9 @@ def preprocess_image(
     *,
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 1280,
-    patch_size: int = PATCH_SIZE,
-    merge_size: int = MERGE_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    patch_size: int = _QWEN25VL.patch_size,
+    merge_size: int = _QWEN25VL.spatial_merge_size,
+    temporal_patch_size: int = _QWEN25VL.temporal_patch_size,
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
     image_std: tuple[float, ...] = OPENAI_CLIP_STD,
 ) -> ImageFeatures:
@@ -153,8 +160,8 @@ def preprocess_image(
     resized = rgb.resize((rw, rh), resample=Image.Resampling.BICUBIC)
     patches = patchify_u8(np.asarray(resized, dtype=np.uint8), patch_size, merge_size)
     grid = np.array([[1, rh // patch_size, rw // patch_size]], dtype=np.int32)
-    return ImageFeatures(patches, grid, (height, width), (rh, rw), temporal_patch_size, tuple(image_mean),
-                         tuple(image_std))
+    return ImageFeatures(patches, grid, (height, width), (rh, rw), temporal_patch_size, merge_size,
+                         tuple(image_mean), tuple(image_std))
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,

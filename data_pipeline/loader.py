@@ -6,8 +6,10 @@ Pipeline (per process):
     -> shuffle(seed), reshuffled each epoch -> repeat(num_epochs)
     -> map(Preprocessor): decode + check image, Qwen2.5-VL pixel values, chat tokens      (per example)
     -> BucketBatch: collect batch_size good examples (or pack them), pad to length / pixel buckets,
-       M-RoPE position ids                                                                 (per batch)
+       M-RoPE position ids, vision layout                                                  (per batch)
     -> mp_prefetch(worker_count)       worker processes each run the steps above on a slice
+Patch size, merge size, temporal patch, window size and the image token ids come from the model
+config (`make_loader(..., model=)`), so the batches fit the model they feed.
 Bad examples become `Skipped` markers in the map step; the batcher counts them into the batch's
 `_summary`, and `Loader` adds those up: `loader.summary()` reports every skipped or truncated record.
 `Loader.get_state()` / `set_state()` checkpoint the position (resume yields exactly the next batch).
@@ -19,11 +21,14 @@ Batch keys (numpy; B = batch_size, L = a length bucket, P = a pixel bucket, N = 
     position_ids     int32 [3, B, L] M-RoPE (t, h, w); packed: restart at 0 for each segment
     rope_deltas      int32 [B, 1]   (unpacked) max position + 1 - tokens: decode positions are k + delta
     loss_mask        int32 [B, L]   SFT only: 1 on response tokens and their <|im_end|>
-    pixel_values     float32 [P, 1176]  all images of the batch in token order, zero rows after
+    pixel_values     float32 [P, D]     all images of the batch in token order, zero rows after
+                                    (D = the model's VisionConfig.patch_dim, 1176 for Qwen2.5-VL)
     image_grid_thw   int32 [N, 3]   one row per image in token order, zero rows after (N = B unpacked,
                                     max_images_per_batch packed)
     num_patches      int32 []       real rows of pixel_values
     example_mask     int32 [B]      1 = real example (0 only in a final partial batch); packed: 1 = used row
+    vision_*         int32          the vision tower's layout of the P rows (window order, segments, rotary
+                                    positions: vlaa_jax.models.qwen2_5_vl.layout.vision_layout)
   GRPO host-side lists (length = real examples): id, source, question, ground_truth, verifier_type,
     image_hw (original (h, w)), resized_hw, scale_xy (x, y factors original -> resized, for IoU boxes).
   SFT host-side list: id.
@@ -31,6 +36,7 @@ Batch keys (numpy; B = batch_size, L = a length bucket, P = a pixel bucket, N = 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -39,13 +45,19 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
 
+from data_pipeline.buckets import length_buckets, max_image_patches, pick_bucket, pixel_buckets
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
+from data_pipeline.demo import make_demo_data
 from data_pipeline.image import decode_image, normalize_patches, preprocess_image
-from data_pipeline.records import BadRecordSummary, DataError, Record
+from data_pipeline.records import SPLIT_FILES, BadRecordSummary, DataError, Record
+from data_pipeline.vlaa_thinking import VlaaThinking, build_vlaa_thinking
+from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, mrope_positions, vision_layout
 
-PATCH_DIM = 3 * 2 * 14 * 14
 _UNSET = object()
 
 
@@ -80,8 +92,7 @@ class LoaderConfig:
       pack: SFT only: pack several examples per row with segment ids.
       max_images_per_batch: image slots N when packing (default 4 * batch_size).
       drop_remainder: drop a final partial batch instead of padding it with empty rows.
-      vision_window_size: if set (pixels, 112 for Qwen2.5-VL), add the vision layout arrays
-        (`vision_*` keys from vlaa_jax.models.qwen2_5_vl.layout.vision_layout).
+    (The model's geometry is not a data field: `make_loader` takes the model config.)
     """
 
     source: str = "vlaa_thinking"
@@ -110,7 +121,6 @@ class LoaderConfig:
     pack: bool = False
     max_images_per_batch: int | None = None
     drop_remainder: bool = False
-    vision_window_size: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Any = None, **overrides: Any) -> "LoaderConfig":
@@ -140,8 +150,6 @@ class LoaderConfig:
             # train.batch_size is global: each process loads its share.
             count = vals.get("process_count")
             if count is None:
-                import jax
-
                 count = jax.process_count()
             if global_batch % count:
                 raise ValueError(f"train.batch_size {global_batch} is not divisible by {count} processes")
@@ -226,6 +234,7 @@ class Preprocessor:
     formatter: ChatFormatter
     mode: str  # "sft" | "grpo"
     cfg: LoaderConfig
+    vision: VisionConfig  # patch, merge and temporal patch sizes of the model's vision tower
 
     def __call__(self, ex: Mapping[str, Any]) -> dict | Skipped:
         rec = record_from_example(ex)
@@ -238,9 +247,10 @@ class Preprocessor:
             return Skipped(e.kind, str(e))
 
     def process(self, rec: Record, image_bytes: bytes) -> dict:
-        c = self.cfg
+        c, v = self.cfg, self.vision
         img = decode_image(bytes(image_bytes), name=rec.image, min_side=c.min_image_side)
-        feats = preprocess_image(img, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+        feats = preprocess_image(img, min_pixels=c.min_pixels, max_pixels=c.max_pixels, patch_size=v.patch_size,
+                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
         out: dict[str, Any] = {"patches_u8": feats.patches_u8, "image_grid_thw": feats.image_grid_thw,
                                "id": rec.id}
         where = {"file": rec.file, "line": rec.line, "record_id": rec.id}
@@ -278,65 +288,46 @@ class Preprocessor:
 # Per batch
 
 
-def default_length_buckets(max_length: int) -> tuple[int, ...]:
-    return tuple(sorted({max(16, -(-max_length // d) // 16 * 16) for d in (8, 4, 2)} | {max_length}))
-
-
-def default_pixel_buckets(batch_size: int, max_pixels: int, images_per_row: int = 1) -> tuple[int, ...]:
-    worst = batch_size * images_per_row * max(4, (max_pixels // (28 * 28)) * 4)
-    return tuple(sorted({max(64, -(-worst // d) // 64 * 64) for d in (8, 4, 2)} | {-(-worst // 64) * 64}))
-
-
-def _pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{what} needs {n}, more than the largest bucket {buckets[-1]}; raise the buckets")
-
-
 class BatchBuilder:
-    """Pads lists of examples into fixed-shape batches (host NumPy), adds M-RoPE positions."""
+    """Pads lists of examples into fixed-shape batches (host NumPy), adds M-RoPE positions and the vision
+    layout, both in the geometry and token ids of `model`."""
 
-    def __init__(self, cfg: LoaderConfig, mode: str, pad_id: int, image_token_id: int, vision_start_id: int):
-        self.cfg, self.mode, self.pad_id = cfg, mode, pad_id
-        self.image_token_id, self.vision_start_id = image_token_id, vision_start_id
+    def __init__(self, cfg: LoaderConfig, mode: str, pad_id: int, model: Qwen25VLConfig):
+        self.cfg, self.mode, self.pad_id, self.model = cfg, mode, pad_id, model
         max_len = cfg.max_length if mode == "sft" else cfg.max_prompt_length
-        lb = tuple(sorted(set(cfg.length_buckets))) if cfg.length_buckets else default_length_buckets(max_len)
+        lb = tuple(sorted(set(cfg.length_buckets))) if cfg.length_buckets else length_buckets(max_len)
         self.length_buckets = tuple(b for b in lb if b < max_len) + (max_len,) if max(lb) < max_len else lb
         self.packed = bool(cfg.pack and mode == "sft")
         self.max_images = (cfg.max_images_per_batch or 4 * cfg.batch_size) if self.packed else cfg.batch_size
-        per_image = max(4, (cfg.max_pixels // (28 * 28)) * 4)
-        worst = self.max_images * per_image
-        pb = tuple(sorted(set(cfg.pixel_buckets))) if cfg.pixel_buckets else default_pixel_buckets(
-            self.max_images, cfg.max_pixels)
-        self.pixel_buckets = pb if max(pb) >= worst else pb + (-(-worst // 64) * 64,)
+        default = pixel_buckets(self.max_images, cfg.max_pixels, model.vision)
+        pb = tuple(sorted(set(cfg.pixel_buckets))) if cfg.pixel_buckets else default
+        worst = self.max_images * max_image_patches(cfg.max_pixels, model.vision)
+        self.pixel_buckets = pb if max(pb) >= worst else pb + (default[-1],)
 
     def _positions(self, input_ids: np.ndarray, grids: np.ndarray, mask: np.ndarray):
-        from vlaa_jax.models.qwen2_5_vl.layout import mrope_positions  # lazy: host helper of the model
-
-        return mrope_positions(input_ids, grids, mask, spatial_merge_size=2, image_token_id=self.image_token_id,
-                               vision_start_token_id=self.vision_start_id)
+        m = self.model
+        return mrope_positions(input_ids, grids, mask, spatial_merge_size=m.vision.spatial_merge_size,
+                               image_token_id=m.image_token_id, vision_start_token_id=m.vision_start_token_id)
 
     def _pixels(self, examples: Sequence[dict], out: dict) -> None:
-        """Image slots and uint8 patches; `finalize_batch` turns them into padded float32 pixel_values."""
+        """Image slots, uint8 patches and their vision layout; `finalize_batch` turns the patches into
+        padded float32 pixel_values."""
         pv = [e["patches_u8"] for e in examples]
         total = sum(len(p) for p in pv)
-        P = _pick_bucket(total, self.pixel_buckets, "pixel_values rows")
+        P = pick_bucket(total, self.pixel_buckets, "pixel_values rows")
         grids = np.zeros((self.max_images, 3), np.int32)
-        if examples:
-            grids[: len(examples)] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
-        patches = np.concatenate(pv, axis=0) if pv else np.zeros((0, 3, 196), np.uint8)
-        out.update(_patches_u8=patches, _pixel_rows=np.int32(P), image_grid_thw=grids, num_patches=np.int32(total))
-        if self.cfg.vision_window_size:
-            from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
-
-            lay = vision_layout(grids, window_size=self.cfg.vision_window_size, num_patches_padded=P)
-            out.update({f"vision_{k}": np.asarray(v, np.int32) for k, v in lay._asdict().items() if v is not None})
+        grids[: len(examples)] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
+        out.update(_patches_u8=np.concatenate(pv, axis=0), _pixel_rows=np.int32(P), image_grid_thw=grids,
+                   num_patches=np.int32(total))
+        v = self.model.vision
+        lay = vision_layout(grids, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+                            window_size=v.window_size, num_patches_padded=P)
+        out.update({f"vision_{k}": np.asarray(x, np.int32) for k, x in lay._asdict().items() if x is not None})
 
     def build(self, examples: Sequence[dict]) -> dict:
         """Unpacked batch of up to batch_size examples (fewer only for a final partial batch)."""
         B = self.cfg.batch_size
-        L = _pick_bucket(max(len(e["input_ids"]) for e in examples), self.length_buckets, "sequence length")
+        L = pick_bucket(max(len(e["input_ids"]) for e in examples), self.length_buckets, "sequence length")
         ids = np.full((B, L), self.pad_id, np.int32)
         att = np.zeros((B, L), np.int32)
         loss = np.zeros((B, L), np.int32) if self.mode == "sft" else None
@@ -365,8 +356,8 @@ class BatchBuilder:
     def build_packed(self, rows: Sequence[Sequence[dict]]) -> dict:
         """Packed SFT batch: rows[i] = examples packed into row i (segments 1, 2, ...)."""
         B = self.cfg.batch_size
-        L = _pick_bucket(max(sum(len(e["input_ids"]) for e in r) for r in rows), self.length_buckets,
-                         "packed row length")
+        L = pick_bucket(max(sum(len(e["input_ids"]) for e in r) for r in rows), self.length_buckets,
+                        "packed row length")
         ids = np.full((B, L), self.pad_id, np.int32)
         seg = np.zeros((B, L), np.int32)
         loss = np.zeros((B, L), np.int32)
@@ -511,8 +502,6 @@ class _BucketBatchIterator(grain.DatasetIterator):
 
 def _ensure_absl_flags_parsed() -> None:
     """Grain workers read absl flags; scripts and tests that do not use absl.app.run must mark them parsed."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -522,14 +511,7 @@ def open_data_source(cfg: LoaderConfig, config_name: str, tfds_split: str = "tra
 
     Returns (data_source, build-time bad-record summary dict).
     """
-    import tensorflow_datasets as tfds
-
-    from data_pipeline.vlaa_thinking import VlaaThinking, build_vlaa_thinking
-
     if cfg.source == "demo":
-        from data_pipeline.demo import make_demo_data
-        from data_pipeline.records import SPLIT_FILES
-
         if not cfg.dir:
             raise ValueError("data.dir must name the demo data directory when data.source == 'demo'")
         demo = Path(cfg.dir)
@@ -555,15 +537,16 @@ def open_data_source(cfg: LoaderConfig, config_name: str, tfds_split: str = "tra
     return source, dict(builder.info.metadata.get("bad_records", {}))
 
 
-def finalize_batch(batch: dict) -> dict:
-    """uint8 patches -> padded float32 `pixel_values` [P, 1176] (exact HF values), in the consuming process.
+def finalize_batch(batch: dict, vision: VisionConfig) -> dict:
+    """uint8 patches -> padded float32 `pixel_values` [P, vision.patch_dim] (exact HF values), in the
+    consuming process.
 
     Runs after the worker processes: a batch crosses processes as uint8 patches without the temporal
     repeat (8x fewer bytes than float32 pixel values, and no bucket padding).
     """
     patches = batch.pop("_patches_u8")
-    pixel_values = np.zeros((int(batch.pop("_pixel_rows")), PATCH_DIM), np.float32)
-    normalize_patches(patches, out=pixel_values)
+    pixel_values = np.zeros((int(batch.pop("_pixel_rows")), vision.patch_dim), np.float32)
+    normalize_patches(patches, out=pixel_values, temporal_patch_size=vision.temporal_patch_size)
     batch["pixel_values"] = pixel_values
     return batch
 
@@ -639,13 +622,12 @@ class Loader:
 def _process_shard(cfg: LoaderConfig) -> tuple[int, int]:
     if cfg.process_index is not None and cfg.process_count is not None:
         return int(cfg.process_index), int(cfg.process_count)
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
-def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: str) -> grain.IterDataset:
-    """The Grain pipeline over any random-access source of TFDS-shaped examples."""
+def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: str,
+                 model: Qwen25VLConfig) -> grain.IterDataset:
+    """The Grain pipeline over any random-access source of TFDS-shaped examples, batched for `model`."""
     if mode not in ("sft", "grpo"):
         raise ValueError(f"mode must be 'sft' or 'grpo', got {mode!r}")
     index, count = _process_shard(cfg)
@@ -656,8 +638,12 @@ def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: 
         ds = EpochShuffleMapDataset(ds, cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     fmt = _formatter(os.fspath(tokenizer_dir), cfg.system_prompt)
-    ds = ds.map(Preprocessor(fmt, mode, cfg))
-    builder = BatchBuilder(cfg, mode, fmt.pad_id, fmt.image_pad_id, fmt.vision_start_id)
+    ours = (fmt.image_pad_id, fmt.vision_start_id)
+    if ours != (model.image_token_id, model.vision_start_token_id):
+        raise ValueError(f"{tokenizer_dir}: <|image_pad|>, <|vision_start|> are ids {ours}, the model config "
+                         f"expects {(model.image_token_id, model.vision_start_token_id)}")
+    ds = ds.map(Preprocessor(fmt, mode, cfg, model.vision))
+    builder = BatchBuilder(cfg, mode, fmt.pad_id, model)
     it_ds = BucketBatchIterDataset(
         ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.batch_size)),
         builder, cfg.drop_remainder)
@@ -665,17 +651,19 @@ def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: 
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                                per_worker_buffer_size=cfg.worker_buffer_size))
-    return it_ds.map(finalize_batch)
+    return it_ds.map(functools.partial(finalize_batch, vision=model.vision))
 
 
-def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *, mode: str | None = None,
-                **overrides: Any) -> Loader:
-    """SFT or GRPO batches of a `vlaa_thinking` split.
+def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *,
+                model: Qwen25VLConfig = Qwen25VLConfig(), mode: str | None = None, **overrides: Any) -> Loader:
+    """SFT or GRPO batches of a `vlaa_thinking` split, shaped for `model`.
 
     Args:
       cfg: a config with the LoaderConfig fields (ml_collections ConfigDict, its `data` section, a dict).
       split: "<config>[:<tfds split>]": "sft", "grpo", "grpo:validation", "sft:train+validation".
       tokenizer_dir: directory with the Qwen2.5-VL tokenizer (see data_pipeline.tokenizer).
+      model: the model the batches feed: its vision geometry (patch, merge, temporal patch and window
+        sizes) and image token ids. Default: the released Qwen2.5-VL (3B and 7B share them).
       mode: "sft" (prompt + response, loss mask) or "grpo" (prompts + ground truth); default: the config.
       overrides: LoaderConfig fields overriding `cfg`.
     """
@@ -683,4 +671,5 @@ def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *, mode:
     name, _, tfds_split = split.partition(":")
     source, build_summary = open_data_source(c, name, tfds_split or "train")
     mode = mode or name
-    return Loader(make_dataset(source, c, mode, os.fspath(tokenizer_dir)), build_summary, mode, len(source))
+    return Loader(make_dataset(source, c, mode, os.fspath(tokenizer_dir), model), build_summary, mode,
+                  len(source))

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.loader import LoaderConfig, default_length_buckets, make_loader
+from data_pipeline.buckets import length_buckets
+from data_pipeline.loader import LoaderConfig, make_loader
 from data_pipeline.records import SPLIT_FILES, read_records
+from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig
+from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
 
 IMAGE_PAD = 151655
 
@@ -53,7 +56,7 @@ def test_batches_match_hf(demo_cfg, qwen_tokenizer_dir, qwen_tokenizer, referenc
         assert ids.dtype == att.dtype == batch["position_ids"].dtype == batch["image_grid_thw"].dtype == np.int32
         assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape[1] == 1176
         assert ids.shape[0] == B and batch["position_ids"].shape == (3, *ids.shape)
-        assert ids.shape[1] in default_length_buckets(cfg.max_length if mode == "sft" else cfg.max_prompt_length)
+        assert ids.shape[1] in length_buckets(cfg.max_length if mode == "sft" else cfg.max_prompt_length)
         assert batch["example_mask"].tolist() == [1] * B
         offset = 0
         for i, rid in enumerate(batch["id"]):
@@ -207,13 +210,27 @@ def test_workers_under_absl_app_run(demo_cfg, qwen_tokenizer_dir, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == serial
 
 
-def test_vision_layout_keys(demo_cfg, qwen_tokenizer_dir):
-    from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
-
-    batch = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, vision_window_size=112))
-    lay = vision_layout(batch["image_grid_thw"], window_size=112, num_patches_padded=len(batch["pixel_values"]))
+@pytest.mark.parametrize("vision", [VisionConfig(), VisionConfig(patch_size=16, window_size=64)],
+                         ids=["qwen2.5-vl", "patch16-window64"])
+def test_geometry_from_model_config(demo_cfg, qwen_tokenizer_dir, vision):
+    """Patch size, patch width, window layout and merge size come from the model config."""
+    model = Qwen25VLConfig(vision=vision)
+    batch = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, model=model))
+    P = len(batch["pixel_values"])
+    assert batch["pixel_values"].shape[1] == vision.patch_dim
+    lay = vision_layout(batch["image_grid_thw"], patch_size=vision.patch_size, window_size=vision.window_size,
+                        spatial_merge_size=vision.spatial_merge_size, num_patches_padded=P)
     for k, v in lay._asdict().items():
         if v is None:        # the optional per-image rows are laid out by the trainer (common.pad_to)
             assert f"vision_{k}" not in batch
         else:
             np.testing.assert_array_equal(batch[f"vision_{k}"], v)
+    for i, (rh, rw) in enumerate(batch["resized_hw"]):
+        assert tuple(batch["image_grid_thw"][i]) == (1, rh // vision.patch_size, rw // vision.patch_size)
+        n_tokens = int(np.prod(batch["image_grid_thw"][i])) // vision.spatial_merge_size ** 2
+        assert (batch["input_ids"][i] == IMAGE_PAD).sum() == n_tokens
+
+
+def test_tokenizer_must_match_model_token_ids(demo_cfg, qwen_tokenizer_dir):
+    with pytest.raises(ValueError, match="image_pad"):
+        make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, model=Qwen25VLConfig(image_token_id=7))

@@ -327,7 +327,8 @@ def make_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tok
                 num_epochs: int | None = -1, seed_offset: int = 0):
     """A data_pipeline Loader of `split` with this process's share of `batch_size` rows per batch.
 
-    The vision layout (`vision_*` fields) is computed by the loader's batcher on the host.
+    The loader shapes the batches for `mcfg` (patch geometry, image token ids) and lays out the vision
+    tower's input (`vision_*` fields) on the host.
     """
     from data_pipeline.loader import make_loader as _make_loader
     d = config.data
@@ -340,9 +341,8 @@ def make_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tok
         batch_size=batch_size // jax.process_count(), seed=config.seed + seed_offset,
         shuffle=d.shuffle if shuffle is None else shuffle,
         num_epochs=d.num_epochs if num_epochs == -1 else num_epochs,
-        worker_count=d.worker_count, pack=d.pack, drop_remainder=True,
-        vision_window_size=mcfg.vision.window_size)
-    return _make_loader(cfg, split, tokenizer_dir)
+        worker_count=d.worker_count, pack=d.pack, drop_remainder=True)
+    return _make_loader(cfg, split, tokenizer_dir, model=mcfg)
 
 
 ARRAY_FIELDS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "loss_mask", "pixel_values",
