@@ -9,6 +9,8 @@ middle of an async save, at a deterministic point.
 --nan_steps 2,3: (SFT) the loss of those steps is NaN.
 --toy_reward: reward = fraction of ASCII lower-case letters in the response text (a dense reward the
 policy can earn by preferring particular tokens; the real verifiers give a random tiny model 0).
+--negate: the reward's negative (GRPO's group advantages of -r are exactly minus those of r, so the
+policy is trained AWAY from the reward: a sanity check of the update's direction).
 """
 from __future__ import annotations
 
@@ -19,10 +21,17 @@ import signal
 import sys
 
 
-def toy_reward(texts, records):
+def toy_reward(texts, records, image_hw):
     import numpy as np
     r = np.array([sum(c.isascii() and c.islower() for c in t) / max(len(t), 1) for t in texts], np.float32)
     return r, {"all/mean": float(r.mean())}
+
+
+def negated(reward_fn):
+    def reward(texts, records, image_hw):
+        r, stats = reward_fn(texts, records, image_hw)
+        return -r, {k: -v if k.endswith("/mean") else v for k, v in stats.items()}
+    return reward
 
 
 def test_config(mode: str, data_dir: str, steps: int, checkpoint_every: int):
@@ -99,8 +108,6 @@ def main(argv=None) -> None:
     flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)
     c = test_config(a.mode, a.data_dir, a.steps, a.checkpoint_every)
-    if a.negate:
-        c.grpo.negate_advantages = True
     for item in a.set:
         key, value = item.split("=", 1)
         *parents, leaf = key.split(".")
@@ -110,14 +117,19 @@ def main(argv=None) -> None:
         node[leaf] = json.loads(value)
     if a.kill_during_save_at:
         _kill_inside_finalize(a.kill_during_save_at)
-    from vlaa_jax.train import config_check, grpo, sft
+    from vlaa_jax.train import config_check, grpo_trainer, sft
     if a.nan_steps:
         _nan_at(sft, {int(x) for x in a.nan_steps.split(",")})
     config_check.validate(c)
     if a.mode == "sft":
         summary = sft.train(c, a.workdir)
     else:
-        summary = grpo.train(c, a.workdir, reward_fn=toy_reward if a.toy_reward else None)
+        reward_fn = toy_reward if a.toy_reward else None
+        if a.negate:
+            if reward_fn is None:
+                raise SystemExit("--negate needs --toy_reward")
+            reward_fn = negated(reward_fn)
+        summary = grpo_trainer.train(c, a.workdir, reward_fn=reward_fn)
     print("SUMMARY " + json.dumps(summary, default=str), flush=True)
 
 

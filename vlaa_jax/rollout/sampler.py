@@ -3,7 +3,7 @@
     prompts = prompt_batch(config, input_ids, attention_mask, pixel_values=..., image_grid_thw=..., pad_id=...)
     out = generate(graphdef, state, prompts, max_new_tokens=800, num_samples=4,
                    sampling=SamplingConfig(temperature=0.8), rng=0, stop_ids=(151645, 151643), pad_id=151643)
-    out.tokens [B*n, T], out.logprobs / out.raw_logprobs [B*n, T], out.lengths [B*n], out.stopped [B*n]
+    out.tokens [B*n, T], out.logprobs [B*n, T], out.lengths [B*n], out.stopped [B*n]
 
 How it works (one jitted program per (batch, prompt-length, patch, new-token) bucket):
   * prefill: the left-padded prompts and their images go through the model once, writing the prompt's
@@ -42,9 +42,6 @@ from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlaa_jax.models.qwen2_5_vl.text import KVCache
 from vlaa_jax.rollout.sampling import SamplingConfig, choose, row_keys
 
-# Qwen2.5 chat stop tokens: <|im_end|>, <|endoftext|>.
-IM_END_ID = 151645
-ENDOFTEXT_ID = 151643
 VISION_KEYS: tuple[str, ...] = layout_lib.VisionLayout._fields
 # Compiled new-token lengths: a request is rounded up to the next bucket (then stopped at its own count).
 NEW_TOKEN_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 800, 1024, 2048, 4096)
@@ -56,8 +53,6 @@ class Generation(NamedTuple):
     tokens: np.ndarray        # int32 [R, T] generated ids (the stop token included), pad_id after the end
     logprobs: np.ndarray      # float32 [R, T] log-prob of the token under the sampling policy (after
                               # temperature / top-k / top-p); 0 after the end
-    raw_logprobs: np.ndarray  # float32 [R, T] log_softmax of the raw model logits at the token (the
-                              # old-policy log-probs GRPO needs); 0 after the end
     lengths: np.ndarray       # int32 [R] number of generated tokens (stop token included)
     stopped: np.ndarray       # bool [R] True: ended with a stop id; False: truncated at max_new_tokens
     logits: np.ndarray | None = None  # float32 [R, T, V] raw logits each token was drawn from (return_logits)
@@ -81,14 +76,6 @@ def _round_up(n: int, multiple: int) -> int:
 def new_token_bucket(max_new_tokens: int, buckets: Sequence[int] = NEW_TOKEN_BUCKETS) -> int:
     """The compiled decode length for a request of `max_new_tokens`."""
     return next((b for b in sorted(buckets) if b >= max_new_tokens), max_new_tokens)
-
-
-def default_stop_ids(config: Qwen25VLConfig) -> tuple[int, ...]:
-    """<|im_end|>, <|endoftext|> (when inside the vocabulary) and the config's eos ids."""
-    eos = config.text.eos_token_id
-    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    ids = [i for i in (IM_END_ID, ENDOFTEXT_ID) if i < config.text.vocab_size] + [int(e) for e in eos]
-    return tuple(dict.fromkeys(ids))
 
 
 def prompt_batch(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
@@ -184,8 +171,7 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, ro
         cache = _constrain_cache(KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1),
                                          segments=rep(cache.segments), index=cache.index))
         logits = rep(logits)
-    # Position of the first new token: number of real prompt tokens + rope_delta.
-    start = rep(jnp.sum(prompts["attention_mask"], axis=1).astype(jnp.int32) + prompts["rope_deltas"][:, 0])
+    start = rep(layout_lib.response_start(prompts["attention_mask"], prompts["rope_deltas"]))
     keys = row_keys(rng, R, row_offset)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     ones = jnp.ones((R, 1), jnp.int32)
@@ -195,17 +181,16 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, ro
         return (t < limit) & ~jnp.all(done)
 
     def body(c):
-        t, cache, logits, tokens, lp, raw, done, lengths, *seen = c
+        t, cache, logits, tokens, lp, done, lengths, *seen = c
         if return_logits:
             seen = [jax.lax.dynamic_update_slice(seen[0], logits[:, None], (0, t, 0))]
-        tok, tok_lp, tok_raw = choose(logits, keys, t, greedy=greedy, temperature=temperature, top_k=top_k,
+        tok, tok_lp = choose(logits, keys, t, greedy=greedy, temperature=temperature, top_k=top_k,
                                       top_p=top_p if use_top_p else None)
         active = ~done
         tok = jnp.where(active, tok, pad_id)
         write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))  # noqa
         tokens = write(tokens, tok)
         lp = write(lp, jnp.where(active, tok_lp, 0.0))
-        raw = write(raw, jnp.where(active, tok_raw, 0.0))
         lengths = lengths + active.astype(jnp.int32)
         done = done | (active & jnp.isin(tok, stops))
 
@@ -216,15 +201,14 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, ro
 
         # The model runs on the new token only if another token will be drawn (the last step is free).
         cache, logits = jax.lax.cond(more(t + 1, done), step, lambda c: (c, logits), cache)
-        return (t + 1, cache, logits, tokens, lp, raw, done, lengths, *seen)
+        return (t + 1, cache, logits, tokens, lp, done, lengths, *seen)
 
     init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((R, new_tokens), pad_id, jnp.int32),
-            jnp.zeros((R, new_tokens), jnp.float32), jnp.zeros((R, new_tokens), jnp.float32),
-            jnp.zeros((R,), bool), jnp.zeros((R,), jnp.int32))
+            jnp.zeros((R, new_tokens), jnp.float32), jnp.zeros((R,), bool), jnp.zeros((R,), jnp.int32))
     if return_logits:
         init += (jnp.zeros((R, new_tokens, logits.shape[-1]), jnp.float32),)
-    _, _, _, tokens, lp, raw, done, lengths, *seen = jax.lax.while_loop(lambda c: more(c[0], c[6]), body, init)
-    return (tokens, lp, raw, lengths, done, *seen)
+    _, _, _, tokens, lp, done, lengths, *seen = jax.lax.while_loop(lambda c: more(c[0], c[5]), body, init)
+    return (tokens, lp, lengths, done, *seen)
 
 
 _CONFIGS: dict[Any, Qwen25VLConfig] = {}
@@ -275,7 +259,7 @@ def _compiled(graphdef, **static):
 
 def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, max_new_tokens: int,
              num_samples: int = 1, sampling: SamplingConfig | Mapping[str, Any] | None = None,
-             rng: int | jax.Array = 0, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+             rng: int | jax.Array = 0, stop_ids: Sequence[int], pad_id: int,
              mesh: jax.sharding.Mesh | None = None, rules: Any = None,
              new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, return_logits: bool = False,
              weight_major: bool | None = None, row_offset: int = 0) -> Generation:
@@ -289,7 +273,8 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
         fold_in(rng, row_offset + r), so results do not depend on the mesh or on the other rows (a caller
         that splits a batch into several calls passes each call's first row as `row_offset`: the same
         tokens as one call).
-    stop_ids: default `default_stop_ids(config)`; pad_id: default the config's pad id (else <|endoftext|>).
+    stop_ids, pad_id: the chat format's (`data_pipeline.tokenizer.stop_ids` / `pad_id` of the tokenizer);
+        a row ends at its first stop id, later slots hold pad_id.
     mesh, rules: the mesh / rules the state is sharded with (B and B*n must divide the data-parallel size).
     return_logits: also return the raw logits of every step ([R, T, vocab] float32: for tests and
         debugging, not for rollouts at the real vocabulary).
@@ -306,9 +291,7 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
     missing = [k for k in ("input_ids", "attention_mask", "position_ids", "rope_deltas") if k not in prompts]
     if missing:
         raise KeyError(f"prompt batch lacks fields {missing} (build it with rollout.prompt_batch)")
-    stop_ids = default_stop_ids(model_config) if stop_ids is None else tuple(int(s) for s in stop_ids)
-    if pad_id is None:
-        pad_id = model_config.text.pad_token_id if model_config.text.pad_token_id is not None else ENDOFTEXT_ID
+    stop_ids = tuple(int(s) for s in stop_ids)
     fields = {k: np.asarray(v) for k, v in prompts.items()
               if k in ("input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values")
               or (k.startswith("vision_") and k[len("vision_"):] in VISION_KEYS)}
@@ -329,9 +312,25 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
             out = fn(state, fields, *args)
     else:
         out = fn(state, fields, *args)
-    tokens, lp, raw, lengths, done, *seen = jax.device_get(out)
+    tokens, lp, lengths, done, *seen = jax.device_get(out)
     T = int(max_new_tokens)
     return Generation(np.asarray(tokens[:, :T], np.int32), np.asarray(lp[:, :T], np.float32),
-                      np.asarray(raw[:, :T], np.float32), np.asarray(lengths, np.int32), np.asarray(done, bool),
+                      np.asarray(lengths, np.int32), np.asarray(done, bool),
                       np.asarray(seen[0][:, :T], np.float32) if seen else None)
+
+
+def concat_generations(parts: Sequence[Generation], pad_id: int) -> Generation:
+    """The rows of several `generate` calls (micro-batches of prompts) as one Generation, in order; a
+    narrower part is padded on the right with pad_id tokens and log-prob 0 (past its end)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(x: np.ndarray, value) -> np.ndarray:
+        return np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+    logits = None if any(p.logits is None for p in parts) else np.concatenate([pad(p.logits, 0.0) for p in parts])
+    return Generation(np.concatenate([pad(p.tokens, pad_id) for p in parts]),
+                      np.concatenate([pad(p.logprobs, 0.0) for p in parts]),
+                      np.concatenate([p.lengths for p in parts]), np.concatenate([p.stopped for p in parts]), logits)
 

@@ -104,12 +104,11 @@ def row_keys(rng: jax.Array, num_rows: int, offset: int = 0) -> jax.Array:
 
 def choose(logits: jax.Array, keys: jax.Array, step: jax.Array, *, greedy: bool, temperature: jax.Array | float,
            top_k: int = 0, top_p: jax.Array | float | None = None
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+           ) -> tuple[jax.Array, jax.Array]:
     """Picks the next token of every row.
 
     logits [R, V] float32 (raw model logits), keys [R] per-row keys, step [] the decode step.
-    Returns (tokens int32 [R], policy log-probs [R] = log_softmax(processed logits) at the token,
-    raw log-probs [R] = log_softmax(raw logits) at the token)."""
+    Returns (tokens int32 [R], sampling log-probs [R] = log_softmax(processed logits) at the token)."""
     logits = logits.astype(jnp.float32)
     processed = process_logits(logits, 1.0 if greedy else temperature, top_k=top_k, top_p=top_p)
     if greedy:
@@ -118,5 +117,4 @@ def choose(logits: jax.Array, keys: jax.Array, step: jax.Array, *, greedy: bool,
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
         tokens = jax.vmap(categorical)(step_keys, processed)
     tokens = tokens.astype(jnp.int32)
-    pick = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]  # noqa: E731
-    return tokens, pick(processed), pick(logits)
+    return tokens, jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), tokens[:, None], axis=-1)[:, 0]

@@ -25,6 +25,20 @@ def valid_grids(image_grid_thw: np.ndarray | None) -> np.ndarray:
     return g[np.prod(g, axis=1) > 0]
 
 
+def response_start(prompt_mask: Any, rope_deltas: Any) -> Any:
+    """M-RoPE position of the first generated token of each row [B]: the prompt's real tokens + its
+    rope_delta (HF `generate`: the k-th real token of a row sits at k + rope_delta on all three axes).
+    The one rule for response positions: the sampler (JAX arrays, traced) and the trainer's response
+    layout (`response_positions`, NumPy) both use it."""
+    return prompt_mask.sum(axis=1).astype(np.int32) + rope_deltas[:, 0].astype(np.int32)
+
+
+def response_positions(prompt_mask: np.ndarray, rope_deltas: np.ndarray, length: int) -> np.ndarray:
+    """M-RoPE position ids [3, B, length] of `length` response tokens after left-padded prompts."""
+    pos = response_start(np.asarray(prompt_mask), np.asarray(rope_deltas))[:, None] + np.arange(length)[None]
+    return np.broadcast_to(pos.astype(np.int32)[None], (3,) + pos.shape)
+
+
 def mrope_positions(
     input_ids: np.ndarray,
     image_grid_thw: np.ndarray | None,
