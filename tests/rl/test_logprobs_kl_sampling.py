@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vlaa_jax.rl import (AdaptiveKLController, FixedKLController, filter_zero_variance_groups,
-                         make_kl_controller, token_logprobs, token_logprobs_from_logits)
+                         make_kl_controller, token_logprobs)
 
 
 def full_reference(hidden, w, targets, temperature=1.0):
@@ -59,17 +59,6 @@ def test_masked_positions_are_zero_and_padding_targets_are_safe(lp_inputs):
     assert np.all(np.asarray(ent)[np.asarray(mask) == 0] == 0)
     ref_logp, _ = full_reference(hidden, w, targets)
     np.testing.assert_allclose(logp, ref_logp * mask, rtol=1e-5, atol=1e-5)
-
-
-def test_from_logits_variant_bf16(lp_inputs):
-    hidden, w, targets, mask = lp_inputs
-    logits = jnp.einsum("bld,vd->blv", hidden, w).astype(jnp.bfloat16)
-    logp, ent = token_logprobs_from_logits(logits, targets, mask, chunk_size=5)
-    logsm = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    want = jnp.take_along_axis(logsm, targets[..., None], -1)[..., 0] * mask
-    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(logsm) * logsm, -1) * mask, rtol=1e-5, atol=1e-5)
-    assert logp.dtype == jnp.float32
 
 
 def test_memory_stays_chunked_in_forward_and_gradient():

@@ -84,19 +84,3 @@ def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
 
     logp, entropy = _chunked(body, (hidden, targets), length, chunk_size)
     return _finish(logp, entropy, mask)
-
-
-def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None,
-                               *, chunk_size: int = 256,
-                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """Same as `token_logprobs` from logits [B, L, V] (any dtype): the float32 upcast and the
-    softmax are done chunk by chunk, so only the logits themselves are ever whole."""
-    _, length, vocab = logits.shape
-    targets = jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)
-
-    def body(args):
-        l, t = args
-        return _logp_and_entropy(l.astype(jnp.float32) / temperature, t)
-
-    logp, entropy = _chunked(body, (logits, targets), length, chunk_size)
-    return _finish(logp, entropy, mask)
