@@ -1,14 +1,13 @@
 """Fields shared by every mode (SFT, GRPO, eval, generate): model, data, optimiser, loop, mesh, logging.
 
 `configs/sft.py` and `configs/grpo.py` start from `get_config()` here and set their presets. Every field
-the trainers read exists here (or in the mode's own block), so `vlaa_jax.main` can reject an unknown or
-missing key by name before anything is compiled. Paper = arXiv 2504.11468 ("SFT or RL?"), appendix C.
+the trainers read exists here (or in the mode's own block), so `vlaa_jax.main` can check a run's config
+(a preset plus `--config.key=value` overrides) against the same preset un-overridden and reject an unknown
+or missing key by name before anything is compiled. Paper = arXiv 2504.11468 ("SFT or RL?"), appendix C.
 """
 from __future__ import annotations
 
 import ml_collections
-
-from vlaa_jax.eval.config import eval_config
 
 # A tiny Qwen2.5-VL (text 2 layers x 64 wide, vision 2 blocks x 32 wide) with the REAL Qwen vocabulary
 # size, so the real tokenizer works with it. About 10 M parameters, almost all in the embedding.
@@ -105,6 +104,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.sharding.mesh_shape = (1, -1, 1)  # devices along (data, fsdp, tensor); one -1 = all the rest
     c.sharding.rules = "fsdp_tp"        # logical->mesh table: "fsdp_tp" | "fsdp" | "dp"
 
-    # --- Evaluation (mode="eval", tools/evaluate.py): paper defaults, see vlaa_jax/eval/config.py ---
-    c.eval = eval_config()
+    # --- Evaluation (mode="eval", tools/evaluate.py, vlaa_jax/eval/harness.py) ---------------------
+    # Defaults are the paper's evaluation settings (sec. 5): greedy decoding, max pixels 256*32*32,
+    # 800 new tokens, the VLAA-Thinker system prompt.
+    e = c.eval = ml_collections.ConfigDict()
+    e.data = ""            # benchmark: VLMEvalKit TSV, JSON / JSONL, or a VLAA-Thinking dataset dir (held-out)
+    e.images_root = ""     # folder the image paths of JSON benchmarks are relative to ("" = the file's folder)
+    e.ids_file = ""        # evaluate only the ids listed in this file ("" = all; a dataset dir: heldout_ids.txt)
+    e.limit = 0            # first N items only (0 = all)
+    e.batch_size = 8       # prompts per generate call (must divide over the data-parallel devices)
+    e.max_new_tokens = 800           # response length limit in tokens (paper sec. 5)
+    e.min_pixels = 4 * 28 * 28       # image resize lower bound in pixels (Qwen2.5-VL processor default)
+    e.max_pixels = 256 * 32 * 32     # image resize upper bound in pixels (paper sec. 5)
+    e.system_prompt = "vlaa"  # "vlaa": the VLAA-Thinker prompt (paper); "default": the chat template's own
+    e.output_dir = ""      # predictions.jsonl, report.json, table.txt ("" = workdir/eval/<benchmark name>)
+    e.length_bins = 4      # quantile bins of the accuracy-vs-length table
     return c

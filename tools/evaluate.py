@@ -10,7 +10,7 @@ a VLAA-Thinking dataset directory such as the demo data (its held-out records).
 Defaults are the paper's (sec. 5): the VLAA-Thinker system prompt, max pixels 256*32*32, 800 new
 tokens, greedy decoding. Writes predictions.jsonl, report.json and table.txt to --out (default
 MODEL_DIR/../eval/<benchmark name>) and prints the table and a JSON summary line.
-Same code as `python -m vlaa_jax.main --config ... --config.mode=eval` (vlaa_jax.eval.run_eval).
+Same code as `python -m vlaa_jax.main --config ... --config.mode=eval` (vlaa_jax.eval.harness.run_eval).
 """
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+import ml_collections  # noqa: E402
 
-def build_config(a: argparse.Namespace):
+from configs import base  # noqa: E402
+from vlaa_jax.eval.benchmarks import BenchmarkError  # noqa: E402
+from vlaa_jax.eval.harness import run_eval  # noqa: E402
+from vlaa_jax.nn import ATTENTION_IMPLS  # noqa: E402
+from vlaa_jax.rewards.mixed import RewardConfig  # noqa: E402
+
+
+def build_config(a: argparse.Namespace) -> ml_collections.ConfigDict:
     """A mode="eval" config (configs/base.py + the eval and reward blocks) from the command line."""
-    import ml_collections
-
-    from configs import base
-    from vlaa_jax.eval.config import eval_config
-    from vlaa_jax.rewards.mixed import RewardConfig
-
     c = base.get_config()
     c.mode = "eval"
     c.model.init = "pretrained"
@@ -42,7 +44,6 @@ def build_config(a: argparse.Namespace):
     c.model.attention_impl = a.attention_impl
     if a.mesh_shape:
         c.sharding.mesh_shape = tuple(int(x) for x in a.mesh_shape.split(","))
-    c.eval = eval_config()
     for key in ("data", "images_root", "ids_file", "limit", "batch_size", "max_new_tokens", "min_pixels",
                 "max_pixels", "system_prompt", "length_bins"):
         c.eval[key] = getattr(a, key)
@@ -53,8 +54,7 @@ def build_config(a: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from vlaa_jax.eval.config import PAPER_MAX_NEW_TOKENS, PAPER_MAX_PIXELS
-    from vlaa_jax.nn import ATTENTION_IMPLS
+    d = base.get_config().eval  # the paper's settings
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="HF or vlaa-jax model directory")
     p.add_argument("--data", required=True, help="benchmark file (.tsv/.json/.jsonl) or VLAA-Thinking dataset dir")
@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default="", help="tokenizer dir ('' = the checkpoint's; 'qwen' = built)")
     p.add_argument("--images_root", default="", help="folder JSON image paths are relative to")
     p.add_argument("--ids_file", default="", help="evaluate only the ids listed in this file")
-    p.add_argument("--limit", type=int, default=0, help="first N items only (0 = all)")
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--max_new_tokens", type=int, default=PAPER_MAX_NEW_TOKENS)
-    p.add_argument("--min_pixels", type=int, default=4 * 28 * 28)
-    p.add_argument("--max_pixels", type=int, default=PAPER_MAX_PIXELS)
-    p.add_argument("--system_prompt", default="vlaa", help="'vlaa' (paper), 'default' (template's) or a text")
-    p.add_argument("--length_bins", type=int, default=4, help="bins of the accuracy-vs-length table")
+    p.add_argument("--limit", type=int, default=d.limit, help="first N items only (0 = all)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="prompts per generate call")
+    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--min_pixels", type=int, default=d.min_pixels)
+    p.add_argument("--max_pixels", type=int, default=d.max_pixels)
+    p.add_argument("--system_prompt", default=d.system_prompt,
+                   help="'vlaa' (paper), 'default' (template's) or a text")
+    p.add_argument("--length_bins", type=int, default=d.length_bins, help="bins of the accuracy-vs-length table")
     p.add_argument("--reward_model_url", default="", help="tools/reward_server.py URL for open-ended items")
     p.add_argument("--dtype", default="float32", help="parameter and compute dtype (bfloat16 on TPU/GPU)")
     p.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS,
@@ -79,8 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.out:
         name = Path(a.data).stem if os.path.isfile(a.data) else Path(a.data).name
         a.out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "eval", name)
-    from vlaa_jax.eval.benchmarks import BenchmarkError
-    from vlaa_jax.eval.harness import run_eval
     try:
         summary = run_eval(build_config(a), a.workdir or a.out)
     except (BenchmarkError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

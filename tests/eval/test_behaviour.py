@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from vlaa_jax.eval import (REFLECTION_WORDS, accuracy_by_length, answer_tag_valid, behaviour_metrics, format_valid,
-                           reflection_counts)
+from vlaa_jax.eval.behaviour import (REFLECTION_WORDS, accuracy_by_length, answer_tag_valid, behaviour_metrics,
+                                     format_valid, reflection_counts)
 
 # (response, {word: count}, answer_tag_valid, format_valid)
 RESPONSES = [

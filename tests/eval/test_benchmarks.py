@@ -9,8 +9,9 @@ import json
 import pytest
 from PIL import Image
 
+from data_pipeline.demo import make_demo_data
 from tests.fixtures.eval_models import png_b64, write_tsv
-from vlaa_jax.eval import BenchmarkError, load_benchmark
+from vlaa_jax.eval.benchmarks import BenchmarkError, load_benchmark
 
 
 def _png(h, w, seed=0) -> bytes:
@@ -93,7 +94,6 @@ def test_jsonl_with_image_paths(tmp_path):
 
 
 def test_demo_dataset_dir_gives_heldout_records(tmp_path):
-    from data_pipeline.demo import make_demo_data
     make_demo_data(tmp_path, n=20, seed=0)
     heldout = set((tmp_path / "heldout_ids.txt").read_text().split())
     items = load_benchmark(str(tmp_path))

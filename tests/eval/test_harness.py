@@ -10,7 +10,12 @@ import json
 import numpy as np
 import pytest
 
+from data_pipeline.chat import VLAA_SYSTEM_PROMPT
+from data_pipeline.demo import make_demo_data
 from tests.fixtures.eval_models import write_tsv
+from tools import evaluate as evaluate_tool
+from vlaa_jax.eval.benchmarks import load_benchmark
+from vlaa_jax.eval.harness import Responses, evaluate
 
 MAX_NEW = 10
 
@@ -23,7 +28,6 @@ def _hf_greedy(model, tokenizer_dir, items, max_new_tokens):
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     proc = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=256 * 32 * 32)
     texts = []
@@ -45,9 +49,6 @@ def _hf_greedy(model, tokenizer_dir, items, max_new_tokens):
 
 
 def test_tsv_round_trip_matches_hf_greedy(eval_hf_model, tmp_path):
-    from tools import evaluate as evaluate_tool
-    from vlaa_jax.eval import load_benchmark
-
     ckpt, hf_model = eval_hf_model
     tsv = write_tsv(str(tmp_path / "MathVista_MINI.tsv"))
     out = tmp_path / "out"
@@ -78,9 +79,6 @@ def test_tsv_round_trip_matches_hf_greedy(eval_hf_model, tmp_path):
 def test_evaluate_core_on_vlaa_records(tmp_path):
     """VLAA-Thinking records (the demo GRPO file): the records' own reference answers, given as the
     model's responses, are right for every scorable type; open-ended ones are unscored."""
-    from data_pipeline.demo import make_demo_data
-    from vlaa_jax.eval import Responses, evaluate, load_benchmark
-
     make_demo_data(tmp_path / "demo", n=10, seed=1)
     path = tmp_path / "demo" / "VLAA-Thinking-GRPO-25K.json"
     raw = [json.loads(line) for line in path.read_text().splitlines()]
@@ -104,7 +102,6 @@ def test_evaluate_core_on_vlaa_records(tmp_path):
 
 
 def test_cli_bad_data_is_one_clear_line(tmp_path, capsys):
-    from tools import evaluate as evaluate_tool
     bad = tmp_path / "bad.tsv"
     bad.write_text("index\tquestion\tanswer\n0\tWhat?\t1\n")
     with pytest.raises(SystemExit) as e:

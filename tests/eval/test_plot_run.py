@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from tools import plot_run
+from vlaa_jax.eval.behaviour import behaviour_metrics
+from vlaa_jax.train.metrics import MetricsWriter
 
 
 def _rows(path):
@@ -48,8 +50,6 @@ def test_panels_from_real_grpo_run(grpo_demo_run, tmp_path):
 
 
 def test_logged_reflection_rate_wins_and_bad_workdir(tmp_path):
-    from vlaa_jax.eval import behaviour_metrics
-    from vlaa_jax.train.metrics import MetricsWriter
     w = MetricsWriter(str(tmp_path / "run"), total_steps=2, progress_bar=False)
     for step, texts in ((1, ["<answer>1</answer>", "Wait, <answer>2</answer>"]), (2, ["hmm", "again"])):
         w.write_scalars(step, {"reward": 0.5, "kl": float("nan"), **behaviour_metrics(texts)})

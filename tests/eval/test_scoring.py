@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from vlaa_jax.eval import EvalItem, Judge, eval_answer, tables
-from vlaa_jax.eval.benchmarks import BytesImage
+from vlaa_jax.eval.benchmarks import BytesImage, EvalItem
+from vlaa_jax.eval.scoring import Judge, eval_answer, tables
 
 EXTRACT = [
     ("<think>The triangle's angles sum to 180.</think>\n<answer>C</answer>", "C"),

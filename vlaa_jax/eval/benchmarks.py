@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from data_pipeline.records import SPLIT_FILES, DataError, iter_raw_json, parse_record
 from vlaa_jax.rewards.mcq import parse_options
 
 EVAL_VERIFIER_TYPES = ("digit", "mcq", "math", "iou", "open_ended", "text")
@@ -315,7 +316,6 @@ def load_tsv(path: str | os.PathLike, *, images_root: str | None = None) -> list
 def _json_rows(path: str) -> Iterable[tuple[int, Any]]:
     """(line, object) of a JSON array / JSON Lines file, or (k, {"id": key, **value}) of an object keyed
     by id (MathVista testmini.json)."""
-    from data_pipeline.records import DataError, iter_raw_json
     text = Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("{"):
         try:
@@ -349,7 +349,8 @@ def load_json(path: str | os.PathLike, *, images_root: str | None = None,
         if not isinstance(row, Mapping):
             raise BenchmarkError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if _is_vlaa_record(row):
-            from data_pipeline.records import DataError, parse_record
+            # Local: the data_pipeline.vlaa_thinking package imports tensorflow_datasets (heavy), needed
+            # only for VLAA-Thinking record files.
             from data_pipeline.vlaa_thinking.images import ImageStore
             try:
                 rec = parse_record(dict(row), file=path, line=line, split="grpo")
@@ -389,7 +390,6 @@ def load_benchmark(path: str | os.PathLike, *, images_root: str | None = None, i
     path = os.fspath(path)
     ids = None
     if os.path.isdir(path):
-        from data_pipeline.records import SPLIT_FILES
         found = [os.path.join(path, n) for n in SPLIT_FILES["grpo"] if os.path.isfile(os.path.join(path, n))]
         if not found:
             raise BenchmarkError(f"{path}: a directory must hold a VLAA-Thinking GRPO file {SPLIT_FILES['grpo']}")

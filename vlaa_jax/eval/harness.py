@@ -1,7 +1,7 @@
 """The evaluation harness: benchmark -> greedy answers -> scores, tables, behaviour metrics, files.
 
     python -m vlaa_jax.main --config configs/<file>.py:<preset> --workdir DIR --config.mode=eval \
-        --config.eval.data=FILE          (the `eval` block: vlaa_jax/eval/config.py)
+        --config.eval.data=FILE          (the `eval` block: configs/base.py)
     python tools/evaluate.py --ckpt MODEL_DIR --data FILE [--out DIR]
 
 Steps: `load_benchmark` (benchmarks.py) -> per item the data pipeline's own prompt (the chat template
@@ -27,13 +27,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import jax
 import numpy as np
 
+from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
+from data_pipeline.demo import make_demo_data
+from data_pipeline.image import decode_image, preprocess_image
+from data_pipeline.records import DataError, Record
 from vlaa_jax import sharding as shd
 from vlaa_jax.eval import behaviour
 from vlaa_jax.eval.benchmarks import BenchmarkError, EvalItem, load_benchmark
-from vlaa_jax.eval.config import eval_config
 from vlaa_jax.eval.scoring import Judge, format_table, tables
+from vlaa_jax.rollout import SamplingConfig, generate, prompt_batch
+from vlaa_jax.train import common, loop
 
 
 class Responses(NamedTuple):
@@ -57,12 +63,9 @@ class PromptBuilder:
     max_pixels: int
 
     def __post_init__(self):
-        from data_pipeline.chat import ChatFormatter
         self.formatter = ChatFormatter.create(self.tokenizer_dir, self.system_prompt)
 
     def __call__(self, item: EvalItem):
-        from data_pipeline.image import decode_image, preprocess_image
-        from data_pipeline.records import DataError, Record
         try:
             img = decode_image(item.image.read(), name=item.image.name, min_side=0)
             feats = preprocess_image(img, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
@@ -76,7 +79,6 @@ class PromptBuilder:
 
 def system_prompt_of(name: str) -> str | None:
     """eval.system_prompt: "vlaa" -> the VLAA-Thinker prompt; "default" -> the template's; else the text."""
-    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
     return {"vlaa": VLAA_SYSTEM_PROMPT, "default": None, "": None}.get(name, name)
 
 
@@ -101,7 +103,6 @@ class ModelGenerator:
         self.stop_ids = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id}))
 
     def __call__(self, items: Sequence[EvalItem]) -> Responses:
-        from vlaa_jax.rollout import SamplingConfig, generate, prompt_batch
         out = Responses([], [], [], [])
         for start in range(0, len(items), self.batch_size):
             chunk = list(items[start:start + self.batch_size])
@@ -188,26 +189,13 @@ def _json_safe(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- mode=eval
-def _eval_block(config: Any) -> Any:
-    block = eval_config()
-    if "eval" in config:
-        for k in config.eval.keys():
-            if k not in block:
-                raise ValueError(f"config key 'eval.{k}' is unknown; known: {sorted(block.keys())}")
-            block[k] = config.eval[k]
-    return block
-
-
 def default_data(config: Any, workdir: str) -> str:
     """eval.data, or for the demo set the demo data directory (written there first if missing)."""
-    e = _eval_block(config)
-    if e.data:
-        return e.data
+    if config.eval.data:
+        return config.eval.data
     if config.data.source == "demo":
-        from vlaa_jax.train import common
         d = common.data_dir(config, workdir)
         if not os.path.isdir(d) or not any(Path(d).glob("VLAA-Thinking-GRPO*.json")):
-            from data_pipeline.demo import make_demo_data
             make_demo_data(d)
         return d
     raise ValueError("config key 'eval.data' is empty: give a benchmark file (.tsv / .json / .jsonl) or a "
@@ -217,10 +205,7 @@ def default_data(config: Any, workdir: str) -> str:
 def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     """mode="eval": evaluate the model of `config.model` on `config.eval.data`; returns the summary
     (tables + behaviour; full files under eval.output_dir or workdir/eval/<benchmark name>)."""
-    import jax
-    from vlaa_jax.train import loop
-
-    e = _eval_block(config)
+    e = config.eval
     workdir = os.path.abspath(workdir)
     data = default_data(config, workdir)
     items = load_benchmark(data, images_root=e.images_root or None, ids_file=e.ids_file or None, limit=e.limit)

@@ -28,6 +28,7 @@ import numpy as np
 
 from vlaa_jax.eval.benchmarks import EvalItem
 from vlaa_jax.rewards.extract import extract_answer, normalize_text
+from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
 
 CORRECT_THRESHOLD = {"digit": 1.0, "mcq": 1.0, "math": 1.0, "text": 1.0, "iou": 0.5}
 _TAG = re.compile(r"</?answer>")
@@ -80,7 +81,6 @@ class Judge:
     """Scores (item, response) pairs; keeps the reward module's Math-Verify pool and scorer alive."""
 
     def __init__(self, reward_config: Mapping[str, Any] | None = None, *, scorer: Any = None):
-        from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
         cfg = dict(reward_config or {})
         cfg["answer_fallback_boxed"] = False  # the answer is already extracted (eval_answer)
         self.reward = MixedReward(RewardConfig.from_config(cfg), scorer=scorer)
