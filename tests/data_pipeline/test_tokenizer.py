@@ -1,7 +1,10 @@
 """The tokenizer built from `qwen.tiktoken` against tiktoken itself and the released Qwen2.5-VL layout."""
+import types
+
 import pytest
 
-from data_pipeline.tokenizer import QWEN25VL_ADDED_TOKENS
+from data_pipeline.chat import ChatFormatter
+from data_pipeline.tokenizer import QWEN25VL_ADDED_TOKENS, pad_id, stop_ids
 
 TEXTS = [
     "Hello world",
@@ -62,3 +65,20 @@ def test_processor_dir_loads(qwen_tokenizer_dir):
     ip = AutoImageProcessor.from_pretrained(qwen_tokenizer_dir)
     assert ip.patch_size == 14 and ip.merge_size == 2 and ip.temporal_patch_size == 2
     assert ip.size["shortest_edge"] == 3136 and ip.size["longest_edge"] == 12845056
+
+
+def test_stop_and_pad_ids(qwen_tokenizer, qwen_tokenizer_dir):
+    assert stop_ids(qwen_tokenizer) == (151643, 151645)  # <|endoftext|>, <|im_end|>, sorted
+    assert pad_id(qwen_tokenizer) == 151643
+    fmt = ChatFormatter.create(qwen_tokenizer_dir)  # reads the tokenizer files, not transformers
+    assert fmt.pad_id == pad_id(qwen_tokenizer) and fmt.im_end_id in stop_ids(qwen_tokenizer)
+
+
+def test_missing_special_token_is_named():
+    no_eot = types.SimpleNamespace(name_or_path="some/dir",
+                                   convert_tokens_to_ids=lambda t: None if t == "<|endoftext|>" else 7)
+    with pytest.raises(ValueError, match=r"some/dir: the tokenizer has no token '<\|endoftext\|>'"):
+        stop_ids(no_eot)
+    with_unk = types.SimpleNamespace(unk_token="<unk>", unk_token_id=0, convert_tokens_to_ids=lambda t: 0)
+    with pytest.raises(ValueError, match="no token '<\\|endoftext"):
+        pad_id(with_unk)
