@@ -1,5 +1,5 @@
 """The GRPO update's loss and gradients with the images in one image group per data-parallel device
-(`Prompts.rows(groups=...)`, what the trainer builds on a mesh) equal those with all images in one group
+(`PromptBatch.rows` with `GroupShape(groups=...)`, what the trainer builds on a mesh) equal those with all images in one group
 on one device."""
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipeline.model_inputs import GroupShape, PromptBatch
 from tests.fixtures.hf_models import tiny_hf_config_dict
 from tests.sharding.vl import make_batch
 from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl import Qwen25VL, from_hf_dict, layout
 from vlaa_jax.rl import grpo as grpo_lib
 from vlaa_jax.train import common
-from vlaa_jax.train.grpo import Prompts, grpo_loss_fn
+from vlaa_jax.train.grpo_step import grpo_loss_fn
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,10 @@ def setup():
                                        image_token_id=config.image_token_id,
                                        vision_start_token_id=config.vision_start_token_id)
     offsets = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
-    prompts = Prompts(ids=raw["input_ids"], mask=raw["attention_mask"], positions=raw["position_ids"], deltas=deltas,
-                      patches=[raw["pixel_values"][offsets[i]:offsets[i + 1]] for i in range(4)], grids=grids,
-                      records=[{}] * 4, image_hw=[((16, 16), (16, 16))] * 4)
+    prompts = PromptBatch(input_ids=raw["input_ids"], attention_mask=raw["attention_mask"],
+                          position_ids=raw["position_ids"], rope_deltas=deltas,
+                          patches=tuple(raw["pixel_values"][offsets[i]:offsets[i + 1]] for i in range(4)), grids=grids,
+                          records=({},) * 4, image_hw=(((16, 16), (16, 16)),) * 4, max_pixels=32 * 14 * 14)
     rs = np.random.RandomState(0)
     responses = rs.randint(3, 200, size=(4, 6)).astype(np.int32)
     resp_mask = np.ones((4, 6), np.int32)
@@ -47,8 +49,8 @@ def _loss(model, batch):
 
 def _batch(setup, groups, full_rows):
     config, _, prompts, responses, resp_mask, extra = setup
-    b = prompts.rows(np.arange(4), config, num_patches=128, responses=responses, response_mask=resp_mask,
-                     full_rows=full_rows, groups=groups)
+    b = prompts.rows(np.arange(4), config, GroupShape(groups, 128, full_rows), responses=responses,
+                     response_mask=resp_mask)
     b.pop("rope_deltas")
     return {**b, **extra}
 

@@ -1,23 +1,26 @@
-"""The on-policy GRPO update (one optimiser update per rollout batch: no separate old-policy forward)
-against the general path (old-policy log-probs recomputed with the training forward first), and the
-update micro-batch pixel buckets."""
+"""The on-policy GRPO update (one optimiser update per rollout batch: old-policy log-probs from the
+update's own forward, `grpo_step.old_logprob_source` "update") against the general path (old-policy
+log-probs recomputed with the training forward first), and the image-group pixel buckets."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipeline import buckets
+from data_pipeline.model_inputs import patch_bucket
+from tests.fixtures.hf_models import tiny_hf_config_dict
 from vlaa_jax.models import qwen2_5_vl as qwen
+from vlaa_jax.models.qwen2_5_vl.config import VisionConfig
 from vlaa_jax.rl import GRPOConfig
 from vlaa_jax.rl.kl import kl_penalty
-from vlaa_jax.train import grpo as grpo_train
+from vlaa_jax.train import grpo_step
 
 B, LP, T = 4, 6, 5
 
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-    from tests.fixtures.hf_models import tiny_hf_config_dict
     mcfg = qwen.from_hf_dict(tiny_hf_config_dict(), source="test")
     graphdef, params, rest = nnx.split(qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     rs = np.random.RandomState(0)
@@ -36,16 +39,16 @@ def model_and_batch():
 
 def _loss(graphdef, rest, batch, cfg):
     def f(params):
-        return grpo_train.grpo_loss_fn(nnx.merge(graphdef, params, rest), batch, cfg=cfg, chunk_size=4,
-                                       temperature=0.8)
+        return grpo_step.grpo_loss_fn(nnx.merge(graphdef, params, rest), batch, cfg=cfg, chunk_size=4,
+                                      temperature=0.8)
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
 
 def test_on_policy_update_equals_recomputed_old_logprobs(model_and_batch):
     graphdef, params, rest, batch = model_and_batch
     cfg = GRPOConfig(kl_estimator="k3", loss_agg_mode="seq-mean-token-mean")
-    old = jax.jit(lambda p: grpo_train.response_logprobs(nnx.merge(graphdef, p, rest), batch, chunk_size=4,
-                                                          temperature=0.8)[0])(params)
+    old = jax.jit(lambda p: grpo_step.response_logprobs(nnx.merge(graphdef, p, rest), batch, chunk_size=4,
+                                                         temperature=0.8)[0])(params)
     (loss_ref, m_ref), g_ref = _loss(graphdef, rest, dict(batch, old_logp=old), cfg)(params)
     (loss_on, m_on), g_on = _loss(graphdef, rest, batch, cfg)(params)
     np.testing.assert_allclose(loss_on, loss_ref, rtol=1e-5, atol=1e-7)
@@ -59,10 +62,10 @@ def test_on_policy_update_equals_recomputed_old_logprobs(model_and_batch):
     assert float(jnp.abs(jnp.asarray(jax.tree.leaves(g_on)[0])).sum()) > 0
 
 
-def test_update_patch_bucket_uses_the_loaders_pixel_buckets():
-    from data_pipeline.loader import default_pixel_buckets
-    buckets = default_pixel_buckets(16, 256 * 28 * 28)
-    assert len(buckets) <= 4
-    seen = {grpo_train.update_patch_bucket(n, 16, 256 * 28 * 28) for n in range(16, buckets[-1] + 1, 16)}
-    assert seen == set(buckets)
-    assert grpo_train.update_patch_bucket(buckets[-1] + 1, 16, 256 * 28 * 28) == buckets[-1] + 64
+def test_patch_bucket_uses_the_loaders_pixel_buckets():
+    vision = VisionConfig()
+    table = buckets.pixel_buckets(16, 256 * 28 * 28, vision)
+    assert len(table) <= 4
+    seen = {patch_bucket(n, 16, 256 * 28 * 28, vision) for n in range(16, table[-1] + 1, 16)}
+    assert seen == set(table)
+    assert patch_bucket(table[-1] + 1, 16, 256 * 28 * 28, vision) == table[-1] + 64

@@ -8,7 +8,7 @@ from flax import nnx
 
 from vlaa_jax import sharding as shd
 from vlaa_jax.models import qwen2_5_vl as qwen
-from vlaa_jax.train import grpo as grpo_train
+from vlaa_jax.train import grpo_step
 
 
 @pytest.mark.parametrize("ref_dtype,want", [("param", jnp.float32), ("float32", jnp.float32),
@@ -18,7 +18,7 @@ def test_reference_params_casts_floating_leaves_into_a_copy(ref_dtype, want):
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
     x = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), NS(mesh, P("data")))
     steps = jax.device_put(np.arange(8, dtype=np.int32), NS(mesh, P()))
-    ref = grpo_train.reference_params({"w": x, "steps": steps}, ref_dtype)
+    ref = grpo_step.reference_params({"w": x, "steps": steps}, ref_dtype)
     assert ref["w"].dtype == want and ref["steps"].dtype == jnp.int32
     assert ref["w"].sharding == x.sharding
     x.delete()  # the trainer donates its params each update: the reference must not share their buffers
@@ -31,7 +31,7 @@ def test_bf16_reference_logprobs_are_close_to_fp32():
     from tests.fixtures.hf_models import tiny_hf_config_dict
     mcfg = qwen.from_hf_dict(tiny_hf_config_dict(), source="test")
     graphdef, params, rest = nnx.split(qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    ref = grpo_train.reference_params(params, "bfloat16")
+    ref = grpo_step.reference_params(params, "bfloat16")
     assert {x.dtype for x in jax.tree.leaves(ref)} == {jnp.dtype(jnp.bfloat16)}
     rs = np.random.RandomState(0)
     B, L, T = 4, 12, 6
@@ -43,8 +43,8 @@ def test_bf16_reference_logprobs_are_close_to_fp32():
     pos = np.broadcast_to(np.maximum(np.cumsum(mask, axis=1) - 1, 0)[None], (3, B, L)).astype(np.int32)
     batch = {k: jnp.asarray(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                  response_mask=resp).items()}
-    fn = jax.jit(lambda p: grpo_train.response_logprobs(nnx.merge(graphdef, p, rest), batch, chunk_size=4,
-                                                        temperature=0.8)[0])
+    fn = jax.jit(lambda p: grpo_step.response_logprobs(nnx.merge(graphdef, p, rest), batch, chunk_size=4,
+                                                       temperature=0.8)[0])
     fp32, bf16 = np.asarray(fn(params)), np.asarray(fn(ref))
     m = resp > 0
     assert (fp32[m] < -1).all() and (bf16[~m] == 0).all()
