@@ -7,6 +7,11 @@ over it (`update_epochs` passes). The paper's 49 steps = 25,195 prompts / 512 pe
 Presets:
   demo             tiny model with the real Qwen vocabulary on the demo set (CPU, minutes): a short SFT
                    warm start teaches the answer format, then GRPO; prints reward per type before/after
+The demo runs in two stages (vlaa_jax/main.py): the `warm_start` block is a whole SFT config
+(configs/sft.py:demo sharing this config's seed, model, data source / dir and progress bar) that main
+trains first in workdir/warm_start (skipped once workdir/warm_start/DONE exists); GRPO then starts from
+its exported model, workdir/warm_start/model. Its length: --config.warm_start.train.num_steps=N (demo
+100). mode=eval / generate use the model as given and never run it.
   vlaa_thinker_3b  Qwen2.5-VL-3B-Instruct, the paper's recipe
   vlaa_thinker_7b  Qwen2.5-VL-7B-Instruct, the paper's recipe
 """
@@ -14,9 +19,27 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import base
+from configs import base, sft
 
 PRESETS = ("demo", "vlaa_thinker_3b", "vlaa_thinker_7b")
+
+
+def warm_start_stage(c: ml_collections.ConfigDict, *, num_steps: int) -> ml_collections.ConfigDict:
+    """The SFT stage run before GRPO config `c`: configs/sft.py:demo for `num_steps` updates on the
+    same model, data and seed. The shared fields are references (the model block is the same object),
+    so an override of c.seed / c.model.* / c.data.source / c.data.dir / c.train.progress_bar applies to
+    both stages. Only its final checkpoint and the vlaa-jax model directory are written."""
+    w = sft.get_config("demo")
+    w.seed = c.get_ref("seed")
+    w.model = c.model
+    w.data.source = c.data.get_ref("source")
+    w.data.dir = c.data.get_ref("dir")   # "" = the GRPO run's workdir/demo_data (vlaa_jax/main.py)
+    w.train.num_steps = num_steps
+    w.train.eval_every = 0
+    w.train.checkpoint_every = 0
+    w.train.progress_bar = c.train.get_ref("progress_bar")
+    w.train.export_hf = False
+    return w
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +60,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.top_p = 1.0                   # nucleus sampling; not given in the paper (1.0 = off)
     g.max_new_tokens = 1024         # response length limit in tokens; not given in the paper
     g.update_epochs = 1             # passes over each rollout batch (paper appendix C: 1 epoch)
-    g.negate_advantages = False     # sanity switch: train AWAY from reward (tests; never for real runs)
     g.dynamic_sampling = False      # drop groups whose rewards are all equal (DAPO); not in the paper
     g.logprob_chunk = 256           # tokens per chunk when turning hidden states into log-probs
     g.kl_controller = "adaptive"    # "adaptive" (OpenRLHF style, paper appendix C) or "fixed"
@@ -58,7 +80,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.loss.advantage_eps = 1e-6     # added to the group std
     g.log_samples = 2               # rollouts (prompt, response, reward) written per log step
     g.eval_prompts = 0              # prompts scored greedily before and after training (0 = off)
-    g.warm_start_sft_steps = 0      # SFT updates on the SFT split before GRPO (demo only; 0 = none)
 
     # The mixed reward (paper sec. 4.1); fields of vlaa_jax.rewards.mixed.RewardConfig.
     r = c.reward = ml_collections.ConfigDict()
@@ -91,7 +112,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         g.eval_prompts = 20              # the whole held-out split of the demo set (all five types)
         c.eval.max_new_tokens = 64       # mode=eval on the demo's held-out records: answers are short
         c.eval.max_pixels = 56 * 56      # as trained (the paper's 256*32*32 is for real checkpoints)
-        g.warm_start_sft_steps = 100     # SFT first: the random model learns (some of) the answer format
         c.optim.learning_rate = 5e-4
         c.optim.min_learning_rate = 5e-5
         c.optim.warmup_ratio = 0.0
@@ -103,6 +123,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 5
         c.train.keep_checkpoints = 2
         r.num_workers = 1
+        # SFT first: the random model learns (some of) the answer format.
+        c.warm_start = warm_start_stage(c, num_steps=100)
         return c
 
     # The paper's GRPO recipe (appendix C, built on OpenRLHF).

@@ -1,5 +1,6 @@
 """The entry point: config presets build, and bad / missing / unknown keys fail before any compilation
-with a message naming the key (in-process for the validator, one subprocess for the real CLI)."""
+with a message naming the key (in-process for the validator, one subprocess for the real CLI); the GRPO
+demo's SFT warm-start stage is a whole SFT config sharing the GRPO run's seed, model and data."""
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 from configs import base as base_config
 from configs import grpo as grpo_config
 from configs import sft as sft_config
-from vlaa_jax.train import config_check
+from tests.fixtures.hf_models import tiny_hf_config_dict
+from vlaa_jax import main
+from vlaa_jax.train import common, config_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("module", [sft_config, grpo_config])
 @pytest.mark.parametrize("preset", ["demo", "vlaa_thinker_3b", "vlaa_thinker_7b"])
 def test_presets_validate(module, preset):
-    config_check.validate(module.get_config(preset))
+    main.check(module.get_config(preset), module.get_config(preset))
+
+
+def test_reference_is_the_preset_file_loaded_by_path():
+    ref = main.load_preset(os.path.join(REPO, "configs", "grpo.py") + ":vlaa_thinker_7b")
+    assert ref.to_dict() == grpo_config.get_config("vlaa_thinker_7b").to_dict()
+    assert main.load_preset("configs/sft.py").preset == "demo"  # no ":preset": get_config()
 
 
 def test_paper_recipe_values():
@@ -39,8 +48,6 @@ def test_paper_recipe_values():
 
 def test_attention_impl_reaches_the_model_config(qwen_tokenizer, tmp_path):
     """model.attention_impl in the model config of both branches: model.tiny and a model directory."""
-    from tests.fixtures.hf_models import tiny_hf_config_dict
-    from vlaa_jax.train import common
     c = grpo_config.get_config("demo")
     for impl in ("cudnn", "splash"):
         c.model.attention_impl = impl
@@ -64,14 +71,26 @@ def test_missing_key_is_named(key):
     c = grpo_config.get_config("demo")
     _drop(c, key)
     with pytest.raises(config_check.ConfigError, match=f"'{key}' is missing"):
-        config_check.validate(c)
+        config_check.validate(c, grpo_config.get_config("demo"))
 
 
 def test_unknown_key_is_named():
     c = sft_config.get_config("demo")
     c.train.batchsize = 3
     with pytest.raises(config_check.ConfigError, match="'train.batchsize' is unknown"):
-        config_check.validate(c)
+        config_check.validate(c, sft_config.get_config("demo"))
+
+
+@pytest.mark.parametrize("module,mode,match", [
+    (grpo_config, "sft", "'grpo' is unknown for mode 'sft'"),  # an SFT run of a GRPO config
+    (sft_config, "eval", "'grpo' is missing"),                  # eval / generate / grpo need a GRPO config
+    (sft_config, "grpo", "'grpo' is missing"),
+])
+def test_mode_needs_its_blocks(module, mode, match):
+    c = module.get_config("demo")
+    c.mode = mode
+    with pytest.raises(config_check.ConfigError, match=match):
+        config_check.validate(c, module.get_config("demo"))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -94,7 +113,7 @@ def test_bad_value_is_named(key, value, match):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(config_check.ConfigError, match=match.replace(".", r"\.")):
-        config_check.validate(c)
+        config_check.validate(c, grpo_config.get_config("demo"))
 
 
 @pytest.mark.parametrize("key,value", [("eval.max_new_tokens", 0), ("eval.batch_size", -1),
@@ -102,10 +121,34 @@ def test_bad_value_is_named(key, value, match):
 def test_bad_eval_value_is_named(key, value):
     c = grpo_config.get_config("demo")
     c.mode = "eval"
-    config_check.validate(c)  # the demo preset is a valid eval config
+    config_check.validate(c, grpo_config.get_config("demo"))  # the demo preset is a valid eval config
     c.eval[key.split(".")[1]] = value
     with pytest.raises(config_check.ConfigError, match=key.replace(".", r"\.")):
-        config_check.validate(c)
+        config_check.validate(c, grpo_config.get_config("demo"))
+
+
+def test_warm_start_stage_shares_the_grpo_run():
+    """The GRPO demo's `warm_start` block is configs/sft.py:demo for 100 updates whose seed, model, data
+    source / dir and progress bar follow the GRPO config's (as command-line overrides set them)."""
+    c = grpo_config.get_config("demo")
+    w = c.warm_start
+    assert (w.mode, w.train.num_steps, w.train.export_hf, w.train.checkpoint_every) == ("sft", 100, False, 0)
+    assert w.data.train_split == sft_config.get_config("demo").data.train_split
+    c.lock()  # as config_flags does before applying overrides
+    c.seed, c.data.dir, c.train.progress_bar, c.model.tiny.hidden_size = 7, "/data/demo", False, 96
+    assert (w.seed, w.data.dir, w.train.progress_bar, w.model.tiny.hidden_size) == (7, "/data/demo", False, 96)
+    assert "warm_start" not in grpo_config.get_config("vlaa_thinker_3b")
+
+
+def test_warm_start_stage_is_checked_and_grpo_starts_from_its_model():
+    c = grpo_config.get_config("demo")
+    c.warm_start.train.grad_accum_steps = 3
+    with pytest.raises(config_check.ConfigError, match=r"'warm_start\.train\.grad_accum_steps'"):
+        main.check(c, grpo_config.get_config("demo"))
+    c = grpo_config.get_config("demo")
+    grpo = main.starting_from(c, "/runs/x/warm_start/model")
+    assert (grpo.model.init, grpo.model.path) == ("pretrained", "/runs/x/warm_start/model")
+    assert (c.model.init, c.model.path) == ("tiny", "")  # the user's config is left as it was
 
 
 def test_cli_rejects_bad_keys_before_compiling(tmp_path):

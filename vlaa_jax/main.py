@@ -1,35 +1,90 @@
 """The main job: `python -m vlaa_jax.main --config configs/<file>.py:<preset> --workdir DIR`.
 
 `config.mode` selects the trainer (sft, grpo) or a tool mode (eval: benchmark the model with the paper's
-settings, `vlaa_jax.eval.run_eval`; generate: print sampled responses). Override any field with `--config.key=value`
-(e.g. `--config.train.num_steps=10`). The config is checked before anything is built or compiled:
-a missing, unknown or ill-typed key stops the run with a message naming it. A workdir that already
-holds a checkpoint resumes from it.
+settings, `vlaa_jax.eval.harness.run_eval`; generate: print sampled responses). Override any field with
+`--config.key=value` (e.g. `--config.train.num_steps=10`). The config is checked against the same preset
+un-overridden before anything is built or compiled: a missing, unknown or ill-typed key stops the run
+with a message naming it. A workdir that already holds a checkpoint resumes from it.
+
+Stages: a GRPO config may carry a `warm_start` block, a whole SFT config (configs/grpo.py:demo). For
+mode=grpo it runs first, in workdir/warm_start (resumable; skipped once workdir/warm_start/DONE exists),
+and GRPO then starts from its exported model. The trainers never run each other.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 
+import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vlaa_jax import distributed
+from vlaa_jax.eval import harness
+from vlaa_jax.train import common, grpo_trainer, sft
+from vlaa_jax.train.config_check import ConfigError, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/grpo.py:demo", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, TensorBoard events, metrics, exported model.")
 
+WARM_START = "warm_start"  # the stage block of a GRPO config, and its sub-directory of the workdir
 
-def run(config, workdir: str) -> dict:
-    """Validates `config` and runs its mode in `workdir`; returns the run's summary dict."""
-    from vlaa_jax.train import config_check
-    config_check.validate(config)
+
+def load_preset(spec: str) -> ml_collections.ConfigDict:
+    """The config `--config spec` ("path/to/file.py:preset") names, without overrides: the file is user
+    input, loaded by path and called as config_flags does (`get_config(preset)`)."""
+    path, *arg = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("preset_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad key of `config` or of its warm-start stage, against the
+    preset `reference` it was built from."""
+    validate(config, reference)
+    if WARM_START in config:
+        validate(config[WARM_START], reference[WARM_START], prefix=WARM_START + ".")
+
+
+def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The SFT stage of `config` (its `warm_start` block) in workdir/warm_start: resumable like any run,
+    skipped once its DONE marker exists; writes summary.json there. Returns its exported model directory."""
+    sub = os.path.join(workdir, WARM_START)
+    model_dir, done = os.path.join(sub, "model"), os.path.join(sub, "DONE")
+    if os.path.isfile(done):
+        return model_dir
+    stage = config[WARM_START].copy_and_resolve_references()
+    # The GRPO run's data: data.dir "" would otherwise put a second demo set in workdir/warm_start.
+    stage.data.dir = common.data_dir(config, workdir)
+    summary = sft.train(stage, sub, export=True, hf=False)
+    if jax.process_index() == 0:
+        with open(os.path.join(sub, "summary.json"), "w") as f:
+            json.dump(summary, f, default=str)
+        open(done, "w").close()
+    return model_dir
+
+
+def starting_from(config: ml_collections.ConfigDict, model_dir: str) -> ml_collections.ConfigDict:
+    """A copy of `config` whose model is loaded from `model_dir` (a vlaa-jax or HF model directory)."""
+    c = config.copy_and_resolve_references()
+    c.model.init, c.model.path = "pretrained", model_dir
+    return c
+
+
+def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Checks `config` against its preset `reference`, then runs its stages and mode in `workdir`;
+    returns the run's summary dict."""
+    check(config, reference)
     # Multi-host: starts jax.distributed from VLAA_COORDINATOR_ADDRESS / VLAA_NUM_PROCESSES / VLAA_PROCESS_ID
     # or TPU / SLURM auto-detection (tools/launch_*.sh); a no-op on a single host.
-    from vlaa_jax import distributed
     distributed.initialize(config)
-    import jax
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -38,16 +93,14 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, name), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if config.mode == "sft":
-        from vlaa_jax.train import sft
         return sft.train(config, workdir)
     if config.mode == "grpo":
-        from vlaa_jax.train import grpo
-        return grpo.train(config, workdir)
+        if WARM_START in config:  # eval / generate use the model as given
+            config = starting_from(config, warm_start(config, workdir))
+        return grpo_trainer.train(config, workdir)
     if config.mode == "eval":
-        from vlaa_jax.eval import run_eval
-        return run_eval(config, workdir)
-    from vlaa_jax.train import grpo
-    return grpo.generate_samples(config, workdir)
+        return harness.run_eval(config, workdir)
+    return grpo_trainer.generate_samples(config, workdir)
 
 
 def main(argv) -> None:
@@ -59,9 +112,9 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    from vlaa_jax.train.config_check import ConfigError
+    reference = load_preset(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
-        summary = run(_CONFIG.value, _WORKDIR.value)
+        summary = run(_CONFIG.value, reference, _WORKDIR.value)
     except ConfigError as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -56,7 +56,7 @@ def test_sft_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
 
 def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     proc = _main("configs/grpo.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
-                 "--config.train.num_steps=2", "--config.grpo.warm_start_sft_steps=2",
+                 "--config.train.num_steps=2", "--config.warm_start.train.num_steps=2",
                  "--config.grpo.eval_prompts=5", "--config.grpo.max_new_tokens=16",
                  "--config.grpo.rollout_batch_prompts=2", "--config.train.batch_size=8",
                  cache_dir=jax_cache_dir)
@@ -82,6 +82,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
                  "--config.eval.max_new_tokens=16", "--config.eval.batch_size=4", cache_dir=jax_cache_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
     assert os.path.isfile(tmp_path / "eval" / "config_eval.json")
+    assert not os.path.exists(tmp_path / "eval" / "warm_start")  # mode=eval uses the model as given
     assert result["overall"]["n"] == 6
     preds = [json.loads(l) for l in open(os.path.join(result["output_dir"], "predictions.jsonl"))]
     assert len(preds) == 6 and all(p["response"] is not None for p in preds)

@@ -37,7 +37,7 @@ def _compare(rows: list[dict], pinned: list[dict]) -> None:
 
 def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
     _main("configs/grpo.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
-          "--config.train.num_steps=3", "--config.grpo.warm_start_sft_steps=2", "--config.grpo.eval_prompts=0",
+          "--config.train.num_steps=3", "--config.warm_start.train.num_steps=2", "--config.grpo.eval_prompts=0",
           "--config.grpo.max_new_tokens=32", "--config.train.export_hf=False",
           "--config.train.progress_bar=False", cache_dir=jax_cache_dir)
     _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"))
