@@ -74,7 +74,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert warm["last_loss"] < warm["first_loss"]  # SFT loss on the demo data falls
     _check_hf_export(str(tmp_path))
 
-    # mode=eval on the exported policy: the benchmark harness (vlaa_jax.eval.run_eval) on the demo's
+    # mode=eval on the exported policy: the benchmark harness (vlaa_jax.eval.harness.run_eval) on the demo's
     # held-out records, with a report, per-item predictions and the behaviour metrics.
     proc = _main("configs/grpo.py:demo", tmp_path / "eval", f"--config.data.dir={demo_data_dir}",
                  "--config.mode=eval", "--config.model.init=pretrained",
