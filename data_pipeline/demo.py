@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import tarfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.records import SPLIT_FILES, read_records
+from data_pipeline.records import HELDOUT_IDS_FILE, SPLIT_FILES, read_records
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40),
           "purple": (140, 60, 170)}
@@ -215,5 +214,5 @@ def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_
             seen[r.source] = k = seen.get(r.source, -1) + 1
             if heldout_every and k % heldout_every == 0:
                 held.append(r.id)
-    (out / "heldout_ids.txt").write_text("".join(i + "\n" for i in held))
+    (out / HELDOUT_IDS_FILE).write_text("".join(i + "\n" for i in held))
     return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES)}

@@ -20,9 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-VERIFIER_TYPES: tuple[str, ...] = ("digit", "mcq", "math", "iou", "open_ended")
-
-# Spellings met (or expected) in the files -> canonical reward type.
+# Spellings met (or expected) in the files -> canonical reward type (digit, mcq, math, iou, open_ended).
 VERIFIER_ALIASES: dict[str, str] = {
     "digit": "digit",
     "mcq": "mcq",
@@ -54,6 +52,8 @@ SPLIT_FILES: dict[str, tuple[str, ...]] = {
     "sft": ("VLAA-Thinking-SFT-126K.json", "train-sft.json"),
     "grpo": ("VLAA-Thinking-GRPO-25K.json", "train-grpo.json"),
 }
+# Ids held out for evaluation, one per line, beside the split files (the demo data writes one).
+HELDOUT_IDS_FILE = "heldout_ids.txt"
 
 
 class DataError(ValueError):
@@ -104,7 +104,7 @@ class Record:
       question: user question (text only; the image goes before it in the prompt).
       response: assistant response with `<think>`/`<answer>` tags (`answer` or `ds_answer`); "" if absent.
       ground_truth: `gt` as a string; non-string values (numbers, boxes) are JSON-encoded ("[x1, y1, x2, y2]").
-      verifier_type: one of VERIFIER_TYPES (from `verifier_type`, else from the source; None if unknown).
+      verifier_type: a VERIFIER_ALIASES value (from `verifier_type`, else from the source; None if unknown).
       file: file the record came from; line: 1-based line of the record in it (for error messages).
     """
 

@@ -34,10 +34,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from data_pipeline.records import BadRecordSummary, DataError, Record, find_split_file, read_records
+from data_pipeline.records import (HELDOUT_IDS_FILE, BadRecordSummary, DataError, Record, find_split_file,
+                                   read_records)
 from data_pipeline.vlaa_thinking.images import ImageStore
-
-HELDOUT_IDS_FILE = "heldout_ids.txt"
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,7 +1,13 @@
 """Data-pipeline fixtures: the demo dataset (TFDS-built once per session) and the HF reference processor."""
 import os
+import types
 
+import numpy as np
 import pytest
+import transformers  # a lazy module: the HF model class (and torch) load on first use
+
+from data_pipeline.demo import make_demo_data
+from data_pipeline.tokenizer import load_hf_processor
 
 DEMO_N = 60  # records per split: enough for every reward type, several batches and a hold-out
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 128 * 28 * 28
@@ -9,8 +15,6 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 128 * 28 * 28
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> str:
-    from data_pipeline.demo import make_demo_data
-
     d = tmp_path_factory.mktemp("demo_data")
     make_demo_data(d, n=DEMO_N, seed=1)
     return os.fspath(d)
@@ -18,8 +22,6 @@ def demo_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def hf_processor(qwen_tokenizer_dir, qwen_tokenizer):
-    from data_pipeline.tokenizer import load_hf_processor
-
     return load_hf_processor(qwen_tokenizer_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                              tokenizer=qwen_tokenizer)
 
@@ -34,12 +36,9 @@ def demo_cfg(demo_dir) -> dict:
 @pytest.fixture(scope="session")
 def hf_rope_index():
     """HF `Qwen2_5_VLModel.get_rope_index` without building a model (it only reads two config values)."""
-    import types
+    import torch  # test extra, seconds to import: only this HF reference needs it
 
-    import numpy as np
-    import torch
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
+    Qwen2_5_VLModel = transformers.Qwen2_5_VLModel
     fake = types.SimpleNamespace(config=types.SimpleNamespace(
         vision_config=types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=2)))
     fake.get_vision_position_ids = types.MethodType(Qwen2_5_VLModel.get_vision_position_ids, fake)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from data_pipeline.loader import make_loader
 from data_pipeline.records import SPLIT_FILES, DataError
+from data_pipeline.vlaa_thinking import build_vlaa_thinking
 
 GRPO_FILE, SFT_FILE = SPLIT_FILES["grpo"][0], SPLIT_FILES["sft"][0]
 
@@ -134,8 +135,6 @@ def test_bad_records_skipped_and_counted(tmp_path, qwen_tokenizer_dir, hf_proces
 
 
 def test_corrupt_image_caught_at_load_when_build_does_not_verify(tmp_path, qwen_tokenizer_dir):
-    from data_pipeline.vlaa_thinking import build_vlaa_thinking
-
     rows, images = _good(2)
     bad, extra, _ = BAD["truncated_image"]
     repo = _repo(tmp_path / "repo", [rows[0], bad, rows[1]], {**images, **extra})

@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pytest
+import transformers  # a lazy module: the HF image processor (and torch) load on first use
 from PIL import Image
 
 from data_pipeline.image import decode_image, preprocess_image, smart_resize
@@ -32,9 +33,8 @@ def _image(h: int, w: int, mode: str, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def hf_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return lambda min_p, max_p: Qwen2VLImageProcessorPil(min_pixels=min_p, max_pixels=max_p)
+    return lambda min_p, max_p: transformers.Qwen2VLImageProcessorPil(min_pixels=min_p, max_pixels=max_p)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -56,8 +56,7 @@ def test_matches_hf_processor(hf_image_processor, mode):
 
 
 def test_smart_resize_matches_hf():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
-
+    hf_smart_resize = transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.smart_resize
     rng = np.random.default_rng(0)
     for _ in range(2000):
         h, w = (int(x) for x in rng.integers(1, 4000, 2))
@@ -96,11 +95,9 @@ def test_decode_image_errors():
 
 
 def test_other_patch_sizes_match_hf(hf_image_processor):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     for patch, merge, temporal in [(16, 2, 2), (14, 1, 1), (8, 2, 2)]:
-        hf = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=300000, patch_size=patch, merge_size=merge,
-                                      temporal_patch_size=temporal)
+        hf = transformers.Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=300000, patch_size=patch,
+                                                   merge_size=merge, temporal_patch_size=temporal)
         for h, w in [(100, 150), (333, 101)]:
             img = _image(h, w, "RGB")
             ref = hf(img, return_tensors="np")

@@ -1,14 +1,19 @@
 """Grain loaders: batches vs the HF processor + HF get_rope_index, packing, resume, sharding, workers."""
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipeline.buckets import length_buckets
+from data_pipeline.chat import VLAA_SYSTEM_PROMPT
 from data_pipeline.loader import LoaderConfig, make_loader
 from data_pipeline.records import SPLIT_FILES, read_records
 from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig
@@ -20,8 +25,6 @@ IMAGE_PAD = 151655
 @pytest.fixture(scope="module")
 def references(demo_dir, hf_processor):
     """id -> HF processor outputs (SFT: whole conversation; GRPO: prompt) for every demo record."""
-    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
-
     images = {}
     for arch in (Path(demo_dir) / "images").glob("*.tar.gz"):
         with tarfile.open(arch) as tf:
@@ -167,8 +170,6 @@ def test_worker_processes_resume(demo_cfg, qwen_tokenizer_dir):
 
 
 def test_config_from_configdict(demo_cfg):
-    import ml_collections
-
     data = {k: v for k, v in demo_cfg.items() if k not in ("batch_size", "process_count")}
     c = ml_collections.ConfigDict({"seed": 5, "data": data, "train": {"batch_size": 16}})
     lc = LoaderConfig.from_config(c, process_count=4)
@@ -197,14 +198,11 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_workers_under_absl_app_run(demo_cfg, qwen_tokenizer_dir, tmp_path):
-    import subprocess
-    import sys
-
     script = tmp_path / "run_loader.py"
     script.write_text(_ABSL_SCRIPT)
     root = Path(__file__).parents[2]
     out = subprocess.run([sys.executable, str(script), json.dumps(demo_cfg), qwen_tokenizer_dir], cwd=root,
-                         capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr[-3000:]
     serial = sorted(i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in b["id"])
     assert json.loads(out.stdout.strip().splitlines()[-1]) == serial

