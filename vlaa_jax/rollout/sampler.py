@@ -211,7 +211,6 @@ def _generate(state, prompts, rng, temperature, top_p, limit, decode_weights, ro
     return (tokens, lp, lengths, done, *seen)
 
 
-_CONFIGS: dict[Any, Qwen25VLConfig] = {}
 _DECODE_WEIGHTS: dict[str, Any] = {}    # at most one entry: (key, weak refs to the state's arrays, weights)
 
 
@@ -245,13 +244,6 @@ def _decode_weights_fn(graphdef):
     return jax.jit(lambda state: _merge(graphdef, state).decode_weights())
 
 
-def _model_config(graphdef: nnx.GraphDef, state: Any) -> Qwen25VLConfig:
-    """The model config of a graphdef (merged once per graphdef: merging a big model costs Python time)."""
-    if graphdef not in _CONFIGS:
-        _CONFIGS[graphdef] = _merge(graphdef, state).config
-    return _CONFIGS[graphdef]
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, **static):
     return jax.jit(functools.partial(_generate, graphdef=graphdef, **static))
@@ -282,7 +274,6 @@ def generate(graphdef: nnx.GraphDef, state: Any, prompts: Mapping[str, Any], *, 
         CPU, one extra copy of the decoder weights in memory, kept for the next call on the same
         weights, see `decode_weights`). None: on CPU only.
     """
-    model_config = _model_config(graphdef, state)
     sampling = SamplingConfig.from_any(sampling)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

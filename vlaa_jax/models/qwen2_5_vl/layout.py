@@ -320,13 +320,17 @@ def image_rows(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, *, imag
 
 
 def group_full_rows(frame_lengths_per_group: Sequence[Sequence[int]], num_patches: int) -> tuple[int, int] | None:
-    """One (R, Lr) per-image full-attention shape for several image groups of `num_patches` slots each
-    (the largest R and Lr of `full_attention_rows` over the groups that have images), or None (dense)
-    where any group would gain nothing or no group has images."""
-    shapes = [full_attention_rows(f, num_patches) for f in frame_lengths_per_group if len(f)]
-    if not shapes or not all(shapes):
+    """One (R, Lr) per-image full-attention shape for several image groups of `num_patches` slots each, or
+    None (dense) where any group with images would gain nothing or no group has images. Lr = `row_length`
+    of the longest frame of any group; R = the most rows any group's frames pack into at that Lr (a power
+    of two), so every group's images fit the shape."""
+    groups = [[int(n) for n in f if n > 0] for f in frame_lengths_per_group]
+    groups = [g for g in groups if g]
+    if not groups or not all(full_attention_rows(g, num_patches) for g in groups):
         return None
-    return max(r for r, _ in shapes), max(n for _, n in shapes)
+    Lr = row_length(max(max(g) for g in groups))
+    R = 1 << (max(len(_pack(g, Lr)) for g in groups) - 1).bit_length()
+    return None if R * Lr * Lr >= num_patches * num_patches else (R, Lr)
 
 
 def grouped_vision(
