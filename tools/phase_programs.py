@@ -261,7 +261,7 @@ class PhasePrograms:
         self.rules = shd.resolve_rules(rules if rules is not None else w.config.get("sharding", {}).get("rules"))
         self.graphdef, state, _ = shd.abstract_state(lambda: Qwen25VL(w.model, rngs=nnx.Rngs(0)), mesh, self.rules)
         self.params, self.rest = step_lib.split_state(state)
-        self.tx, _ = common.make_optimizer(w.config, self.params, total_updates=1000)
+        self.tx, _ = common.run_optimizer(w.config, self.params, total_updates=1000)
         opt = jax.eval_shape(self.tx.init, self.params)
         self.opt_state = _abstract(opt, shd.tree_shardings(opt, mesh, self.rules))
         ref = jnp.dtype(w.model.param_dtype if w.ref_dtype == "param" else w.ref_dtype)

@@ -20,7 +20,7 @@ state, reference, activations: the residuals `jax.vjp` keeps, from `jax.eval_sha
 attention scores) and analytic FLOPs, for shapes given on the command line (`--rows`, `--seq_len`, ...).
 
 Nothing is allocated: shapes come from `nnx.eval_shape` / `jax.eval_shape`, per-device sizes from the
-sharding rules (vlaa_jax/sharding.py) on an abstract mesh.
+sharding rules (vlaa_jax/sharding/) on an abstract mesh.
 """
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ class DeviceSizes:
         self.dp = shd.data_parallel_size(self.mesh, self.rules)
         _, params, rest = abstract_model(self.m)
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-        mask = common.trainable_mask(w.config, params)
+        mask = common.run_trainable_mask(w.config, params)
         train = jax.tree.leaves(mask) if mask is not None else None
         self.params = self.params_f32_trainable = self.ref = 0
         self.layer = self.vision_block = self.head = self.decode_weights = self.stack_f32 = 0
@@ -421,7 +421,7 @@ class DeviceSizes:
                 if not tied:
                     self.decode_weights += self.bytes(a.shape, names, self.m.dtype)
         self.rest = tree_bytes(rest, self.mesh, self.rules)[2]
-        tx, _ = common.make_optimizer(w.config, params, total_updates=1000)
+        tx, _ = common.run_optimizer(w.config, params, total_updates=1000)
         self.optimizer = tree_bytes(jax.eval_shape(tx.init, params), self.mesh, self.rules)[2]
         t, v = self.m.text, self.m.vision
         self.heads = self.local(t.num_attention_heads, "heads")

@@ -6,17 +6,20 @@ from safetensors one at a time, and written back shard by shard.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
+import time
 from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
-from vlaa_jax import checkpoint
-from vlaa_jax.models.qwen2_5_vl import params as params_lib
-from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_dict, to_hf_dict
+from vlaa_jax.models.qwen2_5_vl import loading, params as params_lib
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_dict, read_hf_config, to_hf_dict
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -63,7 +66,7 @@ def _hf_config_with_dtype(hf_config: Mapping[str, Any], dtype_name: str) -> dict
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
     """Converts an HF Qwen2.5-VL directory into a self-contained vlaa-jax model directory."""
-    hf_config = checkpoint.read_hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir)
     config = from_hf_dict(hf_config, source=os.path.join(hf_dir, "config.json"))
     cast = numpy_dtype(dtype)
     ckpt = params_lib.HFCheckpoint(hf_dir)
@@ -76,11 +79,10 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> 
         return np.ascontiguousarray(x if cast is None else x.astype(cast))
 
     state = params_lib.hf_to_state(config, ckpt, put=put, source=hf_dir)
-    ckpt.close()
     stored = str(cast) if cast is not None else (seen.pop() if len(seen) == 1 else "mixed")
     out_config = _hf_config_with_dtype(hf_config, stored) if stored != "mixed" else hf_config
-    return checkpoint.save_model_dir(out_dir, state, out_config, processor_dir=hf_dir,
-                                     info={"source": os.path.abspath(hf_dir), "dtype": stored})
+    return loading.save_model_dir(out_dir, state, out_config, processor_dir=hf_dir,
+                                  info={"source": os.path.abspath(hf_dir), "dtype": stored})
 
 
 def write_hf_dir(config: Qwen25VLConfig, state: Any, out_dir: str, *, max_shard_size: str | int = "5GB",
@@ -88,7 +90,6 @@ def write_hf_dir(config: Qwen25VLConfig, state: Any, out_dir: str, *, max_shard_
                  processor_dir: str | None = None) -> str:
     """Writes `state` (our nested pure dict or an nnx.State) as an HF directory that
     `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads without missing/unexpected keys."""
-    from safetensors.numpy import save_file
     limit = parse_size(max_shard_size)
     cast = numpy_dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
@@ -146,22 +147,21 @@ def write_hf_dir(config: Qwen25VLConfig, state: Any, out_dir: str, *, max_shard_
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     if processor_dir is not None:
-        checkpoint.copy_processor_files(processor_dir, out_dir)
+        loading.copy_processor_files(processor_dir, out_dir)
     return out_dir
 
 
 def export_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: str | int = "5GB",
                  dtype: str | None = None) -> str:
     """vlaa-jax model directory -> HF directory (weights, config, tokenizer / processor files)."""
-    hf_config = checkpoint.read_hf_config(ckpt_dir)
+    hf_config = read_hf_config(ckpt_dir)
     config = from_hf_dict(hf_config, source=os.path.join(ckpt_dir, "config.json"))
-    state = checkpoint.load_params(ckpt_dir)
+    state = loading.load_params(ckpt_dir)
     return write_hf_dir(config, state, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                         hf_config=hf_config, processor_dir=ckpt_dir)
 
 
 def main_args(argv: Iterable[str] | None, description: str, specs: list[tuple[str, dict]]):
-    import argparse
     parser = argparse.ArgumentParser(description=description)
     for flag, kw in specs:
         parser.add_argument(flag, **kw)
@@ -170,8 +170,6 @@ def main_args(argv: Iterable[str] | None, description: str, specs: list[tuple[st
 
 def run_tool(fn, *args: Any, **kwargs: Any) -> int:
     """Runs a conversion for a command-line tool: bad input is one `error:` line and exit code 2."""
-    import sys
-    import time
     t0 = time.time()
     try:
         out = fn(*args, **kwargs)

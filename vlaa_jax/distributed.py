@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 
@@ -119,16 +119,3 @@ def process_batch_slice(global_batch_size: int) -> slice:
             f"global batch size {global_batch_size} is not divisible by the {n} processes")
     per = global_batch_size // n
     return slice(i * per, (i + 1) * per)
-
-
-def sync(name: str = "barrier") -> None:
-    """Waits until every process reaches this point (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def devices_summary(devices: Sequence[Any] | None = None) -> str:
-    devices = jax.devices() if devices is None else devices
-    kinds = sorted({d.device_kind for d in devices})
-    return f"{len(devices)} x {'/'.join(kinds)} over {jax.process_count()} process(es)"

@@ -2,12 +2,11 @@
 SwiGLU, rotary embeddings (2D for vision, M-RoPE for text) and the ONE attention function.
 
 Numerics follow HF Qwen2.5-VL: norms and softmax in float32, rotary angles in float32, matmuls in the
-compute dtype. Parameters carry logical axis names (vlaa_jax/sharding.py) in their `out_sharding`
+compute dtype. Parameters carry logical axis names (vlaa_jax/sharding/) in their `out_sharding`
 metadata; which mesh axes they land on is decided by the sharding module, never here.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Sequence
 
 import jax
@@ -17,6 +16,7 @@ from flax import nnx
 from flax.core import spmd
 
 from vlaa_jax import sharding as shd
+from vlaa_jax.kernels import splash_attention
 from vlaa_jax.sharding import LOGICAL_AXES
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
@@ -164,21 +164,6 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: boo
     return mask[:, None]
 
 
-def _splash(query, key, value, mask, scale, segment_ids, causal):
-    try:
-        mod = importlib.import_module("vlaa_jax.kernels.splash_attention")
-    except ImportError as e:
-        raise ValueError(f"attention_impl='splash' needs vlaa_jax.kernels.splash_attention, which failed to "
-                         f"import ({e}); use 'xla' or 'cudnn'") from e
-    fn = getattr(mod, "dot_product_attention", None)
-    if fn is None:
-        raise ValueError("vlaa_jax.kernels.splash_attention has no dot_product_attention(query, key, value, "
-                         "mask=..., scale=...); use 'xla' or 'cudnn'")
-    if segment_ids is not None:       # the kernel's fast path: static mask AND segment equality
-        return fn(query, key, value, scale=scale, segment_ids=segment_ids, causal=causal)
-    return fn(query, key, value, mask=mask, scale=scale)
-
-
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
                           implementation: str = "xla", scale: float | None = None,
                           segment_ids: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -188,7 +173,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
 
     implementation: "xla" (`jax.nn.dot_product_attention`, any platform); "cudnn" (cuDNN fused kernel on
     GPU for bf16/fp16; falls back to "xla" elsewhere, e.g. CPU or float32); "splash"
-    (`vlaa_jax.kernels.splash_attention.dot_product_attention`, imported lazily). For self-attention
+    (`vlaa_jax.kernels.splash_attention.dot_product_attention`, TPU). For self-attention
     (T == S, no cache) callers may also give the `segment_ids` [B, T] and `causal` flag the mask was
     built from: splash then uses its segment-id fast path instead of the dense mask (padding tokens,
     id 0, may then attend to each other; their outputs are ignored anyway).
@@ -196,7 +181,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLS}")
     if implementation == "splash":
-        return _splash(query, key, value, mask, scale, segment_ids, causal)
+        if segment_ids is not None:       # the kernel's fast path: static mask AND segment equality
+            return splash_attention.dot_product_attention(query, key, value, scale=scale, segment_ids=segment_ids,
+                                                          causal=causal)
+        return splash_attention.dot_product_attention(query, key, value, mask=mask, scale=scale)
     impl = "xla"
     if (implementation == "cudnn" and jax.default_backend() == "gpu"
             and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from tests.fixtures.hf_models import tiny_hf_config_dict
-from vlaa_jax import checkpoint, nn
+from vlaa_jax import nn
 from vlaa_jax.models import qwen2_5_vl as q
 from vlaa_jax.models.qwen2_5_vl import layout, params
 from vlaa_jax.sharding import LOGICAL_AXES
@@ -264,8 +264,8 @@ def test_from_pretrained_orbax_model_dir(tiny, tiny_hf, tmp_path):
     """A vlaa-jax model directory (Orbax params + config.json) loads to the same model."""
     c = tiny.config
     pure = params.hf_to_state(c, params.HFCheckpoint(tiny_hf.hf_dir))
-    out = checkpoint.save_model_dir(str(tmp_path / "m"), pure, q.to_hf_dict(c))
-    loaded = q.Qwen25VL.from_pretrained(out)        # the HF-style classmethod spelling
+    out = q.loading.save_model_dir(str(tmp_path / "m"), pure, q.to_hf_dict(c))
+    loaded = q.from_pretrained(out)
     a = nnx.to_flat_state(nnx.state(loaded, nnx.Param))
     b = nnx.to_flat_state(nnx.state(tiny, nnx.Param))
     assert [p for p, _ in a] == [p for p, _ in b]

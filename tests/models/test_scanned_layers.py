@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from tests.fixtures.hf_models import tiny_hf_config_dict
-from vlaa_jax import checkpoint, convert
+from vlaa_jax import convert
 from vlaa_jax import sharding as shd
 from vlaa_jax.models import qwen2_5_vl as q
 from vlaa_jax.models.qwen2_5_vl import params
@@ -91,15 +91,14 @@ def test_per_layer_model_dir_restacks_on_load(tiny, tiny_hf, tmp_path):
     sharded loader), and exports to the same HF tensors."""
     c = tiny.config
     pure = params.hf_to_state(c, params.HFCheckpoint(tiny_hf.hf_dir))
-    old = checkpoint.save_model_dir(str(tmp_path / "old"), _per_layer(pure), q.to_hf_dict(c))
+    old = q.loading.save_model_dir(str(tmp_path / "old"), _per_layer(pure), q.to_hf_dict(c))
     want = _flat(nnx.to_pure_dict(nnx.state(tiny, nnx.Param)))
     loaded = _flat(nnx.to_pure_dict(nnx.state(q.from_pretrained(old), nnx.Param)))
     assert set(loaded) == set(want)
     for k in want:
         np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(want[k]), err_msg=str(k))
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    _, _, state = shd.load_pretrained_sharded(old, mesh)
-    sharded = _flat(state.to_pure_dict())
+    sharded = _flat(nnx.to_pure_dict(nnx.state(q.from_pretrained(old, mesh=mesh))))
     for k in want:
         np.testing.assert_array_equal(np.asarray(sharded[k]), np.asarray(want[k]), err_msg=str(k))
     hf_dir = convert.export_to_hf(old, str(tmp_path / "hf"))
@@ -115,7 +114,7 @@ def test_per_layer_model_dir_of_another_depth_names_the_directory(tiny, tiny_hf,
     c = tiny.config
     pure = _per_layer(params.hf_to_state(c, params.HFCheckpoint(tiny_hf.hf_dir)))
     del pure["language_model"]["layers"]["1"]            # one layer where the config has two
-    old = checkpoint.save_model_dir(str(tmp_path / "short"), pure, q.to_hf_dict(c))
+    old = q.loading.save_model_dir(str(tmp_path / "short"), pure, q.to_hf_dict(c))
     with pytest.raises(ValueError, match=r"short/params.*language_model.layers.*convert_hf_to_orbax"):
         q.from_pretrained(old)
 

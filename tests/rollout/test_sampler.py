@@ -294,7 +294,7 @@ def test_sharded_greedy_equals_single_device(tiny, mesh_shape):
     assert grouped["pixel_values"].shape[0] == dp and grouped["vision_window_index"].shape[0] == dp
     spec = shd.batch_shardings(grouped, mesh, "fsdp_tp", batch_size=8)["pixel_values"].spec
     assert spec[0] is not None                   # image groups split over the data-parallel devices
-    _, graphdef, state = shd.load_pretrained_sharded(tiny.ref.hf_dir, mesh, "fsdp_tp")
+    graphdef, state = nnx.split(q.from_pretrained(tiny.ref.hf_dir, mesh=mesh, rules="fsdp_tp"))
     sharded = rollout.generate(graphdef, state, grouped, mesh=mesh, rules="fsdp_tp", **kw)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
     np.testing.assert_array_equal(sharded.lengths, single.lengths)

@@ -29,8 +29,11 @@ def compute(hf_dir: str, mesh_shape=(2, 4, 1), process_local: bool = False) -> d
         batch = {"input_ids": rs.randint(0, 64, (8, 16)).astype(np.int32),
                  "loss_mask": (rs.rand(8, 16) > 0.2).astype(np.int32)}
     else:
-        config, graphdef, state = shd.load_pretrained_sharded(hf_dir, mesh)
-        batch, loss_fn = make_batch(config, batch_size=8), vl_loss
+        from flax import nnx
+        from vlaa_jax.models.qwen2_5_vl import from_pretrained
+        model = from_pretrained(hf_dir, mesh=mesh)
+        graphdef, state = nnx.split(model)
+        batch, loss_fn = make_batch(model.config, batch_size=8), vl_loss
     params, rest = st.split_state(state)
     tx = optim.make_optimizer(params, learning_rate=1e-2, total_steps=4)
     train = st.make_train_step(graphdef, loss_fn, tx, params, rest, mesh)

@@ -1,5 +1,5 @@
-"""Meshes, the rules table, placement helpers, the optimizer, the train step on a toy model, Orbax
-re-sharding, splash attention (Pallas interpreter) and distributed settings: fast, no big model."""
+"""Meshes, the rules table, placement helpers, the optimizer, the train step on a toy model, splash
+attention (Pallas interpreter) and distributed settings: fast, no big model."""
 from __future__ import annotations
 
 import math
@@ -74,6 +74,12 @@ def test_batch_divisibility_and_batch_placement():
     assert sh["position_ids"].spec == P(None, ("data", "fsdp"))
     assert sh["pixel_values"].spec == P()
     assert sh["advantages"].spec == P(("data", "fsdp"))
+    # image fields with their group axis are split like the rows; one group (one rank less) is replicated
+    grouped = {"pixel_values": np.zeros((4, 10, 12), np.float32), "vision_rotary_hw": np.zeros((4, 10, 2)),
+               "vision_num_patches": np.zeros((4,), np.int32), "num_patches": np.zeros((), np.int32)}
+    specs = {k: v.spec for k, v in shd.batch_shardings(grouped, mesh, batch_size=4).items()}
+    assert specs == {"pixel_values": P(("data", "fsdp")), "vision_rotary_hw": P(("data", "fsdp")),
+                     "vision_num_patches": P(("data", "fsdp")), "num_patches": P()}
     arrays = shd.shard_batch(batch, sh)
     assert arrays["input_ids"].addressable_shards[0].data.shape == (1, 6)
 
@@ -118,13 +124,6 @@ def test_optimizer_matches_optax_adamw_with_clipping_and_frozen_leaves():
     ref, _ = ref_tx.update(clipped, ref_tx.init(params["text"]), params["text"])
     for k in ("w", "b"):
         np.testing.assert_allclose(updates["text"][k], ref[k], rtol=1e-6)
-    # schedule at step 0 of warmup 0 is the peak; config path reads warmup_ratio
-    cfg = ml_collections.ConfigDict({"optim": {"learning_rate": 1e-3, "warmup_ratio": 0.1,
-                                               "min_learning_rate": 0.0}})
-    tx2 = optim.optimizer_from_config(params, cfg, total_steps=50)
-    assert tx2 is not None
-    lr = optim.learning_rate_fn(cfg, total_steps=50)
-    assert math.isclose(float(lr(5)), 1e-3, rel_tol=1e-6) and float(lr(0)) == 0.0
     with pytest.raises(ValueError, match="freezes every parameter"):
         optim.make_optimizer(params, learning_rate=0.1, total_steps=10, frozen=(".",))
 
@@ -198,51 +197,7 @@ def test_train_step_descends_donates_and_keeps_shardings():
     assert params["blocks"][0]["up"].sharding.spec == P("fsdp")
     assert len(train._compiled) == 1     # one compilation for the whole loop
 
-
-def test_orbax_checkpoint_restores_onto_another_mesh(tmp_path):
-    import orbax.checkpoint as ocp
-    graphdef, params, rest = _toy(shd.make_mesh((1, 8, 1)))
-    state = nnx.merge_state(params, rest)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp_path / "toy", state)
-    mesh = shd.make_mesh((1, 2, 4))
-    _, restored = shd.load_orbax_sharded(str(tmp_path / "toy"),
-                                         lambda: Toy(rngs=nnx.Rngs(1)), mesh)
-    assert restored["blocks"][0]["up"].sharding.spec == P("fsdp", "tensor")
-    np.testing.assert_array_equal(np.asarray(restored["blocks"][0]["up"][...]),
-                                  np.asarray(params["blocks"][0]["up"][...]))
-
-
-# ------------------------------------------------------------------ HF slices and splash kernel
-
-@pytest.mark.parametrize("kind,hf_shape", [("copy", (8, 6)), ("linear", (6, 8)),
-                                           ("qkv_weight", (12, 4)), ("qkv_bias", (12,)),
-                                           ("patch", (4, 3, 2, 2, 2))])
-def test_hf_slices_match_full_layout_transform(kind, hf_shape):
-    from vlaa_jax.models.qwen2_5_vl.params import to_ours
-    hf = np.arange(math.prod(hf_shape), dtype=np.float32).reshape(hf_shape)
-    ours = to_ours(kind, hf)
-    mesh = shd.make_mesh((1, 2, 4))
-    names = {2: ("embed", "mlp"), 3: ("embed", None, "heads"), 1: ("heads",)}[ours.ndim]
-    if kind == "qkv_bias":
-        names = (None, "heads")
-    sharding = shd.logical_sharding(names, mesh, "fsdp_tp", ours.shape)
-    arr = shd.array_from_reader(ours.shape, np.float32, sharding,
-                                lambda idx: shd._hf_slice(kind, hf, idx, to_ours))
-    np.testing.assert_array_equal(np.asarray(arr), ours)
-
-
-def test_safetensors_memmap_reads_bfloat16(tmp_path):
-    import ml_dtypes
-    import torch
-    from safetensors.torch import save_file
-    t = torch.randn(4, 6).to(torch.bfloat16)
-    save_file({"w": t, "b": torch.arange(5, dtype=torch.int64)}, str(tmp_path / "x.safetensors"))
-    m = shd.safetensors_memmap(str(tmp_path / "x.safetensors"))
-    assert m["w"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(m["w"][1:3, 2:5].astype(np.float32), t.float().numpy()[1:3, 2:5])
-    np.testing.assert_array_equal(m["b"], np.arange(5))
-
+# ------------------------------------------------------------------------------------ splash kernel
 
 def test_splash_attention_matches_xla_in_interpreter():
     """Packed segments, left padding (segment 0: rows with no allowed key) and a length that is not a

@@ -5,11 +5,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.sharding.conftest import vl_forward
 from tests.sharding.vl import vl_loss
 from vlaa_jax import sharding as shd
+from vlaa_jax.models.qwen2_5_vl import from_pretrained, loading, params as hf_params, to_hf_dict
 from vlaa_jax.train import optim, step as st
 
 
@@ -19,8 +21,7 @@ def _max_diff(a, b) -> float:
 
 def _grads_on(mesh_shape, ref, rules="fsdp_tp", **run_options):
     mesh = shd.make_mesh(mesh_shape)
-    _, graphdef, state = shd.load_pretrained_sharded(ref.hf_dir, mesh, rules, **run_options)
-    params, rest = st.split_state(state)
+    graphdef, params, rest = st.split_model(from_pretrained(ref.hf_dir, mesh=mesh, rules=rules, **run_options))
     tx = optim.make_optimizer(params, learning_rate=1e-3, total_steps=10)
     train = st.make_train_step(graphdef, vl_loss, tx, params, rest, mesh, rules)
     batch = shd.shard_batch(ref.batch, shd.batch_shardings(ref.batch, mesh, rules, batch_size=8))
@@ -74,8 +75,7 @@ def test_remat_policies_identical_gradients(tiny_ref):
 
 def _sharded_logits(path, mesh_shape, ref):
     mesh = shd.make_mesh(mesh_shape)
-    _, graphdef, state = shd.load_pretrained_sharded(path, mesh)
-    from flax import nnx
+    graphdef, state = nnx.split(from_pretrained(path, mesh=mesh))
     batch = shd.shard_batch(ref.batch, shd.batch_shardings(ref.batch, mesh, batch_size=8))
     with shd.activate(mesh):
         logits = jax.jit(lambda s, b: vl_forward(nnx.merge(graphdef, s), b))(state, batch)
@@ -83,8 +83,6 @@ def _sharded_logits(path, mesh_shape, ref):
 
 
 def test_load_hf_and_converted_checkpoint_onto_fsdp_mesh(tiny_ref, tmp_path):
-    from vlaa_jax import checkpoint
-    from vlaa_jax.models.qwen2_5_vl import params as hf_params, to_hf_dict
     # HF safetensors, read slice by slice onto the mesh
     state, logits = _sharded_logits(tiny_ref.hf_dir, (1, 8, 1), tiny_ref)
     kernel = state["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -94,7 +92,7 @@ def test_load_hf_and_converted_checkpoint_onto_fsdp_mesh(tiny_ref, tmp_path):
     # a converted (Orbax) model directory, restored with a sharded target
     hf = hf_params.HFCheckpoint(tiny_ref.hf_dir)
     pure = hf_params.hf_to_state(tiny_ref.config, hf)
-    converted = checkpoint.save_model_dir(str(tmp_path / "converted"), pure, to_hf_dict(tiny_ref.config))
+    converted = loading.save_model_dir(str(tmp_path / "converted"), pure, to_hf_dict(tiny_ref.config))
     state, logits = _sharded_logits(converted, (1, 8, 1), tiny_ref)
     assert state["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp")
     np.testing.assert_allclose(np.asarray(logits), tiny_ref.logits, atol=1e-4, rtol=0)
@@ -105,8 +103,7 @@ def test_train_step_with_micro_batches_and_frozen_vision(tiny_ref):
     gets no update and no optimizer state; the step donates and keeps the placement."""
     from tests.sharding.vl import make_batch
     mesh = shd.make_mesh((2, 2, 2))
-    _, graphdef, state = shd.load_pretrained_sharded(tiny_ref.hf_dir, mesh)
-    params, rest = st.split_state(state)
+    graphdef, params, rest = st.split_model(from_pretrained(tiny_ref.hf_dir, mesh=mesh))
     second = make_batch(tiny_ref.config, batch_size=8, seed=1)
     stacked = st.stack_micro_batches([tiny_ref.batch, second])
     tx = optim.make_optimizer(params, learning_rate=1e-2, total_steps=10, frozen=("^visual/",))
@@ -139,10 +136,9 @@ def test_train_step_with_micro_batches_and_frozen_vision(tiny_ref):
 def test_splash_attention_model_matches_xla(tiny_ref, monkeypatch):
     """Both towers with attention_impl="splash" (Pallas interpreter on CPU) on a (2, 2, 2) mesh give
     the XLA logits on every real token."""
-    from flax import nnx
     monkeypatch.setenv("VLAA_SPLASH_INTERPRET", "1")
     mesh = shd.make_mesh((2, 2, 2))
-    _, graphdef, state = shd.load_pretrained_sharded(tiny_ref.hf_dir, mesh, attention_impl="splash")
+    graphdef, state = nnx.split(from_pretrained(tiny_ref.hf_dir, mesh=mesh, attention_impl="splash"))
     batch = shd.shard_batch(tiny_ref.batch, shd.batch_shardings(tiny_ref.batch, mesh, batch_size=8))
     with shd.activate(mesh):
         logits = jax.jit(lambda s, b: vl_forward(nnx.merge(graphdef, s), b))(state, batch)

@@ -23,6 +23,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+from vlaa_jax import sharding as shd
 
 # Kernel blocks (tokens): 512 is the library default; blocks are multiples of the 128 TPU lanes, and
 # sequences are padded to a multiple of 128 (padding never mixes with real tokens).
@@ -46,7 +49,6 @@ def _block(n: int, block: int) -> int:
 
 
 def _block_sizes(t: int, s: int, block: int):
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
     bq, bkv = _block(t, block), _block(s, block)
     return sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
@@ -54,7 +56,6 @@ def _block_sizes(t: int, s: int, block: int):
 
 def _per_shard(q, k, v, mask, segment_ids, *, causal, block, interpret):
     """q [B, N, T, H] (already scaled), k/v [B, N, S, H]; vmapped over B; no mesh here."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
     _, n, t, _ = q.shape
     s = k.shape[2]
     sizes = _block_sizes(t, s, block)
@@ -124,7 +125,6 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is not None and not mesh.empty and math.prod(mesh.axis_sizes) > 1:
-        from vlaa_jax import sharding as shd
         P = jax.sharding.PartitionSpec
         qspec = shd.logical_to_spec(("batch", "heads", None, None), shd.active_rules(),
                                     shape=q.shape, mesh=mesh)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vlaa_jax.train import common
-from vlaa_jax.train.checkpoint import TrainCheckpointer
+from vlaa_jax.train.checkpointer import TrainCheckpointer
 from vlaa_jax.train.metrics import MetricsWriter
 from vlaa_jax.train import step as step_lib
 
@@ -72,15 +72,15 @@ class Run:
                    params=params, rest=rest, rng=jax.random.key(config.seed))
 
     def init_training(self, *, total_updates: int, kl_coef: float = 0.0) -> None:
-        self.tx, self.schedule = common.make_optimizer(self.config, self.params, total_updates)
+        self.tx, self.schedule = common.run_optimizer(self.config, self.params, total_updates)
         self.opt_state = step_lib.init_optimizer(self.tx, self.params, self.mesh, self.rules)
         self.kl_coef = float(kl_coef)
         t = self.config.train
         self.checkpointer = TrainCheckpointer(self.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
 
     def loader(self, split: str, *, batch_size: int, mode: str, **kw):
-        loader = common.make_loader(self.config, self.workdir, split, self.tokenizer_dir, self.mcfg,
-                                    batch_size=batch_size, **kw)
+        loader = common.run_loader(self.config, self.workdir, split, self.tokenizer_dir, self.mcfg,
+                                   batch_size=batch_size, **kw)
         if loader.mode != mode:
             raise ValueError(f"config data split {split!r} gives {loader.mode!r} examples, {mode!r} needed")
         return loader
@@ -154,8 +154,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------ output
     def export(self, *, hf: bool = True) -> dict[str, str]:
-        return common.export_model(self.workdir, self.params, self.rest, self.graphdef, self.mcfg,
-                                   self.tokenizer_dir, hf=hf)
+        return common.export_model(self.workdir, self.params, self.mcfg, self.tokenizer_dir, hf=hf)
 
     def message(self, text: str) -> None:
         if jax.process_index() == 0:

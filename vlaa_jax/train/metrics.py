@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 
 def _scalar(v: Any) -> float:
@@ -36,13 +38,11 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._samples = open(os.path.join(workdir, "samples.jsonl"), "a")
         self._data = open(os.path.join(workdir, "data_order.jsonl"), "a")
         if progress_bar:
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=description,
                              dynamic_ncols=True, smoothing=0.1)
         self._last_time = time.time()
@@ -106,9 +106,3 @@ class MetricsWriter:
         self._jsonl.close()
         self._samples.close()
         self._data.close()
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL file written by `MetricsWriter` (for summaries, plots and tests)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

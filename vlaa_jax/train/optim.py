@@ -7,11 +7,12 @@ judged per block: a stacked (scanned) layer's bias [layers, N] is still a vector
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
 def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
@@ -58,7 +59,6 @@ def trainable_mask(params: Any, frozen: Sequence[str] = ()) -> Any:
 def per_block_ndim(x: Any) -> int:
     """Rank of a parameter as one block sees it: a stacked (scanned) parameter's leading "layers" axis
     (its `out_sharding` logical names, kept by nnx Variables through grads and optax) does not count."""
-    from flax import nnx
     if isinstance(x, nnx.Variable):
         names = x.get_metadata().get("out_sharding") or ()
         value = x.get_value()
@@ -68,7 +68,6 @@ def per_block_ndim(x: Any) -> int:
 
 def _decay_mask(params: Any) -> Any:
     """Weight decay on matrices only: not on vectors (norm scales, biases), stacked ones included."""
-    from flax import nnx
 
     def one(x):
         decay = per_block_ndim(x) >= 2
@@ -110,45 +109,6 @@ def make_optimizer(
             optax.masked(tx, train),
             optax.masked(optax.set_to_zero(), jax.tree.map(lambda t: not t, train)))
     return tx
-
-
-def _opt_fields(config: Any) -> Any:
-    return config.optim if hasattr(config, "optim") else config
-
-
-def _steps(opt: Any, total_steps: int | None) -> tuple[int, int]:
-    """(total, warmup) optimizer updates: `warmup_steps`, else `warmup_ratio` * total."""
-    total = total_steps if total_steps is not None else opt.get("total_steps", None)
-    if not total:
-        raise ValueError("optim: the number of optimizer updates is unknown; pass total_steps= "
-                         "(e.g. train.num_steps, or one epoch's updates)")
-    if opt.get("warmup_steps", None) is not None:
-        warmup = int(opt.get("warmup_steps"))
-    else:
-        warmup = int(round(float(opt.get("warmup_ratio", 0.0)) * total))
-    return int(total), warmup
-
-
-def optimizer_from_config(params: Any, config: Any, total_steps: int | None = None,
-                          frozen: Sequence[str] = ()) -> optax.GradientTransformation:
-    """`make_optimizer` from the `optim` sub-config (configs/base.py: learning_rate, min_learning_rate,
-    warmup_ratio or warmup_steps, weight_decay, b1, b2, eps, max_grad_norm)."""
-    opt = _opt_fields(config)
-    if "learning_rate" not in opt:
-        raise ValueError("config optim.learning_rate is required")
-    total, warmup = _steps(opt, total_steps)
-    kwargs = {k: opt[k] for k in ("min_learning_rate", "weight_decay", "b1", "b2", "eps",
-                                  "max_grad_norm") if k in opt}
-    return make_optimizer(params, learning_rate=float(opt["learning_rate"]), total_steps=total,
-                          warmup_steps=warmup, frozen=tuple(frozen), **kwargs)
-
-
-def learning_rate_fn(config: Any, total_steps: int | None = None) -> Callable[[int], float]:
-    """The schedule alone (for logging the current learning rate)."""
-    opt = _opt_fields(config)
-    total, warmup = _steps(opt, total_steps)
-    return lr_schedule(float(opt["learning_rate"]), total, warmup,
-                       float(opt.get("min_learning_rate", 0.0)))
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -42,7 +42,7 @@ def make_sft_step(config: ml_collections.ConfigDict, graphdef: Any, tx: Any, par
     return step_lib.make_train_step(
         graphdef, lambda model, batch: sft_loss(model, batch, chunk_size=chunk), tx, params, rest, mesh, rules,
         micro_batches=micro_batches or config.train.grad_accum_steps,
-        trainable=common.trainable_mask(config, params))
+        trainable=common.run_trainable_mask(config, params))
 
 
 def host_batch(batches: list[dict], mcfg, groups: int | None = None) -> tuple[dict[str, np.ndarray], int]:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlaa_jax import sharding as shd
@@ -30,13 +31,11 @@ LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, Mapping[str, 
 
 def split_model(model: Any) -> tuple[Any, Any, Any]:
     """(graphdef, params, rest): the one `nnx.split` of a training run."""
-    from flax import nnx
     return nnx.split(model, nnx.Param, ...)
 
 
 def split_state(state: Any) -> tuple[Any, Any]:
     """(params, rest) of a full nnx.State, e.g. the one `sharding.create_sharded` returns."""
-    from flax import nnx
     return nnx.split_state(state, nnx.Param, ...)
 
 
@@ -49,7 +48,6 @@ def _apply_frozen(params: Any, trainable: Any | None) -> Any:
 def _grads_fn(graphdef: Any, loss_fn: LossFn, micro_batches: int, trainable: Any | None,
               param_shardings: Any | None) -> Callable:
     """(params, rest, batch) -> (loss, aux, grads), accumulated over micro-batches with lax.scan."""
-    from flax import nnx
 
     def micro_loss(params, rest, batch):
         model = nnx.merge(graphdef, _apply_frozen(params, trainable), rest)
@@ -186,8 +184,7 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any, mesh: Mesh,
 # Micro-batches (host side)
 # --------------------------------------------------------------------------------------------------
 
-def split_micro_batches(batch: Mapping[str, np.ndarray], micro_batches: int, batch_size: int,
-                        axes: Mapping[str, Sequence[str | None]] | None = None
+def split_micro_batches(batch: Mapping[str, np.ndarray], micro_batches: int, batch_size: int
                         ) -> dict[str, np.ndarray]:
     """[.., B, ..] host fields -> [M, .., B/M, ..]: contiguous row chunks, one per micro-batch.
 
@@ -196,7 +193,7 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], micro_batches: int, bat
     """
     if batch_size % micro_batches:
         raise ValueError(f"batch size {batch_size} is not divisible by micro_batches={micro_batches}")
-    names = shd.batch_axes(batch, batch_size, axes)
+    names = shd.batch_axes(batch, batch_size)
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)

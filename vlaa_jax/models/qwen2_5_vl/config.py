@@ -256,14 +256,18 @@ def to_hf_dict(config: Qwen25VLConfig) -> dict[str, Any]:
     }
 
 
-def load_config(model_dir: str, **run_options: Any) -> Qwen25VLConfig:
-    """Reads `model_dir/config.json` (HF or vlaa-jax model directory)."""
+def read_hf_config(model_dir: str) -> dict[str, Any]:
+    """The config.json of an HF or vlaa-jax model directory, with errors that name the path."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {model_dir!r} is not a model directory")
     try:
         with open(path) as f:
-            d = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return from_hf_dict(d, source=path, **run_options)
+
+
+def load_config(model_dir: str, **run_options: Any) -> Qwen25VLConfig:
+    """Reads `model_dir/config.json` (HF or vlaa-jax model directory)."""
+    return from_hf_dict(read_hf_config(model_dir), source=os.path.join(model_dir, "config.json"), **run_options)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import vlaa_jax.models.qwen2_5_vl.layout as layout_lib
 from vlaa_jax import nn
 from vlaa_jax import sharding as shd
-from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlaa_jax.models.qwen2_5_vl.text import KVCache, TextModel, init_cache, rows_matmul, weight_major
 from vlaa_jax.models.qwen2_5_vl.vision import VisionTransformer
@@ -56,12 +56,6 @@ class Qwen25VL(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.param(
             rngs, nnx.initializers.normal(1.0 / np.sqrt(t.hidden_size)), (t.hidden_size, t.vocab_size),
             config.param_dtype, ("embed", "vocab"))
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "Qwen25VL":
-        """Same as `vlaa_jax.models.qwen2_5_vl.from_pretrained` (HF or vlaa-jax model directory)."""
-        from vlaa_jax.models.qwen2_5_vl import from_pretrained
-        return from_pretrained(path, **kwargs)
 
     # ---------------------------------------------------------------------------------- pieces
     def lm_head_weight(self) -> jax.Array:
@@ -162,6 +156,12 @@ class Qwen25VL(nnx.Module):
         out, _ = _jit_forward(self, jnp.asarray(ids, jnp.int32), jnp.asarray(position_ids), jnp.asarray(mask),
                               None if pixel_values is None else jnp.asarray(pixel_values), vision, return_hidden)
         return out
+
+
+def abstract_model(config: Qwen25VLConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and abstract state (shapes, dtypes, logical axes; no memory) of the model."""
+    abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
 
 
 @nnx.jit(static_argnums=(6,))

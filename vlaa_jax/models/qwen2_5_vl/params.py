@@ -17,7 +17,7 @@ HF tensor: HF `model.language_model.layers.{i}.X` is slice i of our `language_mo
 `visual.blocks.{i}.X`), so a tower is stacked in the checkpoint format by flipping its flag with its
 module. Stacked rows come parameter by parameter (all layers of one tensor, then the next), so a reader
 fills one stacked array at a time. Model directories written before stacking (per-layer paths such as
-`language_model.layers.{i}.X`, `visual.blocks.{i}.X`) still load: `checkpoint.load_params` restacks them against the model's
+`language_model.layers.{i}.X`, `visual.blocks.{i}.X`) still load: `loading.load_params` restacks them against the model's
 target, and `state_to_hf` reads either layout.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ import os
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
+from flax import nnx
+from safetensors import safe_open
 
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -209,7 +211,8 @@ def hf_to_state(config: Qwen25VLConfig, tensors: Mapping[str, np.ndarray] | Call
     return out
 
 
-def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+def lookup_path(tree: Any, path: tuple[str, ...]) -> Any:
+    """The node at `path` (string keys) of a pure dict whose block indices may be ints."""
     node = tree
     for k in path:
         if k in node:
@@ -226,13 +229,13 @@ def _tensor(state: Any, e: ParamEntry, stacked: dict[tuple[str, ...], np.ndarray
     parameter is converted to NumPy once, kept in `stacked` while its layers are read), or the per-layer
     array of a tree written before stacking."""
     if e.layer is None:
-        return np.asarray(_lookup(state, e.path))
+        return np.asarray(lookup_path(state, e.path))
     if e.path not in stacked:
         stacked.clear()
         try:
-            stacked[e.path] = np.asarray(_lookup(state, e.path))
+            stacked[e.path] = np.asarray(lookup_path(state, e.path))
         except KeyError:
-            return np.asarray(_lookup(state, e.per_layer_path))
+            return np.asarray(lookup_path(state, e.per_layer_path))
     x = stacked[e.path]
     if x.shape != e.our_shape():
         raise ValueError(f"state {'.'.join(e.path)!r} has shape {x.shape}, expected {e.our_shape()} "
@@ -245,7 +248,6 @@ def state_to_hf(config: Qwen25VLConfig, state: Any) -> Iterator[tuple[str, np.nd
     `state`: our nested pure dict (str or int keys), or `nnx.state(model)`; stacked layers may also come
     per layer (a model directory written before stacking)."""
     if hasattr(state, "to_pure_dict"):
-        from flax import nnx
         state = nnx.to_pure_dict(state)
     stacked: dict[tuple[str, ...], np.ndarray] = {}
     for e in param_table(config):
@@ -262,8 +264,6 @@ class HFCheckpoint:
     model.safetensors.index.json), keyed by transformers-5 names."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-        self._safe_open = safe_open
         self.hf_dir = hf_dir
         index = os.path.join(hf_dir, SAFETENSORS_INDEX)
         single = os.path.join(hf_dir, SAFETENSORS_SINGLE)
@@ -295,16 +295,13 @@ class HFCheckpoint:
         if name not in self.files:
             raise KeyError(name)
         shard, stored = self.files[name]
-        with self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
+        with safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
             return f.get_tensor(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         shard, stored = self.files[name]
-        with self._safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
+        with safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
             return tuple(f.get_slice(stored).get_shape())
-
-    def close(self):
-        """Nothing is held open between reads; kept for callers that close explicitly."""
 
 
 def check_no_unexpected(config: Qwen25VLConfig, names: Any, source: str) -> None:

@@ -8,7 +8,7 @@ One Orbax `CheckpointManager` under `workdir/checkpoints/` holds, per saved step
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
 during a save leaves the previous step as the latest loadable one; leftover temporaries are removed
 at the next start (`cleanup_tmp_directories`). Model directories for inference / export are
-`vlaa_jax.checkpoint`'s business, not this module's.
+`vlaa_jax.models.qwen2_5_vl.loading`'s business, not this module's.
 """
 from __future__ import annotations
 
