@@ -1,6 +1,6 @@
 """The GRPO update's loss and gradients with the images in one image group per data-parallel device
-(`PromptBatch.rows` with `GroupShape(groups=...)`, what the trainer builds on a mesh) equal those with all images in one group
-on one device."""
+(`PromptBatch.rows` with `GroupShape(groups=...)`, what the trainer builds on a mesh) equal those with all
+images in one group on one device."""
 from __future__ import annotations
 
 import jax
