@@ -96,6 +96,8 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
         return sft.train(config, workdir)
     if config.mode == "grpo":
         if WARM_START in config:  # eval / generate use the model as given
+            # The GRPO run's own mesh check first: a bad rollout batch must not wait for the SFT stage.
+            grpo_trainer.check_rollout_micro_batch(config, *common.make_mesh(config))
             config = starting_from(config, warm_start(config, workdir))
         return grpo_trainer.train(config, workdir)
     if config.mode == "eval":
