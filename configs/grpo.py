@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.top_p = 1.0                   # nucleus sampling; not given in the paper (1.0 = off)
     g.max_new_tokens = 1024         # response length limit in tokens; not given in the paper
     g.update_epochs = 1             # passes over each rollout batch (paper appendix C: 1 epoch)
+    g.old_logprobs = "recompute"    # old-policy log-probs when a rollout batch gets several updates:
+    #                                 "recompute" (training forward, OpenRLHF/verl) | "sampler" (the
+    #                                 sampler's, saves a forward; not with top_p < 1). One update per
+    #                                 batch always uses the update's own forward (vlaa_jax/train/grpo_step.py)
     g.dynamic_sampling = False      # drop groups whose rewards are all equal (DAPO); not in the paper
     g.logprob_chunk = 256           # tokens per chunk when turning hidden states into log-probs
     g.kl_controller = "adaptive"    # "adaptive" (OpenRLHF style, paper appendix C) or "fixed"

@@ -6,8 +6,10 @@ Pipeline (per process):
     -> shuffle(seed), reshuffled each epoch -> repeat(num_epochs)
     -> map(Preprocessor): decode + check image, Qwen2.5-VL pixel values, chat tokens      (per example)
     -> BucketBatch: collect batch_size good examples (or pack them), pad to length / pixel buckets,
-       M-RoPE position ids, vision layout                                                  (per batch)
+       M-RoPE position ids, vision layout (SFT)                                            (per batch)
     -> mp_prefetch(worker_count)       worker processes each run the steps above on a slice
+    -> GRPO: `PromptBatch` (data_pipeline.model_inputs), the typed hand-off to the rollout: per-row
+       prompts and image patches, laid out later for each generate call / update micro-batch
 Patch size, merge size, temporal patch, window size and the image token ids come from the model
 config (`make_loader(..., model=)`), so the batches fit the model they feed.
 Bad examples become `Skipped` markers in the map step; the batcher counts them into the batch's
@@ -27,11 +29,12 @@ Batch keys (numpy; B = batch_size, L = a length bucket, P = a pixel bucket, N = 
                                     max_images_per_batch packed)
     num_patches      int32 []       real rows of pixel_values
     example_mask     int32 [B]      1 = real example (0 only in a final partial batch); packed: 1 = used row
-    vision_*         int32          the vision tower's layout of the P rows (window order, segments, rotary
-                                    positions: vlaa_jax.models.qwen2_5_vl.layout.vision_layout)
-  GRPO host-side lists (length = real examples): id, source, question, ground_truth, verifier_type,
-    image_hw (original (h, w)), resized_hw, scale_xy (x, y factors original -> resized, for IoU boxes).
+    vision_*         int32          SFT: the vision tower's layout of the P rows (window order, segments,
+                                    rotary positions: vlaa_jax.models.qwen2_5_vl.layout.vision_layout)
   SFT host-side list: id.
+  GRPO batches are `PromptBatch`es built from these fields (`PromptBatch.from_loader`) and the host-side
+    lists (length = real examples) id, source, question, ground_truth, verifier_type, image_hw (original
+    (h, w)), resized_hw.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from data_pipeline.buckets import length_buckets, max_image_patches, pick_bucket
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
 from data_pipeline.demo import make_demo_data
 from data_pipeline.image import decode_image, normalize_patches, preprocess_image
+from data_pipeline.model_inputs import PromptBatch
 from data_pipeline.records import SPLIT_FILES, BadRecordSummary, DataError, Record
 from data_pipeline.vlaa_thinking import VlaaThinking, build_vlaa_thinking
 from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, mrope_positions, vision_layout
@@ -279,8 +283,7 @@ class Preprocessor:
                                 f"max_prompt_length is {c.max_prompt_length}", kind="prompt_too_long",
                                 field="question", **where)
             out.update(input_ids=ids, source=rec.source, question=rec.question, ground_truth=rec.ground_truth,
-                       verifier_type=rec.verifier_type, image_hw=feats.original_hw, resized_hw=feats.resized_hw,
-                       scale_xy=feats.scale_xy)
+                       verifier_type=rec.verifier_type, image_hw=feats.original_hw, resized_hw=feats.resized_hw)
         return out
 
 
@@ -319,6 +322,8 @@ class BatchBuilder:
         grids[: len(examples)] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
         out.update(_patches_u8=np.concatenate(pv, axis=0), _pixel_rows=np.int32(P), image_grid_thw=grids,
                    num_patches=np.int32(total))
+        if self.mode == "grpo":  # laid out per generate call / update micro-batch (PromptBatch.rows)
+            return
         v = self.model.vision
         lay = vision_layout(grids, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
                             window_size=v.window_size, num_patches_padded=P)
@@ -349,7 +354,7 @@ class BatchBuilder:
         out["example_mask"] = mask
         out["id"] = [e["id"] for e in examples]
         if self.mode == "grpo":
-            for k in ("source", "question", "ground_truth", "verifier_type", "image_hw", "resized_hw", "scale_xy"):
+            for k in ("source", "question", "ground_truth", "verifier_type", "image_hw", "resized_hw"):
                 out[k] = [e[k] for e in examples]
         return out
 
@@ -587,8 +592,10 @@ class EpochShuffleMapDataset(grain.MapDataset):
 class Loader:
     """Iterator of batches with checkpointable state and a report of skipped / truncated records."""
 
-    def __init__(self, dataset: grain.IterDataset, build_summary: dict | None, mode: str, num_records: int):
+    def __init__(self, dataset: grain.IterDataset, build_summary: dict | None, mode: str, num_records: int,
+                 max_pixels: int):
         self._dataset = dataset
+        self._max_pixels = max_pixels
         self._it = iter(dataset)
         self.mode, self.num_records = mode, num_records
         self._build_summary = BadRecordSummary.from_dict(build_summary or {})
@@ -597,10 +604,11 @@ class Loader:
     def __iter__(self) -> "Loader":
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> dict | PromptBatch:
+        """SFT: a dict of the fields above; GRPO: a PromptBatch."""
         batch = next(self._it)
         self._summary.merge(BadRecordSummary.from_dict(batch.pop("_summary")))
-        return batch
+        return PromptBatch.from_loader(batch, self._max_pixels) if self.mode == "grpo" else batch
 
     def summary(self) -> dict:
         """{"build": skipped while building the TFDS dataset, "load": skipped/truncated while loading}."""
@@ -672,4 +680,4 @@ def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *,
     source, build_summary = open_data_source(c, name, tfds_split or "train")
     mode = mode or name
     return Loader(make_dataset(source, c, mode, os.fspath(tokenizer_dir), model), build_summary, mode,
-                  len(source))
+                  len(source), c.max_pixels)

@@ -15,6 +15,7 @@ from PIL import Image
 from data_pipeline.buckets import length_buckets
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT
 from data_pipeline.loader import LoaderConfig, make_loader
+from data_pipeline.model_inputs import PromptBatch
 from data_pipeline.records import SPLIT_FILES, read_records
 from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig
 from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
@@ -44,6 +45,18 @@ def references(demo_dir, hf_processor):
     return refs
 
 
+def _prompt_fields(p: PromptBatch) -> dict:
+    """A GRPO PromptBatch in the loader's field names (the per-row images back to back)."""
+    return {"input_ids": p.input_ids, "attention_mask": p.attention_mask, "position_ids": p.position_ids,
+            "rope_deltas": p.rope_deltas, "image_grid_thw": p.grids, "pixel_values": np.concatenate(p.patches),
+            "example_mask": np.ones(len(p), np.int32), "id": [r["id"] for r in p.records],
+            "records": p.records, "image_hw": p.image_hw}
+
+
+def _ids(batch) -> list[str]:
+    return [r["id"] for r in batch.records] if isinstance(batch, PromptBatch) else batch["id"]
+
+
 def _rows(batch):
     mask = batch["attention_mask"] if "attention_mask" in batch else (batch["segment_ids"] > 0)
     return [batch["input_ids"][i][mask[i] == 1] for i in range(len(batch["input_ids"]))]
@@ -54,6 +67,8 @@ def test_batches_match_hf(demo_cfg, qwen_tokenizer_dir, qwen_tokenizer, referenc
     loader = make_loader(demo_cfg, mode, qwen_tokenizer_dir)
     cfg = LoaderConfig.from_config(demo_cfg)
     for _, batch in zip(range(3), loader):
+        if mode == "grpo":
+            batch = _prompt_fields(batch)
         B = cfg.batch_size
         ids, att = batch["input_ids"], batch["attention_mask"]
         assert ids.dtype == att.dtype == batch["position_ids"].dtype == batch["image_grid_thw"].dtype == np.int32
@@ -73,17 +88,17 @@ def test_batches_match_hf(demo_cfg, qwen_tokenizer_dir, qwen_tokenizer, referenc
             else:  # left padding; reward inputs on the host
                 assert real[-1] == ids.shape[1] - 1 and real[0] == ids.shape[1] - len(real)
                 r = ref["record"]
-                assert (batch["ground_truth"][i], batch["verifier_type"][i]) == (r.ground_truth, r.verifier_type)
+                rec = batch["records"][i]
+                assert (rec["ground_truth"], rec["verifier_type"]) == (r.ground_truth, r.verifier_type)
                 w, h = ref["size"]
-                assert tuple(batch["image_hw"][i]) == (h, w)
-                rh, rw = batch["resized_hw"][i]
-                assert (rh // 14, rw // 14) == tuple(ref["image_grid_thw"][0][1:])
-                assert batch["scale_xy"][i] == pytest.approx((rw / w, rh / h))
+                (oh, ow), (rh, rw) = batch["image_hw"][i]
+                assert (oh, ow) == (h, w) and (rh // 14, rw // 14) == tuple(ref["image_grid_thw"][0][1:])
             np.testing.assert_array_equal(batch["image_grid_thw"][i], ref["image_grid_thw"][0])
             n = len(ref["pixel_values"])
             np.testing.assert_allclose(batch["pixel_values"][offset:offset + n], ref["pixel_values"], atol=1e-6, rtol=0)
             offset += n
-        assert int(batch["num_patches"]) == offset and not batch["pixel_values"][offset:].any()
+        assert len(batch["pixel_values"]) == offset if mode == "grpo" else (
+            int(batch["num_patches"]) == offset and not batch["pixel_values"][offset:].any())
         pos, deltas = hf_rope_index(ids, (ids == IMAGE_PAD).astype(np.int64), batch["image_grid_thw"][:B], att)
         np.testing.assert_array_equal(batch["position_ids"][:, att == 1], pos[:, att == 1])
         np.testing.assert_array_equal(batch["rope_deltas"], deltas)
@@ -134,7 +149,7 @@ def test_resume_mid_epoch_yields_next_batch(demo_cfg, qwen_tokenizer_dir, pack):
 
 def test_epochs_reshuffle_and_shards_partition(demo_cfg, qwen_tokenizer_dir):
     def ids(**kw):
-        return [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, drop_remainder=False, **kw) for i in b["id"]]
+        return [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, drop_remainder=False, **kw) for i in _ids(b)]
 
     two = ids(num_epochs=2)
     n = len(two) // 2
@@ -147,9 +162,9 @@ def test_epochs_reshuffle_and_shards_partition(demo_cfg, qwen_tokenizer_dir):
 
 def test_worker_processes(demo_cfg, qwen_tokenizer_dir):
     """Two Grain worker processes give the same examples as the in-process loader."""
-    serial = [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in b["id"]]
+    serial = [i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in _ids(b)]
     loader = make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, worker_count=2)
-    got = [i for b in loader for i in b["id"]]
+    got = [i for b in loader for i in _ids(b)]
     loader.close()
     assert sorted(got) == sorted(serial)
 
@@ -165,8 +180,8 @@ def test_worker_processes_resume(demo_cfg, qwen_tokenizer_dir):
     again.set_state(state)
     nxt = next(again)
     again.close()
-    assert nxt["id"] == rest[0]["id"]
-    np.testing.assert_array_equal(nxt["input_ids"], rest[0]["input_ids"])
+    assert _ids(nxt) == _ids(rest[0])
+    np.testing.assert_array_equal(nxt.input_ids, rest[0].input_ids)
 
 
 def test_config_from_configdict(demo_cfg):
@@ -187,7 +202,7 @@ from data_pipeline.loader import make_loader
 def main(argv):
     cfg = json.loads(argv[1])
     loader = make_loader(cfg, "grpo", argv[2], worker_count=2)
-    ids = [i for b in loader for i in b["id"]]
+    ids = [r["id"] for b in loader for r in b.records]
     loader.close()
     print(json.dumps(sorted(ids)))
 
@@ -204,16 +219,17 @@ def test_workers_under_absl_app_run(demo_cfg, qwen_tokenizer_dir, tmp_path):
     out = subprocess.run([sys.executable, str(script), json.dumps(demo_cfg), qwen_tokenizer_dir], cwd=root,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr[-3000:]
-    serial = sorted(i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in b["id"])
+    serial = sorted(i for b in make_loader(demo_cfg, "grpo", qwen_tokenizer_dir) for i in _ids(b))
     assert json.loads(out.stdout.strip().splitlines()[-1]) == serial
 
 
 @pytest.mark.parametrize("vision", [VisionConfig(), VisionConfig(patch_size=16, window_size=64)],
                          ids=["qwen2.5-vl", "patch16-window64"])
 def test_geometry_from_model_config(demo_cfg, qwen_tokenizer_dir, vision):
-    """Patch size, patch width, window layout and merge size come from the model config."""
+    """Patch size, patch width, window layout and merge size come from the model config (SFT batches carry
+    the vision layout; GRPO prompts are laid out per model batch, PromptBatch.rows)."""
     model = Qwen25VLConfig(vision=vision)
-    batch = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, model=model))
+    batch = next(make_loader(demo_cfg, "sft", qwen_tokenizer_dir, model=model))
     P = len(batch["pixel_values"])
     assert batch["pixel_values"].shape[1] == vision.patch_dim
     lay = vision_layout(batch["image_grid_thw"], patch_size=vision.patch_size, window_size=vision.window_size,
@@ -223,10 +239,12 @@ def test_geometry_from_model_config(demo_cfg, qwen_tokenizer_dir, vision):
             assert f"vision_{k}" not in batch
         else:
             np.testing.assert_array_equal(batch[f"vision_{k}"], v)
-    for i, (rh, rw) in enumerate(batch["resized_hw"]):
-        assert tuple(batch["image_grid_thw"][i]) == (1, rh // vision.patch_size, rw // vision.patch_size)
-        n_tokens = int(np.prod(batch["image_grid_thw"][i])) // vision.spatial_merge_size ** 2
-        assert (batch["input_ids"][i] == IMAGE_PAD).sum() == n_tokens
+    prompts = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, model=model))
+    for i, (_, (rh, rw)) in enumerate(prompts.image_hw):
+        assert tuple(prompts.grids[i]) == (1, rh // vision.patch_size, rw // vision.patch_size)
+        assert prompts.patches[i].shape == (rh * rw // vision.patch_size ** 2, vision.patch_dim)
+        n_tokens = int(np.prod(prompts.grids[i])) // vision.spatial_merge_size ** 2
+        assert (prompts.input_ids[i] == IMAGE_PAD).sum() == n_tokens
 
 
 def test_tokenizer_must_match_model_token_ids(demo_cfg, qwen_tokenizer_dir):

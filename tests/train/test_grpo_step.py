@@ -36,7 +36,7 @@ def trainer(demo_data_dir, qwen_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(trainer):
-    prompts = trainer.prompts(trainer.loader)
+    prompts = next(trainer.loader)
     fn = trainer.step_fn
     return fn.score(fn.rollout(trainer.run.params, prompts, jax.random.key(1), n=SAMPLES))
 

@@ -63,9 +63,6 @@ class GRPOTrainer:
         g = config.grpo
         self.kl_ctl: KLController = make_kl_controller(g.kl_controller, g.init_kl_coef, g.kl_target, g.kl_horizon)
 
-    def prompts(self, loader: Any) -> PromptBatch:
-        return PromptBatch.from_loader(next(loader), self.config.data.max_pixels)
-
     # -- the loop --------------------------------------------------------------------------------
     def setup_training(self) -> int:
         """Loader, optimiser, jitted update; restores the workdir's latest checkpoint (and the KL
@@ -122,7 +119,7 @@ class GRPOTrainer:
         history = []
         try:
             for step in range(start + 1, steps + 1):
-                prompts = self.prompts(loader)
+                prompts = next(loader)
                 writer.write_data_ids(step, [r["id"] for r in prompts.records])
                 row, scored = self.step(step, prompts)
                 history.append({"step": step, "reward": row["reward"]})
@@ -152,7 +149,7 @@ class GRPOTrainer:
         config, g = self.config, self.config.grpo
         split = config.data.eval_split or config.data.train_split
         loader = self.run.loader(split, batch_size=g.eval_prompts, mode="grpo", shuffle=False, num_epochs=None)
-        prompts = self.prompts(loader)
+        prompts = next(loader)
         loader.close()
         scored = self.step_fn.score(self.step_fn.rollout(self.run.params, prompts, jax.random.key(0), n=1,
                                                          greedy=True))
@@ -228,7 +225,7 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> dict:
     split = config.data.eval_split or config.data.train_split
     loader = trainer.run.loader(split, batch_size=config.grpo.rollout_batch_prompts, mode="grpo",
                                 shuffle=False, num_epochs=None)
-    prompts = trainer.prompts(loader)
+    prompts = next(loader)
     fn = trainer.step_fn
     scored = fn.score(fn.rollout(trainer.run.params, prompts, jax.random.key(config.seed), n=config.grpo.num_samples))
     r = scored.rollout

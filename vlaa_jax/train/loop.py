@@ -3,10 +3,9 @@
 `Run` holds what every trainer needs between steps (mesh, tokenizer, model graph and state,
 optimiser, PRNG key, checkpointer) so that sft.py and grpo.py contain only their own algorithm.
 Exact resume: the checkpoint holds params, optimiser state, PRNG key data, the skipped-update
-counter (arrays), the KL-controller coefficient (JSON, float64 as the controller computes it: a
-float32 copy would change the next controller update in the last bits) and the data-iterator state
-of step s; a resumed run restores all of them and
-continues with step s + 1, so 3 + 3 steps give bitwise the parameters and data order of 6 steps.
+counter (arrays), the trainer's JSON metadata (GRPO: its KL controller's coefficient, float64 as the
+controller computes it: a float32 copy would change the next controller update in the last bits) and
+the data-iterator state of step s; a resumed run restores all of them and continues with step s + 1, so 3 + 3 steps give bitwise the parameters and data order of 6 steps.
 """
 from __future__ import annotations
 
@@ -47,34 +46,27 @@ class Run:
     schedule: Any = None
     opt_state: Any = None
     rng: Any = None
-    kl_coef: float = 0.0
     skipped: int = 0
     checkpointer: TrainCheckpointer | None = None
 
     # ------------------------------------------------------------------------------------- set-up
     @classmethod
-    def setup(cls, config: ml_collections.ConfigDict, workdir: str, *, model_path: str | None = None
-              ) -> "Run":
-        """Mesh, tokenizer and model (random tiny init, config.model.path, or `model_path`)."""
+    def setup(cls, config: ml_collections.ConfigDict, workdir: str) -> "Run":
+        """Mesh, tokenizer and model (random tiny init or config.model.path)."""
         from data_pipeline.chat import load_tokenizer
         os.makedirs(workdir, exist_ok=True)
         mesh, rules = common.make_mesh(config)
         tokenizer_dir = common.prepare_tokenizer(config, workdir)
         tokenizer = load_tokenizer(tokenizer_dir)
-        if model_path is not None:
-            config = config.copy_and_resolve_references()
-            with config.unlocked():
-                config.model.init, config.model.path = "pretrained", model_path
         mcfg = common.model_config(config, tokenizer)
         graphdef, params, rest = common.create_model(config, mcfg, mesh, rules)
         return cls(config=config, workdir=os.path.abspath(workdir), mesh=mesh, rules=rules,
                    tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, mcfg=mcfg, graphdef=graphdef,
                    params=params, rest=rest, rng=jax.random.key(config.seed))
 
-    def init_training(self, *, total_updates: int, kl_coef: float = 0.0) -> None:
+    def init_training(self, *, total_updates: int) -> None:
         self.tx, self.schedule = common.run_optimizer(self.config, self.params, total_updates)
         self.opt_state = step_lib.init_optimizer(self.tx, self.params, self.mesh, self.rules)
-        self.kl_coef = float(kl_coef)
         t = self.config.train
         self.checkpointer = TrainCheckpointer(self.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
 
@@ -99,27 +91,28 @@ class Run:
         return {"params": self.params, "opt_state": self.opt_state, "rng": common.rng_data(self.rng),
                 "skipped": jnp.asarray(self.skipped, jnp.int32)}
 
-    def restore(self, loader: Any | None) -> int:
-        """Restores the latest checkpoint of the workdir if there is one; returns its step (else 0)."""
+    def restore(self, loader: Any | None) -> tuple[int, dict[str, Any]]:
+        """Restores the latest checkpoint of the workdir if there is one; returns its step (else 0) and the
+        JSON metadata the trainer saved with it (`maybe_save(meta=...)`)."""
         step = self.checkpointer.latest_step()
         if step is None:
-            return 0
+            return 0, {}
         state, data_state, meta = self.checkpointer.restore(self._state())
         if meta.get("mode") != self.config.mode:
             raise ValueError(f"{self.checkpointer.directory}: checkpoint of step {step} was written by mode "
                              f"{meta.get('mode')!r}, this run is {self.config.mode!r}: use another --workdir")
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.rng = common.rng_key(state["rng"])
-        self.kl_coef = float(meta["kl_coef"])  # JSON keeps the float64 controller value exactly
         self.skipped = int(state["skipped"])
         if loader is not None:
             if data_state is None:
                 raise ValueError(f"checkpoint of step {step} holds no data-iterator state")
             loader.set_state(data_state)
         self.message(f"resumed from {self.checkpointer.directory} at step {step}")
-        return step
+        return step, meta
 
-    def maybe_save(self, step: int, *, last: bool, data_state: Any) -> None:
+    def maybe_save(self, step: int, *, last: bool, data_state: Any, meta: dict[str, Any] | None = None) -> None:
+        """meta: the trainer's own JSON state (e.g. the KL coefficient), returned by `restore`."""
         if not self.checkpointer.should_save(step, last=last):
             return
         if not bool(common.tree_all_finite(self.params)):
@@ -127,7 +120,7 @@ class Run:
                                  f"(latest good checkpoint: step {self.checkpointer.latest_step()})")
         self.checkpointer.save(step, self._state(), data_state=data_state,
                                meta={"mode": self.config.mode, "preset": self.config.get("preset", ""),
-                                     "kl_coef": self.kl_coef})
+                                     **(meta or {})})
 
     def finish_saves(self) -> None:
         if self.checkpointer is not None:
