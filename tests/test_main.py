@@ -101,6 +101,7 @@ def test_mode_needs_its_blocks(module, mode, match):
     ("mode", "dance", "mode"),
     ("model.attention_impl", "flash", "model.attention_impl"),
     ("grpo.ref_dtype", "float16", "grpo.ref_dtype"),
+    ("grpo.old_logprobs", "cached", "grpo.old_logprobs"),
     ("grpo.rollout_micro_batch", 3, "grpo.rollout_micro_batch"),  # does not divide the 8 prompts
     ("grpo.rollout_micro_batch", -8, "grpo.rollout_micro_batch"),
 ])

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from data_pipeline.records import SPLIT_FILES, DataError, iter_raw_json, parse_record
+from data_pipeline.records import HELDOUT_IDS_FILE, SPLIT_FILES, DataError, iter_raw_json, parse_record
 from vlaa_jax.rewards.mcq import parse_options
 
 EVAL_VERIFIER_TYPES = ("digit", "mcq", "math", "iou", "open_ended", "text")
@@ -393,7 +393,7 @@ def load_benchmark(path: str | os.PathLike, *, images_root: str | None = None, i
         found = [os.path.join(path, n) for n in SPLIT_FILES["grpo"] if os.path.isfile(os.path.join(path, n))]
         if not found:
             raise BenchmarkError(f"{path}: a directory must hold a VLAA-Thinking GRPO file {SPLIT_FILES['grpo']}")
-        heldout = os.path.join(path, "heldout_ids.txt")
+        heldout = os.path.join(path, HELDOUT_IDS_FILE)
         ids_file = ids_file or (heldout if os.path.isfile(heldout) else None)
         images_root = images_root or os.path.join(path, "images")
         path = found[0]

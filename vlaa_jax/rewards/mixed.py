@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from data_pipeline.records import VERIFIER_ALIASES  # the spellings of the reward types in the data
 from vlaa_jax.rewards.digit import digit_reward
 from vlaa_jax.rewards.extract import extract_answer
 from vlaa_jax.rewards.iou import GT_FRAMES, PRED_FRAMES, iou_reward
@@ -35,9 +36,6 @@ from vlaa_jax.rewards.mcq import mcq_reward
 from vlaa_jax.rewards.open_ended import HTTPScorer, Scorer, open_ended_rewards
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open_ended")
-VERIFIER_ALIASES = {"digit": "digit", "mcq": "mcq", "math": "math", "iou": "iou", "bbox": "iou",
-                    "open_ended": "open_ended", "open": "open_ended", "open-ended": "open_ended",
-                    "general": "open_ended"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from vlaa_jax.rl.grpo import GRPOConfig
 MODES = ("sft", "grpo", "eval", "generate")
 GRPO_BLOCKS = ("grpo", "reward")  # what modes grpo, eval and generate read beyond configs/base.py
 REF_DTYPES = ("bfloat16", "float32", "param")  # grpo.ref_dtype ("param" = model.param_dtype)
+OLD_LOGPROBS = ("recompute", "sampler")         # grpo.old_logprobs (vlaa_jax/train/grpo_step.py)
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,7 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
                 f"must divide grpo.rollout_batch_prompts={g.rollout_batch_prompts} (0 = all in one call), "
                 f"got {g.rollout_micro_batch}")
         require(g.ref_dtype in REF_DTYPES, "grpo.ref_dtype", f"one of {REF_DTYPES}, got {g.ref_dtype!r}")
+        require(g.old_logprobs in OLD_LOGPROBS, "grpo.old_logprobs", f"one of {OLD_LOGPROBS}, got {g.old_logprobs!r}")
         require(g.num_samples > 0, "grpo.num_samples", "must be positive")
         require(g.temperature > 0, "grpo.temperature", "must be positive (greedy is used for eval)")
         require(g.max_new_tokens > 0, "grpo.max_new_tokens", "must be positive")

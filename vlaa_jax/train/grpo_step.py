@@ -32,7 +32,6 @@ from vlaa_jax.train import step as step_lib
 
 # rewards, stats = reward_fn(response texts, records, (original_hw, resized_hw) per response)
 RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]], Sequence[tuple]], tuple[np.ndarray, dict]]
-OLD_LOGPROBS = ("recompute", "sampler")
 UPDATE_METRICS = ("loss", "grad_norm", "pg_loss", "kl", "kl_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean",
                   "advantage_std")
 
@@ -96,8 +95,6 @@ class GRPOSettings:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "GRPOSettings":
         g, t = config.grpo, config.train
-        if g.old_logprobs not in OLD_LOGPROBS:
-            raise ValueError(f"config key 'grpo.old_logprobs' must be one of {OLD_LOGPROBS}, got {g.old_logprobs!r}")
         loss = grpo_lib.GRPOConfig.from_config(g.loss)
         return cls(num_samples=g.num_samples, temperature=g.temperature, top_p=g.top_p,
                    max_new_tokens=g.max_new_tokens, rollout_micro_batch=g.rollout_micro_batch,
