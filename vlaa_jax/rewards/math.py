@@ -38,7 +38,7 @@ def _parse(text: str):
     parses best as it is (Math-Verify then looks for the final number/expression), and wrapped would
     read the words as a product of symbols. So prose tries the raw text first, bare math the wrapped
     text first; the first non-empty parse wins."""
-    from math_verify import parse
+    from math_verify import parse  # local: sympy-heavy (~0.6 s); only the worker processes run this
     if any(d in text for d in _DELIMS):
         return parse(text, parsing_timeout=None)
     wrapped = f"${text}$"
@@ -52,7 +52,7 @@ def _parse(text: str):
 
 def verify_math(answer: str, gt: str) -> float:
     """Unprotected Math-Verify check (1.0 / 0.0); run it through MathVerifyPool in training."""
-    from math_verify import verify
+    from math_verify import verify  # local: see _parse
     gold = _parse(str(gt))
     if not gold:
         raise ValueError(f"Math-Verify cannot parse the ground truth {gt!r}")
