@@ -53,7 +53,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen2 decoder."""
+    """The Qwen2 decoder. (Its field list looks like VisionConfig's: both mirror HF config.json keys.)"""
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 11008

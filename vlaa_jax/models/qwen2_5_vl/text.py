@@ -60,7 +60,8 @@ def decode_kernel(linear: nn.Linear, layer: int | None = None) -> jax.Array:
     return weight_major(k.reshape(k.shape[0], -1).astype(linear.dtype))
 
 
-DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+DECODE_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
 class DecodeLinear(nnx.Module):
@@ -150,6 +151,10 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm attention + SwiGLU block. Built like vision.VisionBlock, but not shared with it: the
+    attribute names are HF's parameter names (input_layernorm / self_attn vs norm1 / attn), and the call
+    signatures differ (KV cache vs window attention)."""
+
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         t = config.text
         kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
