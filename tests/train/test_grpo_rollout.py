@@ -15,7 +15,7 @@ from configs import grpo as grpo_config
 from data_pipeline import buckets
 from data_pipeline.model_inputs import PATCH_MULTIPLE, round_up
 from vlaa_jax.models.qwen2_5_vl.layout import row_length
-from vlaa_jax.rollout import Generation, concat_generations, sampler
+from vlaa_jax.rollout import Generation, concat_generations
 from vlaa_jax.train import config_check, grpo_step, grpo_trainer
 
 PROMPTS = 8
@@ -53,8 +53,8 @@ def loader(trainer):
 
 
 @pytest.fixture(scope="module")
-def prompts(trainer, loader):
-    return trainer.prompts(loader)
+def prompts(loader):
+    return next(loader)   # a PromptBatch
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def test_rollout_prompt_batches_take_a_bounded_set_of_shapes(trainer, loader):
     keys, lengths, totals, patch_rows = set(), set(), set(), set()
     with _settings(trainer, rollout_micro_batch=micro):
         for _ in range(12):
-            p = trainer.prompts(loader)
+            p = next(loader)
             for batch in fn.rollout_batches(p):
                 keys.add(grpo_step.program_key(batch, n=4, greedy=False))
                 lengths.add(batch["input_ids"].shape)
@@ -152,8 +152,8 @@ def test_attention_impl_reaches_the_trainers_model(trainer):
     assert trainer.run.mcfg.attention_impl == "cudnn"
     model = nnx.merge(trainer.run.graphdef, trainer.run.params, trainer.run.rest)
     assert model.config.attention_impl == "cudnn"
-    state = (trainer.run.params, trainer.run.rest)
-    assert sampler._model_config(trainer.run.graphdef, state).attention_impl == "cudnn"  # what rollouts run
+    fn = trainer.step_fn  # its graph is what `GRPOStep.rollout` hands to rollout.generate
+    assert nnx.merge(fn.graphdef, trainer.run.params, fn.rest).config.attention_impl == "cudnn"
 
 
 def test_concat_generations_pads_narrower_parts():
