@@ -2,7 +2,6 @@
 Qwen2.5-VL-3B shapes against hand arithmetic."""
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess

@@ -17,8 +17,8 @@ HF tensor: HF `model.language_model.layers.{i}.X` is slice i of our `language_mo
 `visual.blocks.{i}.X`), so a tower is stacked in the checkpoint format by flipping its flag with its
 module. Stacked rows come parameter by parameter (all layers of one tensor, then the next), so a reader
 fills one stacked array at a time. Model directories written before stacking (per-layer paths such as
-`language_model.layers.{i}.X`, `visual.blocks.{i}.X`) still load: `loading.load_params` restacks them against the model's
-target, and `state_to_hf` reads either layout.
+`language_model.layers.{i}.X`, `visual.blocks.{i}.X`) still load: `loading.load_params` restacks them
+against the model's target, and `state_to_hf` reads either layout.
 """
 from __future__ import annotations
 
