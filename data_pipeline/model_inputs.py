@@ -51,7 +51,7 @@ def patch_bucket(patches: int, rows: int, max_pixels: int, vision: Any) -> int:
     return buckets.pick_bucket(patches, table, "image group pixel rows")
 
 
-def full_attention_rows(max_patches: int, rows: int, patches: int) -> tuple[int, int] | bool:
+def one_image_rows(max_patches: int, rows: int, patches: int) -> tuple[int, int] | bool:
     """Per-image full-attention rows of one shape for every image group of `rows` one-image rows (none over
     `max_patches` patches): (rows, power of two >= max_patches), or False (dense) where that is no cheaper
     than attending over all `patches` slots of the group."""
@@ -115,7 +115,7 @@ class PromptBatch:
             most = max(sum(len(self.patches[i]) for i in part) for part in np.split(np.asarray(src), groups))
             longest = max(len(self.patches[i]) for i in src)
         p = patch_bucket(most, per_group, self.max_pixels, mcfg.vision)
-        return GroupShape(groups, p, full_attention_rows(longest, per_group, p))
+        return GroupShape(groups, p, one_image_rows(longest, per_group, p))
 
     def rows(self, src: np.ndarray, mcfg: Qwen25VLConfig, shape: GroupShape, *,
              responses: np.ndarray | None = None, response_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
