@@ -30,20 +30,20 @@ bfloat16, parameters (and AdamW moments) float32, remat "full".
 3. grpo: one GRPO iteration built from the trainer's pieces, NOT the full trainer (no data loader,
    no reward functions: rewards are random 0/1 on the host): rollout of `--grpo_samples` responses of
    `--grpo_new_tokens` tokens for each of `--grpo_prompts` prompts (`rollout.generate`, no stop token),
-   group advantages (`rl.grpo.group_advantages`), old-policy and reference log-probs
-   (`train.grpo.response_logprobs`, jitted, micro-batches of `--grpo_micro` rows), then optimiser
-   updates over minibatches of `--grpo_minibatch` rows (`make_train_step` + `train.grpo.grpo_loss_fn`,
-   the preset's loss, AdamW, vision trainable), as `train.grpo.GRPOTrainer.update` does. Reports
+   then the trainer's own `GRPOStep.train_batch` (group advantages, old-policy and reference log-probs,
+   micro-batches of `--grpo_micro` rows) and `GRPOStep.update` (optimiser updates over minibatches of
+   `--grpo_minibatch` rows, in micro-batches of `--grpo_micro` rows, `make_grpo_step`: the preset's
+   loss, AdamW, vision trainable) on the preset config at these sizes (`grpo_config`). Reports
    response tokens generated per second per device over the whole iteration (EasyR1: 1,800 on 8xH100
    for Qwen2.5-VL-3B; target 3,600). Memory-driven departures from the 3B preset (one device holds
    everything): the reference policy is kept in the compute dtype (`--grpo_ref compute`; the forward
    casts weights to it anyway, so its log-probs are the same) and each update is one minibatch of
-   `--grpo_minibatch` rows without gradient accumulation (the preset: 256 rows in 16 micro-batches).
+   `--grpo_minibatch` rows (the preset: 256 rows in 16 micro-batches).
 
 The sampler runs the model's graph with remat "none" and its own attention back end (`decode_graphdef`,
 `--decode_attention`); decoding has no backward pass, so the weights and the math are the same.
 Rollout weights (`--rollout_weights`): "train" passes the training parameters as they are (float32),
-as `GRPOTrainer.rollout` does today; "compute" decodes from a copy cast to the compute dtype (cast
+as `GRPOStep.rollout` does today; "compute" decodes from a copy cast to the compute dtype (cast
 once per iteration, timed), what serving engines do; the decode bound uses the dtype actually read.
 
 Each measurement: a warm-up (compile; its time reported separately), `--repeats` timed repeats,
@@ -80,11 +80,22 @@ from typing import Any, Callable
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")   # JAX preallocates 75% by default
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from benchmarks import flops as flops_lib  # noqa: E402
+from configs import grpo as grpo_configs  # noqa: E402
+from configs import sft as sft_configs  # noqa: E402
+from data_pipeline.model_inputs import PromptBatch, round_up  # noqa: E402
+from vlaa_jax import rollout  # noqa: E402
+from vlaa_jax import sharding as shd  # noqa: E402
+from vlaa_jax.models.qwen2_5_vl import Qwen25VL, abstract_model, from_hf_dict, mrope_positions  # noqa: E402
+from vlaa_jax.train import common, grpo_step, sft  # noqa: E402
+from vlaa_jax.train import step as step_lib  # noqa: E402
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) by device_kind substring, first match wins.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -134,7 +145,7 @@ class Shapes:
     grpo_image: tuple[int, int] = (32, 32)
     grpo_prompt: int = 254
     grpo_new_tokens: int = 1024               # the preset's max_new_tokens
-    grpo_micro: int = 16                      # rows per log-prob forward (preset micro-batch: 256 / 16)
+    grpo_micro: int = 8                       # rows per log-prob forward / update micro-batch (preset: 256 / 16)
     grpo_minibatch: int = 8                   # rows per optimiser update (16 would need ~76 GiB on one device)
 
 
@@ -147,7 +158,6 @@ SMOKE_SHAPES = Shapes(sft_batch=2, sft_image=(8, 8), sft_prompt=14, sft_response
 # ------------------------------------------------------------------------------------------ set-up
 def model_config(smoke: bool, **run: Any):
     """The Qwen2.5-VL-3B-Instruct architecture (or, smoke, the tiny widths of tests/fixtures) + run options."""
-    from vlaa_jax.models.qwen2_5_vl import from_hf_dict
     cfg = from_hf_dict(QWEN25_VL_3B_INSTRUCT, source="Qwen2.5-VL-3B-Instruct config.json", **run)
     if not smoke:
         return cfg
@@ -161,21 +171,15 @@ def model_config(smoke: bool, **run: Any):
 
 
 def presets():
-    from configs import grpo as grpo_configs, sft as sft_configs
     return sft_configs.get_config("vlaa_thinker_3b"), grpo_configs.get_config("vlaa_thinker_3b")
 
 
 def one_device_mesh():
-    from vlaa_jax import sharding as shd
     return shd.make_mesh((1, 1, 1), devices=[jax.devices()[0]]), shd.resolve_rules("fsdp_tp")
 
 
 def build_model(mcfg, mesh, rules, seed: int = 0):
     """(graphdef, params, rest) with random weights initialised directly on the device."""
-    from flax import nnx
-    from vlaa_jax import sharding as shd
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VL
-    from vlaa_jax.train import step as step_lib
     graphdef, state = shd.create_sharded(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
     params, rest = step_lib.split_state(state)
     return graphdef, params, rest
@@ -202,7 +206,6 @@ def decode_graphdef(mcfg, attention_impl: str | None = None):
     """Graph definition the sampler runs: the same model with remat_policy "none" (decoding has no
     backward pass; the text model skips remat with a KV cache anyway) and `attention_impl` (default: the
     model's), so decode can use another attention back end than training."""
-    from vlaa_jax.models.qwen2_5_vl import abstract_model
     return abstract_model(mcfg.replace(remat_policy="none", attention_impl=attention_impl or mcfg.attention_impl))[0]
 
 
@@ -241,8 +244,6 @@ def image_row(mcfg, rng, grid_hw: tuple[int, int], text_tokens: int) -> tuple[np
 def sft_host_batch(mcfg, shapes: Shapes, rng) -> tuple[dict, int]:
     """A loader-shaped SFT batch (right-aligned rows of equal length, loss on the response) through
     `sft.host_batch`, the trainer's host path. Returns (arrays, response tokens)."""
-    from vlaa_jax.models.qwen2_5_vl import mrope_positions
-    from vlaa_jax.train import common, sft
     B, (h, w) = shapes.sft_batch, shapes.sft_image
     low, high = _text_id_range(mcfg)
     rows, patches = [], []
@@ -259,17 +260,16 @@ def sft_host_batch(mcfg, shapes: Shapes, rng) -> tuple[dict, int]:
     pos, _ = mrope_positions(ids, grid, mask, spatial_merge_size=mcfg.vision.spatial_merge_size,
                              image_token_id=mcfg.image_token_id, vision_start_token_id=mcfg.vision_start_token_id)
     pv = np.concatenate(patches)
-    P = common.bucket(len(pv), 64)
+    P = round_up(len(pv), 64)
     pv = np.pad(pv, [(0, P - len(pv)), (0, 0)])
     batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, loss_mask=loss_mask, pixel_values=pv,
                  image_grid_thw=grid)
     return sft.host_batch([batch], mcfg, groups=1)   # one device: the trainer's data-parallel size
 
 
-def synthetic_prompts(mcfg, rng, num: int, grid_hw: tuple[int, int], text_tokens: int):
-    """`train.grpo.Prompts` of `num` image prompts of equal length (the trainer's host batch type)."""
-    from vlaa_jax.models.qwen2_5_vl import mrope_positions
-    from vlaa_jax.train.grpo import Prompts
+def synthetic_prompts(mcfg, rng, num: int, grid_hw: tuple[int, int], text_tokens: int) -> PromptBatch:
+    """The `PromptBatch` (the trainer's host prompts) of `num` image prompts of equal length; its pixel
+    budget is their image's size, so the pixel buckets fit them exactly."""
     rows = [image_row(mcfg, rng, grid_hw, text_tokens) for _ in range(num)]
     ids = np.stack([r[0] for r in rows])
     mask = np.ones_like(ids)
@@ -277,15 +277,15 @@ def synthetic_prompts(mcfg, rng, num: int, grid_hw: tuple[int, int], text_tokens
     pos, deltas = mrope_positions(ids, grids, mask, spatial_merge_size=mcfg.vision.spatial_merge_size,
                                   image_token_id=mcfg.image_token_id,
                                   vision_start_token_id=mcfg.vision_start_token_id)
-    px = (grid_hw[0] * 14, grid_hw[1] * 14)
-    return Prompts(ids=ids, mask=mask, positions=pos, deltas=deltas, patches=[r[1] for r in rows], grids=grids,
-                   records=[{"id": str(i)} for i in range(num)], image_hw=[(px, px)] * num)
+    px = (grid_hw[0] * mcfg.vision.patch_size, grid_hw[1] * mcfg.vision.patch_size)
+    return PromptBatch(input_ids=ids, attention_mask=mask, position_ids=pos, rope_deltas=deltas,
+                       patches=tuple(r[1] for r in rows), grids=grids,
+                       records=tuple({"id": str(i)} for i in range(num)), image_hw=((px, px),) * num,
+                       max_pixels=px[0] * px[1])
 
 
 # ----------------------------------------------------------------------------------------- device
 def device_info() -> dict[str, Any]:
-    import flax
-    import jaxlib
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
             "jax": jax.__version__, "jaxlib": jaxlib.__version__,
@@ -374,8 +374,6 @@ def _summary(times: list[float]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- measurements
 def measure_sft(ctx: dict) -> dict[str, Any]:
     """One SFT train step: step time, tokens/s, model FLOPs, MFU."""
-    from vlaa_jax.train import common, sft
-    from vlaa_jax.train import step as step_lib
     mcfg, shapes, mesh, rules, repeats = ctx["mcfg"], ctx["shapes"], ctx["mesh"], ctx["rules"], ctx["repeats"]
     sft_cfg = ctx["sft_preset"]
     graphdef, params, rest = take_model(ctx)
@@ -431,14 +429,14 @@ def measure_sft(ctx: dict) -> dict[str, Any]:
 
 def measure_decode(ctx: dict) -> dict[str, Any]:
     """Decode tokens/s of rollout.generate vs the HBM-bandwidth bound."""
-    from vlaa_jax import rollout
     mcfg, shapes, mesh, rules, repeats = ctx["mcfg"], ctx["shapes"], ctx["mesh"], ctx["rules"], ctx["repeats"]
     graphdef, train_params, rest = take_model(ctx)
     hand_on(ctx, graphdef, train_params, rest)
     params = cast_floating(train_params, mcfg.jnp_dtype) if ctx["rollout_weights"] == "compute" else train_params
     prompts = synthetic_prompts(mcfg, np.random.default_rng(1), shapes.decode_prompts, shapes.decode_image,
                                 shapes.decode_prompt)
-    fields = prompts.rows(np.arange(len(prompts)), mcfg)
+    idx = np.arange(len(prompts))
+    fields = prompts.rows(idx, mcfg, prompts.group_shape(idx, 1, mcfg))   # one device: one image group
     n, N = shapes.decode_samples, shapes.decode_new_tokens
     R = len(prompts) * n
     temperature = float(ctx["grpo_preset"].grpo.temperature)
@@ -492,87 +490,69 @@ def measure_decode(ctx: dict) -> dict[str, Any]:
     }
 
 
+def grpo_config(preset: Any, shapes: Shapes, *, use_ref: bool) -> Any:
+    """The GRPO preset at the benchmark's sizes: one rollout batch of `grpo_prompts` x `grpo_samples`
+    responses of `grpo_new_tokens` tokens, one generate call; optimiser updates of `grpo_minibatch` rows
+    in micro-batches of `grpo_micro` rows (the log-prob forwards' rows too); beta 0 without reference."""
+    if shapes.grpo_minibatch % shapes.grpo_micro or (shapes.grpo_prompts * shapes.grpo_samples) % shapes.grpo_minibatch:
+        raise ValueError(f"--grpo_micro {shapes.grpo_micro} must divide --grpo_minibatch {shapes.grpo_minibatch}, "
+                         f"which must divide the {shapes.grpo_prompts} x {shapes.grpo_samples} rollout rows")
+    c = preset.copy_and_resolve_references()
+    with c.unlocked():
+        g = c.grpo
+        g.rollout_batch_prompts, g.num_samples = shapes.grpo_prompts, shapes.grpo_samples
+        g.max_new_tokens, g.rollout_micro_batch = shapes.grpo_new_tokens, 0
+        c.train.batch_size, c.train.grad_accum_steps = shapes.grpo_minibatch, shapes.grpo_minibatch // shapes.grpo_micro
+        if not use_ref:
+            g.init_kl_coef = 0.0
+    return c
+
+
 def measure_grpo(ctx: dict) -> dict[str, Any]:
     """One GRPO iteration from the trainer's pieces: rollout, log-probs, updates."""
-    from flax import nnx
-    from vlaa_jax import rollout
-    from vlaa_jax import sharding as shd
-    from vlaa_jax.rl import grpo as grpo_lib
-    from vlaa_jax.train import common
-    from vlaa_jax.train import grpo as grpo_train
-    from vlaa_jax.train import step as step_lib
     mcfg, shapes, mesh, rules, repeats = ctx["mcfg"], ctx["shapes"], ctx["mesh"], ctx["rules"], ctx["repeats"]
-    cfg = ctx["grpo_preset"]
-    g = cfg.grpo
-    loss_cfg = grpo_lib.GRPOConfig.from_config(g.loss)
+    cfg = grpo_config(ctx["grpo_preset"], shapes, use_ref=ctx["grpo_ref"] != "none")
+    settings = grpo_step.GRPOSettings.from_config(cfg)
     graphdef, params, rest = take_model(ctx)
     tx, _ = common.run_optimizer(cfg, params, total_updates=1000)
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
-    train_step = grpo_train.make_grpo_step(cfg, graphdef, tx, params, rest, mesh, rules, micro_batches=1)
-    use_ref = ctx["grpo_ref"] != "none" and g.init_kl_coef > 0
+    # The rollout (its own generate call) and the rewards (random) are the benchmark's: no tokenizer, no reward.
+    step = grpo_step.GRPOStep(settings, graphdef, rest, mcfg, mesh, rules, stop_ids=(), pad_id=ctx["pad_id"],
+                              detokenize=None, reward_fn=None,
+                              train_step=grpo_step.make_grpo_step(cfg, graphdef, tx, params, rest, mesh, rules))
     ref_params = None
-    if use_ref:
-        ref_params = cast_floating(params, mcfg.jnp_dtype) if ctx["grpo_ref"] == "compute" else \
-            jax.tree.map(jnp.copy, params)
-    logprob_fn = jax.jit(lambda p, r, b: grpo_train.response_logprobs(
-        nnx.merge(graphdef, p, r), b, chunk_size=g.logprob_chunk, temperature=g.temperature)[0])
+    if settings.use_ref:
+        ref_dtype = jnp.dtype(mcfg.jnp_dtype).name if ctx["grpo_ref"] == "compute" else "param"
+        ref_params = grpo_step.reference_params(params, ref_dtype)
     prompts = synthetic_prompts(mcfg, np.random.default_rng(2), shapes.grpo_prompts, shapes.grpo_image,
                                 shapes.grpo_prompt)
-    n, N = shapes.grpo_samples, shapes.grpo_new_tokens
-    micro, minibatch = shapes.grpo_micro, shapes.grpo_minibatch
-    prompt_fields = prompts.rows(np.arange(len(prompts)), mcfg)
+    n, N = settings.num_samples, settings.max_new_tokens
+    prompt_fields = step.rollout_batches(prompts)[0]     # grpo.rollout_micro_batch 0: one generate call
     host_rng = np.random.default_rng(3)
     sampler_graphdef = decode_graphdef(mcfg, ctx["decode_attention"])
-
-    def put(fields, rows):
-        return common.put_batch(fields, mesh, rules, batch_size=rows)
 
     def iteration(seed: int) -> dict[str, float]:
         nonlocal params, opt_state
         t0 = time.perf_counter()
         weights = cast_floating(params, mcfg.jnp_dtype) if ctx["rollout_weights"] == "compute" else params
         gen = rollout.generate(sampler_graphdef, (weights, rest), prompt_fields, max_new_tokens=N, num_samples=n,
-                               sampling=rollout.SamplingConfig(temperature=g.temperature, top_p=g.top_p),
+                               sampling=rollout.SamplingConfig(temperature=settings.temperature, top_p=settings.top_p),
                                rng=seed, stop_ids=(), pad_id=ctx["pad_id"], mesh=mesh, rules=rules,
                                new_token_buckets=(N,))
         del weights
         t1 = time.perf_counter()
-        src = np.repeat(np.arange(len(prompts)), n)
-        rewards = host_rng.integers(0, 2, len(src)).astype(np.float32)    # stand-in for the reward functions
-        adv = np.asarray(grpo_lib.group_advantages(rewards.reshape(len(prompts), n), mode=loss_cfg.advantage_mode,
-                                                   eps=loss_cfg.advantage_eps)).reshape(-1)
-        tokens, resp_mask = gen.tokens, gen.mask
-        def build(idx):   # one pixel bucket per row count, as the trainer (a fixed micro-batch size)
-            p = common.bucket(prompts.max_patches() * len(idx), 64)
-            b = prompts.rows(src[idx], mcfg, num_patches=p, responses=tokens[idx], response_mask=resp_mask[idx],
-                             full_rows=grpo_train.update_full_rows(prompts.max_patches(), len(idx), p))
-            b.pop("rope_deltas")
-            return dict(b, response_mask=resp_mask[idx])
-
-        chunks = [np.arange(i, min(i + micro, len(src))) for i in range(0, len(src), micro)]
-        with shd.activate(mesh, rules):
-            old = [logprob_fn(params, rest, put(build(c), len(c))) for c in chunks]
-            old_logp = np.concatenate([np.asarray(x) for x in jax.device_get(old)])
-            ref_logp = None
-            if use_ref:
-                ref = [logprob_fn(ref_params, rest, put(build(c), len(c))) for c in chunks]
-                ref_logp = np.concatenate([np.asarray(x) for x in jax.device_get(ref)])
+        rows = len(prompts) * n
+        sampled = grpo_step.Rollout(prompts, np.repeat(np.arange(len(prompts)), n), gen.tokens, gen.mask,
+                                    gen.logprobs, ("",) * rows)   # texts: not decoded, the rewards are random
+        rewards = host_rng.integers(0, 2, rows).astype(np.float32)    # stand-in for the reward functions
+        batch = step.train_batch(grpo_step.ScoredRollout(sampled, rewards, {}), params, ref_params,
+                                 float(cfg.grpo.init_kl_coef))
         t2 = time.perf_counter()
-        order = host_rng.permutation(len(src))
-        losses = []
-        for s in range(0, len(src), minibatch):
-            idx = order[s:s + minibatch]
-            b = build(idx)
-            norm = float(grpo_lib.loss_normalizer(resp_mask[idx], loss_cfg.loss_agg_mode))
-            b.update(old_logp=old_logp[idx], advantages=adv[idx].astype(np.float32),
-                     kl_coef=np.float32(g.init_kl_coef), loss_normalizer=np.float32(max(norm, 1.0)))
-            if ref_logp is not None:
-                b["ref_logp"] = ref_logp[idx]
-            params, opt_state, metrics = train_step(params, opt_state, rest, put(b, len(idx)))
-            losses.append(float(jax.device_get(metrics["loss"])))
+        params, opt_state, result = step.update(params, opt_state, batch, jax.random.key(seed))
         t3 = time.perf_counter()
         return {"iteration_s": t3 - t0, "rollout_s": t1 - t0, "logprobs_s": t2 - t1, "update_s": t3 - t2,
-                "response_tokens": int(resp_mask.sum()), "updates": len(losses), "loss": losses[-1]}
+                "response_tokens": int(sampled.mask.sum()), "updates": settings.updates_per_step,
+                "loss": result.metrics["loss"]}
 
     first = iteration(0)                       # compiles generate, the log-prob forward and the step
     runs = [iteration(1 + i) for i in range(repeats)]
@@ -580,14 +560,14 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
     resp = statistics.median(r["response_tokens"] for r in runs)
     per_device = resp / med["iteration_s"] / len(mesh.devices.flat)
     return {
-        "what": "one GRPO iteration built from the trainer's pieces (rollout.generate, response_logprobs, "
-                "make_train_step + grpo_loss_fn; random 0/1 rewards), not the full GRPOTrainer",
+        "what": "one GRPO iteration built from the trainer's pieces (rollout.generate, GRPOStep.train_batch and "
+                "GRPOStep.update; random 0/1 rewards), not the full GRPOTrainer",
         "shapes": {"prompts": len(prompts), "samples_per_prompt": n, "rows": len(prompts) * n,
                    "prompt_tokens": int(prompt_fields["input_ids"].shape[1]), "new_tokens": N,
-                   "logprob_micro_rows": micro, "update_minibatch_rows": minibatch,
+                   "logprob_micro_rows": settings.micro, "update_minibatch_rows": settings.batch_size,
                    "updates_per_iteration": runs[0]["updates"] if runs else first["updates"]},
         "rollout_weights": ctx["rollout_weights"], "rollout_attention": ctx["decode_attention"] or mcfg.attention_impl,
-        "reference": ctx["grpo_ref"] if use_ref else "none",
+        "reference": ctx["grpo_ref"] if settings.use_ref else "none",
         "first_iteration_s": first["iteration_s"], "first_iteration": first,
         "iterations": runs, **{f"median_{k}": v for k, v in med.items()},
         "response_tokens_per_iteration": resp,
@@ -772,8 +752,6 @@ def run(argv=None) -> dict[str, Any]:
 
 
 def _abstract_params(mcfg):
-    from flax import nnx
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VL
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0)))
     return nnx.state(model, nnx.Param)

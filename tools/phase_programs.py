@@ -9,11 +9,12 @@
 Each phase is built from the project's own functions, the way the trainers call them:
   rollout   `rollout.sampler._compiled(...)` (the jitted `_generate`: prefill, `num_samples` copies of the
             cache, decode loop) on one generate call of `grpo.rollout_micro_batch` prompts, its host batch
-            from `GRPOTrainer.rollout_batches`;
-  logprobs  `train.grpo.response_logprobs` jitted as `GRPOTrainer._forward_logprobs` does, on one
-            micro-batch (`train.batch_size / grad_accum_steps` rows) of prompt + response; `ref_logprobs`
-            is the same program on the `grpo.ref_dtype` reference copy;
-  update    `train.grpo.make_grpo_step(...).lower(...)`: the optimiser update with gradient accumulation
+            from `GRPOStep.rollout_batches` (train/grpo_step.py);
+  logprobs  the `GRPOStep`'s jitted `response_logprobs` (its old-policy and reference forwards), on one
+            micro-batch (`train.batch_size / grad_accum_steps` rows, `GRPOStep.micro_batch`) of prompt +
+            response; `ref_logprobs` is the same program on the `grpo.ref_dtype` reference copy; there is
+            no `logprobs` phase unless the old-policy log-probs are recomputed (`old_logprob_source`);
+  update    `grpo_step.make_grpo_step(...).lower(...)`: the optimiser update with gradient accumulation
             over `grad_accum_steps` micro-batches;
   sft       `train.sft.make_sft_step(...).lower(...)` on `sft.host_batch` micro-batches;
   prefill   `rollout.sampler.prefill` alone (the rollout's FLOPs without the decode loop).
@@ -34,19 +35,28 @@ import os
 import re
 import subprocess
 import sys
-import types
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from data_pipeline.model_inputs import PromptBatch
 from vlaa_jax import sharding as shd
+from vlaa_jax.models.qwen2_5_vl import Qwen25VL, layout
+from vlaa_jax.rollout import sampler
+from vlaa_jax.rollout.sampling import SamplingConfig
+from vlaa_jax.train import common, grpo_step, sft
+from vlaa_jax.train import step as step_lib
 
 GRPO_PHASES = ("rollout", "logprobs", "ref_logprobs", "update")
 PHASES = GRPO_PHASES + ("sft", "prefill")
 PATCH = 14          # pixels per patch side
 TEXT_ID = 3         # any ordinary token id
+# The Qwen chat format's stop and pad ids, what data_pipeline.tokenizer.stop_ids / pad_id give for its
+# tokenizer (a workload has none): the rollout program depends only on how many stop ids there are.
+STOP_IDS, PAD_ID = (151643, 151645), 151643
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +76,7 @@ class Workload:
     cache_new_tokens: int = 0        # the sampler's compiled bucket for it (cache = prompt + this)
     use_ref: bool = False
     ref_dtype: str = "bfloat16"
-    on_policy: bool = False          # one update per rollout batch: no old-policy forward
+    old_logprobs: str = "recompute"  # `grpo_step.old_logprob_source`: "recompute" runs a log-prob forward
     weight_major: bool = False       # decode on transposed weight copies (the sampler's CPU default)
 
     @property
@@ -82,7 +92,7 @@ class Workload:
         if self.mode == "sft":
             return ("sft",)
         out = ["rollout"]
-        if not self.on_policy:
+        if self.old_logprobs == "recompute":
             out.append("logprobs")
         if self.use_ref:
             out.append("ref_logprobs")
@@ -91,7 +101,6 @@ class Workload:
     @classmethod
     def from_config(cls, config: Any, model: Any, *, weight_major: bool = False, **overrides: Any) -> "Workload":
         """`model`: the architecture and run options (e.g. `plan_memory.model_from_trainer_config(config)`)."""
-        from vlaa_jax.rollout import sampler
         d, t = config.data, config.train
         side = max(2, int(math.isqrt(int(d.max_pixels))) // (PATCH * 2) * 2)
         kw: dict[str, Any] = dict(config=config, model=model, image_grid=(side, side),
@@ -99,15 +108,13 @@ class Workload:
                                   micro_rows=int(t.batch_size) // int(t.grad_accum_steps),
                                   weight_major=weight_major)
         if config.get("mode", "sft") == "grpo":
-            g = config.grpo
-            updates = g.update_epochs * g.rollout_batch_prompts * g.num_samples // t.batch_size
-            kw.update(rollout_prompts=int(g.rollout_micro_batch or g.rollout_batch_prompts),
-                      num_samples=int(g.num_samples), prompt_len=int(d.max_prompt_length),
-                      new_tokens=int(g.max_new_tokens),
-                      cache_new_tokens=sampler.new_token_bucket(int(g.max_new_tokens)),
-                      seq_len=int(d.max_prompt_length) + int(g.max_new_tokens),
-                      use_ref=float(g.init_kl_coef) > 0, ref_dtype=str(g.get("ref_dtype", "bfloat16")),
-                      on_policy=updates == 1)
+            g, s = config.grpo, grpo_step.GRPOSettings.from_config(config)
+            kw.update(rollout_prompts=int(s.rollout_micro_batch or g.rollout_batch_prompts),
+                      num_samples=int(s.num_samples), prompt_len=int(d.max_prompt_length),
+                      new_tokens=int(s.max_new_tokens),
+                      cache_new_tokens=sampler.new_token_bucket(int(s.max_new_tokens)),
+                      seq_len=int(d.max_prompt_length) + int(s.max_new_tokens),
+                      use_ref=s.use_ref, ref_dtype=str(g.ref_dtype), old_logprobs=grpo_step.old_logprob_source(s))
         else:
             kw.update(seq_len=int(d.max_length))
         kw.update(overrides)
@@ -115,6 +122,16 @@ class Workload:
 
     def replace(self, **kw: Any) -> "Workload":
         return dataclasses.replace(self, **kw)
+
+    def trainer_config(self) -> Any:
+        """The trainer config with this workload's batch sizes (`replace` may have changed them)."""
+        c = self.config.copy_and_resolve_references()
+        with c.unlocked():
+            c.train.batch_size, c.train.grad_accum_steps = self.micro_rows * self.micro_batches, self.micro_batches
+            if self.mode == "grpo":
+                c.grpo.rollout_micro_batch, c.grpo.num_samples = self.rollout_prompts, self.num_samples
+                c.grpo.max_new_tokens = self.new_tokens
+        return c
 
 
 # --------------------------------------------------------------------------------------- host batches
@@ -125,10 +142,8 @@ def _image_ids(model, grid: tuple[int, int], text: int) -> np.ndarray:
                            [model.vision_end_token_id], np.full(text, TEXT_ID)]).astype(np.int32)
 
 
-def synthetic_prompts(w: Workload, num: int):
-    """`train.grpo.Prompts` of `num` full-length image prompts (one-column patches)."""
-    from vlaa_jax.models.qwen2_5_vl import layout
-    from vlaa_jax.train.grpo import Prompts
+def synthetic_prompts(w: Workload, num: int) -> PromptBatch:
+    """The `PromptBatch` of `num` full-length image prompts (one-column patches)."""
     m = w.model
     image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
     text = w.prompt_len - image_tokens - 2
@@ -141,63 +156,54 @@ def synthetic_prompts(w: Workload, num: int):
                                          image_token_id=m.image_token_id,
                                          vision_start_token_id=m.vision_start_token_id)
     px = tuple(s * PATCH for s in w.image_grid)
-    return Prompts(ids=ids, mask=mask, positions=pos, deltas=deltas,
-                   patches=[np.zeros((w.image_patches, 1), np.float32)] * num, grids=grids,
-                   records=[{"id": str(i)} for i in range(num)], image_hw=[(px, px)] * num)
+    return PromptBatch(input_ids=ids, attention_mask=mask, position_ids=pos, rope_deltas=deltas,
+                       patches=(np.zeros((w.image_patches, 1), np.float32),) * num, grids=grids,
+                       records=tuple({"id": str(i)} for i in range(num)), image_hw=((px, px),) * num,
+                       max_pixels=int(w.config.data.max_pixels))
 
 
-def _trainer_view(w: Workload, mesh, rules):
-    """What `GRPOTrainer.rollout_batches` / `image_groups` read of a trainer: its config, model config,
-    mesh and rules (so the rollout host batches are the trainer's own)."""
-    from vlaa_jax.train.grpo import GRPOTrainer
-    view = types.SimpleNamespace(config=w.config, run=types.SimpleNamespace(mcfg=w.model, mesh=mesh, rules=rules))
-    view.image_groups = types.MethodType(GRPOTrainer.image_groups, view)
-    return view
+def layout_step(w: Workload, mesh, rules, graphdef: Any = None, rest: Any = None) -> grpo_step.GRPOStep:
+    """The trainer's `GRPOStep` for a workload's sizes, for its host layout (`rollout_batches`,
+    `update_shape`, `micro_batch`: they read neither the model, nor a tokenizer, nor the reward, so a
+    workload without them passes none) and, given the graph, its jitted log-prob forward."""
+    return grpo_step.GRPOStep(grpo_step.GRPOSettings.from_config(w.trainer_config()), graphdef, rest, w.model,
+                              mesh, rules, stop_ids=STOP_IDS, pad_id=PAD_ID, detokenize=None, reward_fn=None)
 
 
 def rollout_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
-    """One generate call's prompt batch (`w.rollout_prompts` prompts), as `GRPOTrainer.rollout_batches`
+    """One generate call's prompt batch (`w.rollout_prompts` prompts), as `GRPOStep.rollout_batches`
     lays it out."""
-    from vlaa_jax.train.grpo import GRPOTrainer
-    config = w.config.copy_and_resolve_references()
-    with config.unlocked():
-        config.grpo.rollout_micro_batch = w.rollout_prompts
-    prompts = synthetic_prompts(w, w.rollout_prompts)
-    return GRPOTrainer.rollout_batches(_trainer_view(w.replace(config=config), mesh, rules), prompts)[0]
+    return layout_step(w, mesh, rules).rollout_batches(synthetic_prompts(w, w.rollout_prompts))[0]
 
 
 def grpo_host_batch(w: Workload, mesh, rules, *, forward: bool = False) -> dict[str, np.ndarray]:
-    """One update micro-batch (or, `forward`, one log-prob forward micro-batch) as `GRPOTrainer.update`
-    builds it: prompts + full-length responses, image groups per data-parallel device."""
-    from vlaa_jax.train import grpo as grpo_train
+    """One update micro-batch (or, `forward`, one log-prob forward micro-batch) as `GRPOStep.update`
+    (`train_batch`) builds it: prompts + full-length responses, image groups per data-parallel device."""
     rows, T = w.micro_rows, w.new_tokens
+    f32 = np.float32
+    step = layout_step(w, mesh, rules)
     prompts = synthetic_prompts(w, rows)
-    groups = _trainer_view(w, mesh, rules).image_groups(rows)
-    per_group = rows // groups
-    p = grpo_train.update_patch_bucket(prompts.max_patches() * per_group, per_group, w.config.data.max_pixels)
-    full_rows = grpo_train.update_full_rows(prompts.max_patches(), per_group, p)
-    tokens = np.full((rows, T), TEXT_ID, np.int32)
     mask = np.ones((rows, T), np.int32)
-    b = prompts.rows(np.arange(rows), w.model, num_patches=p, responses=tokens, response_mask=mask,
-                     full_rows=full_rows, groups=groups)
-    b["response_mask"] = mask
+    rollout = grpo_step.Rollout(prompts, np.arange(rows), np.full((rows, T), TEXT_ID, np.int32), mask,
+                                np.zeros((rows, T), f32), ("",) * rows)
+    zeros = np.zeros((rows, T), f32)
+    batch = grpo_step.TrainBatch(grpo_step.ScoredRollout(rollout, np.zeros(rows, f32), {}), np.zeros(rows, f32),
+                                 mask, None if w.old_logprobs == "update" else zeros, zeros if w.use_ref else None,
+                                 kl_coef=1e-3)
+    b = step.micro_batch(batch, np.arange(rows), step.update_shape(prompts))
     if forward:
         return b
-    b.pop("rope_deltas")
-    f32 = np.float32
-    b.update(advantages=np.zeros(rows, f32), kl_coef=f32(1e-3), loss_normalizer=f32(T))
-    if not w.on_policy:
-        b["old_logp"] = np.zeros((rows, T), f32)
-    if w.use_ref:
-        b["ref_logp"] = np.zeros((rows, T), f32)
+    b.update(advantages=batch.advantages, kl_coef=f32(batch.kl_coef), loss_normalizer=f32(T))
+    if batch.old_logp is not None:
+        b["old_logp"] = batch.old_logp
+    if batch.ref_logp is not None:
+        b["ref_logp"] = batch.ref_logp
     return b
 
 
 def sft_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
     """One SFT micro-batch through `sft.host_batch` (the trainer's host path, one image group and one
     target list per data-parallel device): image, 256 prompt tokens, the response up to `data.max_length`."""
-    from vlaa_jax.models.qwen2_5_vl import layout
-    from vlaa_jax.train import sft
     m, rows = w.model, w.micro_rows
     image_tokens = w.image_patches // m.vision.spatial_merge_size ** 2
     text = w.seq_len - image_tokens - 2
@@ -253,10 +259,6 @@ class PhasePrograms:
     """Abstract state and the lowered phase programs of a workload on `mesh`."""
 
     def __init__(self, w: Workload, mesh, rules: Any = None):
-        from flax import nnx
-        from vlaa_jax.models.qwen2_5_vl import Qwen25VL
-        from vlaa_jax.train import common
-        from vlaa_jax.train import step as step_lib
         self.w, self.mesh = w, mesh
         self.rules = shd.resolve_rules(rules if rules is not None else w.config.get("sharding", {}).get("rules"))
         self.graphdef, state, _ = shd.abstract_state(lambda: Qwen25VL(w.model, rngs=nnx.Rngs(0)), mesh, self.rules)
@@ -301,7 +303,6 @@ class PhasePrograms:
         return {k: v for k, v in host.items() if k != "pixel_values" and not k.startswith("vision_")}
 
     def _rollout_fields(self, images: bool) -> dict:
-        from vlaa_jax.rollout import sampler
         host = self._without_images(rollout_host_batch(self.w, self.mesh, self.rules), images)
         keep = ("input_ids", "attention_mask", "position_ids", "rope_deltas", "pixel_values")
         host = {k: v for k, v in host.items()
@@ -310,27 +311,23 @@ class PhasePrograms:
         return abstract_batch(host, self.mesh, self.rules, model=self.w.model, dtypes=dtypes)
 
     def _rollout(self, images: bool) -> tuple[Callable, tuple]:
-        from vlaa_jax.rollout import sampler
-        from vlaa_jax.rollout.sampling import SamplingConfig
         w, g = self.w, self.w.config.grpo
         sampling = SamplingConfig(temperature=float(g.temperature), top_p=float(g.top_p))
         fn = sampler._compiled(  # pylint: disable=protected-access -- the sampler's own jitted program
             self.graphdef, num_samples=w.num_samples, new_tokens=w.cache_new_tokens, greedy=sampling.greedy,
             top_k=int(sampling.top_k), use_top_p=sampling.top_p < 1.0,
-            stop_ids=sampler.default_stop_ids(w.model), pad_id=sampler.ENDOFTEXT_ID % w.model.text.vocab_size,
-            return_logits=False, weight_major=w.weight_major)
+            stop_ids=STOP_IDS, pad_id=PAD_ID, return_logits=False, weight_major=w.weight_major)
         state = (self.params, self.rest)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
         decode = self._decode_weights(state) if w.weight_major else None
         args = (state, self._rollout_fields(images), key, scalar(jnp.float32), scalar(jnp.float32),
-                scalar(jnp.int32), decode)
+                scalar(jnp.int32), decode, scalar(jnp.int32))   # as `rollout.generate` passes them
         return fn.lower, args
 
     def _decode_weights(self, state):
         """Abstract `sampler.decode_weights(graphdef, state)`, placed as its jitted maker places them."""
-        from vlaa_jax.rollout import sampler
         maker = sampler._decode_weights_fn(self.graphdef)  # pylint: disable=protected-access
         with shd.activate(self.mesh, self.rules):
             out = maker.lower(state).compile().output_shardings
@@ -338,8 +335,6 @@ class PhasePrograms:
         return _abstract(shapes, out)
 
     def _prefill(self, images: bool) -> tuple[Callable, tuple]:
-        from flax import nnx
-        from vlaa_jax.rollout import sampler
         w, graphdef = self.w, self.graphdef
         fn = jax.jit(lambda p, r, b: sampler.prefill(nnx.merge(graphdef, p, r), b,
                                                      w.prompt_len + w.cache_new_tokens))
@@ -350,12 +345,9 @@ class PhasePrograms:
         return abstract_batch(host, self.mesh, self.rules, model=self.w.model)
 
     def _logprob_fn(self) -> Callable:
-        """`GRPOTrainer._forward_logprobs`'s jitted function."""
-        from flax import nnx
-        from vlaa_jax.train import grpo as grpo_train
-        g, graphdef = self.w.config.grpo, self.graphdef
-        return jax.jit(lambda p, r, b: grpo_train.response_logprobs(
-            nnx.merge(graphdef, p, r), b, chunk_size=g.logprob_chunk, temperature=g.temperature)[0])
+        """The jitted log-prob forward of the trainer's `GRPOStep` (old-policy and reference log-probs)."""
+        step = layout_step(self.w, self.mesh, self.rules, self.graphdef, self.rest)
+        return step._logprob_fn  # pylint: disable=protected-access -- the step's own jitted program
 
     def _logprobs(self, images: bool) -> tuple[Callable, tuple]:
         return self._logprob_fn().lower, (self.params, self.rest, self._forward_batch(images))
@@ -364,16 +356,14 @@ class PhasePrograms:
         return self._logprob_fn().lower, (self.ref_params, self.rest, self._forward_batch(images))
 
     def _update(self, images: bool) -> tuple[Callable, tuple]:
-        from vlaa_jax.train import grpo as grpo_train
         w = self.w
         host = self._without_images(grpo_host_batch(w, self.mesh, self.rules), images)
         batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)
-        step = grpo_train.make_grpo_step(w.config, self.graphdef, self.tx, self.params, self.rest, self.mesh,
-                                         self.rules, micro_batches=w.micro_batches)
+        step = grpo_step.make_grpo_step(w.trainer_config(), self.graphdef, self.tx, self.params, self.rest,
+                                        self.mesh, self.rules)
         return step.lower, (self.params, self.opt_state, self.rest, batch)
 
     def _sft(self, images: bool) -> tuple[Callable, tuple]:
-        from vlaa_jax.train import sft
         w = self.w
         host = self._without_images(sft_host_batch(w, self.mesh, self.rules), images)
         batch = abstract_batch(host, self.mesh, self.rules, model=w.model, micro_batches=w.micro_batches)

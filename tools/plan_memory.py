@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -42,7 +43,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from flax import nnx  # noqa: E402
+
+from tools import phase_programs as pp  # noqa: E402
 from vlaa_jax import sharding as shd  # noqa: E402
+from vlaa_jax.models.qwen2_5_vl import (  # noqa: E402
+    Qwen25VL, Qwen25VLConfig, TextConfig, VisionConfig, from_hf_dict, layout, load_config)
+from vlaa_jax.train import common  # noqa: E402
+from vlaa_jax.train import optim as optim_lib  # noqa: E402
 
 GiB = 1024 ** 3
 LAYOUT_KEYS = ("window_index", "reverse_index", "window_segments", "full_segments", "rotary_hw",
@@ -55,7 +63,6 @@ LAYOUT_KEYS = ("window_index", "reverse_index", "window_segments", "full_segment
 
 def builtin_config(size: str, **run_options: Any):
     """Qwen2.5-VL-3B / 7B-Instruct architectures (their released config.json values)."""
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
     size = size.lower().rstrip("b")
     if size == "3":
         return Qwen25VLConfig(text=TextConfig(), vision=VisionConfig(), tie_word_embeddings=True,
@@ -70,8 +77,6 @@ def builtin_config(size: str, **run_options: Any):
 
 def _tiny_config(tiny: Any, **run_options: Any):
     """Qwen25VLConfig from the trainer config's `model.tiny` dict (configs/base.py TINY_MODEL)."""
-    import dataclasses
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
     t = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(tiny).items()}
     text_fields = {f.name for f in dataclasses.fields(TextConfig)}
     vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
@@ -107,7 +112,6 @@ def model_from_trainer_config(c: Any, remat: str | None = None):
         return _tiny_config(m.tiny, **run)
     path = m.get("path", "")
     if path and os.path.isfile(os.path.join(path, "config.json")):
-        from vlaa_jax.models.qwen2_5_vl import load_config
         return load_config(path, **run)
     hint = f"{path} {c.get('preset', '')}".lower()
     for size in ("7b", "3b"):
@@ -134,7 +138,6 @@ def _per_device_bytes(shape, dtype, names, mesh, rules) -> int:
 
 def tree_bytes(tree: Any, mesh, rules) -> tuple[int, int, int]:
     """(total elements, global bytes, per-device bytes) of an abstract tree of (nnx.Variable) arrays."""
-    from flax import nnx
     count = total = per_device = 0
     for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         if isinstance(leaf, nnx.Variable):
@@ -152,7 +155,6 @@ def tree_bytes(tree: Any, mesh, rules) -> tuple[int, int, int]:
 
 def _vision_rows(config, rows: int, images: int, patches: int) -> tuple[int, int] | None:
     """(R, Lr) of the per-image full-attention rows of a micro-batch (None: dense over all patches)."""
-    from vlaa_jax.models.qwen2_5_vl import layout
     unit = config.vision.spatial_merge_size ** 2
     per_image = max(unit, patches // unit * unit)
     return layout.full_attention_rows([per_image] * rows * images, rows * images * per_image) if images else None
@@ -180,7 +182,6 @@ def micro_batch_spec(config, rows: int, seq_len: int, images: int, patches: int)
 
 def next_token_loss(model, batch):
     """Token-mean next-token cross-entropy over `loss_mask` (the SFT loss) from full logits."""
-    from vlaa_jax.models.qwen2_5_vl import layout
     vision = None
     if "pixel_values" in batch:
         vision = layout.layout_from_fields(batch, prefix="")
@@ -194,7 +195,6 @@ def next_token_loss(model, batch):
 
 def activation_bytes(graphdef, params, rest, batch, trainable=None) -> tuple[int, int]:
     """(residual bytes kept for the backward pass, of which parameter-shaped) for one micro-batch."""
-    from flax import nnx
 
     def loss(p, b):
         if trainable is not None:
@@ -267,8 +267,6 @@ def step_flops(config, rows: int, seq_len: int, images: int, patches: int,
 @functools.lru_cache(maxsize=4)
 def abstract_model(config) -> tuple[Any, Any, Any]:
     """(graphdef, abstract params, abstract rest) of the model: shapes and logical names only."""
-    from flax import nnx
-    from vlaa_jax.models.qwen2_5_vl import Qwen25VL
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
     return nnx.split(abstract, nnx.Param, ...)
@@ -282,7 +280,6 @@ def plan(config, mesh_shape, *, rules="fsdp_tp", rows: int = 8, seq_len: int = 2
 
     `rows` is the global micro-batch (rows per optimizer update / micro_batches).
     """
-    from vlaa_jax.train import optim as optim_lib
     if -1 in tuple(mesh_shape):
         raise ValueError(f"--mesh {mesh_shape}: give every axis size (no -1) when planning")
     mesh = jax.sharding.AbstractMesh(tuple(int(s) for s in mesh_shape), shd.MESH_AXES)
@@ -380,8 +377,6 @@ class DeviceSizes:
     """Per-device sizes of a workload's parameters, optimiser state and activations on a mesh."""
 
     def __init__(self, w: Any, mesh_shape: tuple[int, ...], rules: Any = None):
-        from flax import nnx
-        from vlaa_jax.train import common
         if -1 in tuple(mesh_shape):
             raise ValueError(f"--mesh {mesh_shape}: give every axis size (no -1) when planning")
         self.w, self.m = w, w.model
@@ -623,7 +618,6 @@ def estimate_phase(d: DeviceSizes, phase: str, host: dict) -> dict[str, Any]:
 
 def phase_host_batch(w: Any, d: DeviceSizes, phase: str) -> dict:
     """The host batch a phase runs on (built with one-column patches: shapes only)."""
-    from tools import phase_programs as pp
     if phase == "rollout":
         return pp.rollout_host_batch(w, d.mesh, d.rules)
     if phase in ("logprobs", "ref_logprobs"):
@@ -661,7 +655,7 @@ def plan_phases(w: Any, mesh_shape: tuple[int, ...], rules: Any = None, *,
 
 def workload_summary(w: Any) -> dict[str, Any]:
     keys = ("mode", "micro_rows", "micro_batches", "seq_len", "image_grid", "rollout_prompts", "num_samples",
-            "prompt_len", "new_tokens", "cache_new_tokens", "use_ref", "ref_dtype", "on_policy", "weight_major")
+            "prompt_len", "new_tokens", "cache_new_tokens", "use_ref", "ref_dtype", "old_logprobs", "weight_major")
     return {k: getattr(w, k) for k in keys} | {"remat_policy": w.model.remat_policy, "dtype": w.model.dtype,
                                                "param_dtype": w.model.param_dtype}
 
@@ -792,7 +786,6 @@ def apply_overrides(config: Any, assignments: list[str]) -> None:
 def xla_phase_figures(w: Any, mesh_shape: tuple[int, ...], rules: Any = None) -> dict[str, dict[str, int]]:
     """XLA's memory analysis of every phase program of `w` compiled on `mesh_shape` (needs that many
     devices in this process), with the resident bytes beside each and their total."""
-    from tools import phase_programs as pp
     n = math.prod(mesh_shape)
     if jax.device_count() < n:
         raise RuntimeError(f"--xla on mesh {mesh_shape} needs {n} devices; this process has {jax.device_count()}")
@@ -809,7 +802,6 @@ def xla_phase_figures(w: Any, mesh_shape: tuple[int, ...], rules: Any = None) ->
 
 
 def _config_workload(a: argparse.Namespace, config: Any | None = None) -> Any:
-    from tools import phase_programs as pp
     c = config if config is not None else load_trainer_config(a.config)
     apply_overrides(c, a.set or [])
     return pp.Workload.from_config(c, model_from_trainer_config(c, a.remat), weight_major=a.weight_major)
@@ -856,7 +848,6 @@ def main(argv=None) -> int:
         if a.device_memory:
             result["suggestions"] = [suggest(w, mesh_shape, parse_bytes(m), a.rules) for m in a.device_memory.split(",")]
         if a.xla:
-            from tools import phase_programs as pp
             child = [os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--xla_only"]
             child = [x for x in child if x not in ("--xla", "--json")]
             result["xla"] = json.loads(pp.run_on_devices(math.prod(mesh_shape), child).strip().splitlines()[-1])
@@ -870,7 +861,6 @@ def main(argv=None) -> int:
     if a.model:
         config = builtin_config(a.model, **run)
     else:
-        from vlaa_jax.models.qwen2_5_vl import from_hf_dict
         with open(a.hf_config) as f:
             config = from_hf_dict(json.load(f), source=a.hf_config, **run)
     result = plan(config, mesh_shape, **{k: v for k, v in overrides.items() if v is not None})
