@@ -85,7 +85,7 @@ def ours_config(hf_dir: str, tok_dir: str, data_dir: str, workdir: str, prompts:
     g = c.grpo
     g.rollout_batch_prompts, g.num_samples, g.max_new_tokens = prompts, NUM_SAMPLES, new_tokens
     g.temperature, g.top_p, g.update_epochs = 1.0, 1.0, 1
-    g.init_kl_coef, g.eval_prompts, g.warm_start_sft_steps = BETA, 0, 0
+    g.init_kl_coef, g.eval_prompts = BETA, 0
     g.loss.loss_agg_mode, g.loss.clip_low, g.loss.clip_high = "seq-mean-token-mean", 0.2, 0.2
     c.train.batch_size, c.train.grad_accum_steps = prompts * NUM_SAMPLES, 1
     c.train.num_steps, c.train.checkpoint_every, c.train.export_hf = steps, 0, False
@@ -135,7 +135,7 @@ def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, 
     from data_pipeline.tokenizer import build_qwen25vl_tokenizer
     from tests.fixtures import hf_models
     from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
-    from vlaa_jax.train.grpo import GRPOTrainer, Prompts
+    from vlaa_jax.train.grpo_trainer import GRPOTrainer
 
     new_tokens_default = new_tokens is None
     new_tokens = new_tokens or 64
@@ -156,20 +156,20 @@ def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, 
     config = ours_config(hf_dir, tok_dir, data_dir, os.path.join(d, "ours"), prompts, new_tokens, n_steps)
     t = time.perf_counter()
     ours = GRPOTrainer(config, os.path.join(d, "ours"))
-    ours.eos_ids = ()  # no stop: every sample has exactly `new_tokens` tokens, as TRL's min_new_tokens gives
+    ours.step_fn.stop_ids = ()  # no stop: every sample has exactly `new_tokens` tokens, as TRL's min_new_tokens gives
     ours.setup_training()
     setup_s = time.perf_counter() - t
     ours_rows, ours_ids, ours_times, ours_first = [], [], [], {}
 
     def ours_step(step: int) -> float:
         t = time.perf_counter()
-        p = Prompts.from_loader(next(ours.loader))
-        row, out = ours.step(step, p)
+        p = next(ours.loader)   # a PromptBatch
+        row, _ = ours.step(step, p)
         dt = time.perf_counter() - t
         ours_rows.append(row)
         ours_ids.append([r["id"] for r in p.records])
         if step == 1:
-            ours_first.update(ids=p.ids[0][p.mask[0] > 0].tolist(), pixels=p.patches[0])
+            ours_first.update(ids=p.input_ids[0][p.attention_mask[0] > 0].tolist(), pixels=p.patches[0])
         return dt
 
     warm = [ours_step(1), ours_step(2)]  # compilation (first) and a possible second-bucket compile
