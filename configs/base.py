@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     #                                dir: safetensors + config + tokenizer/processor files)
     c.train.progress_bar = True    # tqdm progress bar on the console (process 0)
 
-    # --- Device mesh and sharding (vlaa_jax/sharding.py) ------------------------------------------
+    # --- Device mesh and sharding (vlaa_jax/sharding/) --------------------------------------------
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mesh_shape = (1, -1, 1)  # devices along (data, fsdp, tensor); one -1 = all the rest
     c.sharding.rules = "fsdp_tp"        # logical->mesh table: "fsdp_tp" | "fsdp" | "dp"

@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
     if config.mode == "grpo":
         if WARM_START in config:  # eval / generate use the model as given
             # The GRPO run's own mesh check first: a bad rollout batch must not wait for the SFT stage.
-            grpo_trainer.check_rollout_micro_batch(config, *common.make_mesh(config))
+            grpo_trainer.check_rollout_micro_batch(config, *common.run_mesh(config))
             config = starting_from(config, warm_start(config, workdir))
         return grpo_trainer.train(config, workdir)
     if config.mode == "eval":

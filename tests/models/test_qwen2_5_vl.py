@@ -2,6 +2,7 @@
 logits with left/right padding, tied/untied lm_head, KV-cache decoding, params mapping both ways,
 Orbax model directories, remat, logical axes and creation with or without a mesh."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 
 from tests.fixtures.hf_models import tiny_hf_config_dict
 from vlaa_jax import nn
+from vlaa_jax.kernels import splash_attention
 from vlaa_jax.models import qwen2_5_vl as q
 from vlaa_jax.models.qwen2_5_vl import layout, params
 from vlaa_jax.sharding import LOGICAL_AXES
@@ -354,11 +356,6 @@ def test_attention_implementations():
     np.testing.assert_array_equal(nn.dot_product_attention(qk, qk, qk, mask, implementation="cudnn"), ref)
     with pytest.raises(ValueError, match=r"'flash'.*\('xla', 'cudnn', 'splash'\)"):
         nn.dot_product_attention(qk, qk, qk, mask, implementation="flash")
-    try:
-        import vlaa_jax.kernels.splash_attention  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="splash_attention"):
-            nn.dot_product_attention(qk, qk, qk, mask, implementation="splash")
 
 
 def test_segment_mask_isolates_segments():
@@ -375,8 +372,8 @@ def test_segment_mask_isolates_segments():
 def test_splash_attention_matches_hf(tiny_hf, monkeypatch):
     """attention_impl="splash" (Pallas splash kernel, interpreted on CPU; segment-id fast path in both
     towers): same logits. Splash wants lengths that are multiples of 128: text and patches are padded."""
-    pytest.importorskip("vlaa_jax.kernels.splash_attention")
-    monkeypatch.setenv("VLAA_SPLASH_INTERPRET", "1")
+    monkeypatch.setattr(splash_attention, "dot_product_attention",  # the Pallas interpreter on CPU
+                        functools.partial(splash_attention.dot_product_attention, interpret=True))
     b = tiny_hf.batches["left"]
     extra = 128 - b.input_ids.shape[1]
     ids, mask = (np.pad(a, ((0, 0), (extra, 0))) for a in (b.input_ids, b.attention_mask))

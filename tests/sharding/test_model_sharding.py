@@ -2,6 +2,8 @@
 loss and gradients, parameters land where the rules say, checkpoints load straight onto a mesh."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from tests.sharding.conftest import vl_forward
 from tests.sharding.vl import vl_loss
 from vlaa_jax import sharding as shd
+from vlaa_jax.kernels import splash_attention
 from vlaa_jax.models.qwen2_5_vl import from_pretrained, loading, params as hf_params, to_hf_dict
 from vlaa_jax.train import optim, step as st
 
@@ -136,7 +139,8 @@ def test_train_step_with_micro_batches_and_frozen_vision(tiny_ref):
 def test_splash_attention_model_matches_xla(tiny_ref, monkeypatch):
     """Both towers with attention_impl="splash" (Pallas interpreter on CPU) on a (2, 2, 2) mesh give
     the XLA logits on every real token."""
-    monkeypatch.setenv("VLAA_SPLASH_INTERPRET", "1")
+    monkeypatch.setattr(splash_attention, "dot_product_attention",  # the Pallas interpreter on CPU
+                        functools.partial(splash_attention.dot_product_attention, interpret=True))
     mesh = shd.make_mesh((2, 2, 2))
     graphdef, state = nnx.split(from_pretrained(tiny_ref.hf_dir, mesh=mesh, attention_impl="splash"))
     batch = shd.shard_batch(tiny_ref.batch, shd.batch_shardings(tiny_ref.batch, mesh, batch_size=8))

@@ -12,14 +12,13 @@ Two mask paths:
 Under a mesh (`jax.set_mesh`), the kernel runs per shard through `jax.shard_map`, batch over the
 rules' `batch` axes and heads over the `heads` axes (Pallas calls cannot be auto-partitioned).
 On a non-TPU back end it raises a clear error, unless `interpret=True` (the Pallas interpreter: any
-platform, slow; used by the CPU tests; also switched on by the environment variable
-VLAA_SPLASH_INTERPRET=1, so a whole model can be checked on CPU).
+platform, slow; the CPU tests run whole models through it with
+`functools.partial(dot_product_attention, interpret=True)` in place of this function).
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +86,6 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           segment_ids: jax.Array | None = None, causal: bool = False,
                           block: int = DEFAULT_BLOCK, interpret: bool = False) -> jax.Array:
     """Splash attention with the `jax.nn.dot_product_attention` layout (see the module docstring)."""
-    interpret = interpret or os.environ.get("VLAA_SPLASH_INTERPRET") == "1"
     _check_backend(interpret)
     if mask is not None and segment_ids is not None:
         raise ValueError("splash attention: give either a dense `mask` or `segment_ids`, not both")

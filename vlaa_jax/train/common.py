@@ -27,6 +27,7 @@ from data_pipeline.model_inputs import grouped_vision_fields, round_up
 from data_pipeline.tokenizer import build_qwen25vl_tokenizer
 from vlaa_jax import convert, sharding as shd
 from vlaa_jax.models import qwen2_5_vl as qwen
+from vlaa_jax.rl.logprobs import token_logprobs
 from vlaa_jax.train import optim, step as step_lib
 
 # Parameters of the vision tower (the paper freezes them during SFT); the merger projects into the
@@ -35,7 +36,7 @@ VISION_FROZEN_PATTERNS = (r"^visual/(?!merger)",)
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def make_mesh(config: ml_collections.ConfigDict):
+def run_mesh(config: ml_collections.ConfigDict):
     """(mesh, rules) from `config.sharding`."""
     return shd.mesh_from_config(config), shd.rules_from_config(config)
 
@@ -198,7 +199,6 @@ def gathered_logprobs(model: Any, batch: Mapping[str, jax.Array], positions: jax
     rows into one group leaves no padding between rows' targets; G = the data-parallel size keeps each
     group on the device that holds its rows. `chunk_size` counts positions per row, so a group's chunk is
     chunk_size * B // G positions (the same logits memory as one chunk of every row)."""
-    from vlaa_jax.rl.logprobs import token_logprobs
     ids = batch["input_ids"]
     B, L = ids.shape
     G = positions.shape[0]

@@ -50,7 +50,7 @@ class GRPOTrainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, reward_fn: RewardFn | None = None):
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.settings = GRPOSettings.from_config(config)
-        check_rollout_micro_batch(config, *common.make_mesh(config))
+        check_rollout_micro_batch(config, *common.run_mesh(config))
         self.run = run = loop.Run.setup(config, self.workdir)
         tok = run.tokenizer
         self.step_fn = GRPOStep(

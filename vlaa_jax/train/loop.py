@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from data_pipeline.chat import load_tokenizer
 from vlaa_jax.train import common
 from vlaa_jax.train.checkpointer import TrainCheckpointer
 from vlaa_jax.train.metrics import MetricsWriter
@@ -53,9 +54,8 @@ class Run:
     @classmethod
     def setup(cls, config: ml_collections.ConfigDict, workdir: str) -> "Run":
         """Mesh, tokenizer and model (random tiny init or config.model.path)."""
-        from data_pipeline.chat import load_tokenizer
         os.makedirs(workdir, exist_ok=True)
-        mesh, rules = common.make_mesh(config)
+        mesh, rules = common.run_mesh(config)
         tokenizer_dir = common.prepare_tokenizer(config, workdir)
         tokenizer = load_tokenizer(tokenizer_dir)
         mcfg = common.model_config(config, tokenizer)
