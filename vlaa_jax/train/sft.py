@@ -86,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool | Non
     eval_fn = jax.jit(lambda params, rest, batch: sft_loss(
         run.model(params, rest), batch, chunk_size=chunk)[1])
 
-    start = run.restore(loader)
+    start, _ = run.restore(loader)
     writer = run.writer(steps, start, key_metrics=("loss", "eval_loss", "lr"), description="sft")
     first_loss = last_loss = None
     eval_history = []
