@@ -19,12 +19,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
+from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter, load_tokenizer  # noqa: E402
+from data_pipeline.image import preprocess_image  # noqa: E402
+from data_pipeline.records import Record  # noqa: E402
+from vlaa_jax import rollout  # noqa: E402
+from vlaa_jax.models import qwen2_5_vl as q  # noqa: E402
+from vlaa_jax.nn import ATTENTION_IMPLS  # noqa: E402
+from vlaa_jax.rewards.extract import extract_answer  # noqa: E402
+
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
 
 
 def split_response(text: str) -> tuple[str | None, str | None]:
     """(<think> content, the single <answer> content) of a response; None where absent."""
-    from vlaa_jax.rewards.extract import extract_answer
     m = _THINK.search(text)
     return (m.group(1).strip() if m else None), extract_answer(text)
 
@@ -40,14 +52,6 @@ def _pixel_limits(ckpt: str) -> tuple[int, int]:
 def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt: str | None,
                  min_pixels: int | None, max_pixels: int | None, config):
     """Host prompt batch (one row) + the chat formatter of the checkpoint's tokenizer."""
-    import numpy as np
-    from PIL import Image
-
-    from data_pipeline.chat import ChatFormatter
-    from data_pipeline.image import preprocess_image
-    from data_pipeline.records import Record
-    from vlaa_jax import rollout
-
     if not os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
         raise SystemExit(f"{ckpt}: no tokenizer.json (copy the tokenizer files into the checkpoint, e.g. "
                          "tools/make_tokenizer.py --out DIR)")
@@ -75,8 +79,6 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_pipeline.chat import VLAA_SYSTEM_PROMPT
-    from vlaa_jax.nn import ATTENTION_IMPLS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="vlaa-jax model directory or HF Qwen2.5-VL directory")
     p.add_argument("--image", default=None, help="image file (omit for a text-only question)")
@@ -98,17 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isdir(a.ckpt):
         raise SystemExit(f"--ckpt {a.ckpt}: not a directory")
 
-    from flax import nnx
-
-    from vlaa_jax import rollout
-    from vlaa_jax.models import qwen2_5_vl as q
-
     t0 = time.time()
     model = q.from_pretrained(a.ckpt, dtype=a.dtype, attention_impl=a.attention_impl)
     formatter, prompts = build_prompt(a.ckpt, a.question, a.image, a.system_prompt or None, a.min_pixels,
                                       a.max_pixels, model.config)
     graphdef, state = nnx.split(model)
-    stop_ids = tuple(dict.fromkeys((formatter.im_end_id, *rollout.default_stop_ids(model.config))))
+    stop_ids = tokenizer_lib.stop_ids(load_tokenizer(a.ckpt))
     t1 = time.time()
     out = rollout.generate(graphdef, state, prompts, max_new_tokens=a.max_new_tokens, rng=a.seed,
                            sampling=rollout.SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p),

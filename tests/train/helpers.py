@@ -37,6 +37,13 @@ def checkpoint_state(workdir, step: int) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def checkpoint_meta(workdir, step: int) -> dict:
+    """The trainer's JSON metadata saved with `step` (mode, preset, step; GRPO: its KL coefficient)."""
+    import orbax.checkpoint as ocp
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.path.join(str(workdir), "checkpoints", str(step), "meta"))
+
+
 def data_order(workdir) -> dict[int, list[str]]:
     """step -> record ids; a step re-run after a resume replaces the killed run's entry."""
     out = {}
