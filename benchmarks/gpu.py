@@ -518,7 +518,6 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
     opt_state = step_lib.init_optimizer(tx, params, mesh, rules)
     # The rollout (its own generate call) and the rewards (random) are the benchmark's: no tokenizer, no reward.
     step = grpo_step.GRPOStep(settings, graphdef, rest, mcfg, mesh, rules, stop_ids=(), pad_id=ctx["pad_id"],
-                              detokenize=None, reward_fn=None,
                               train_step=grpo_step.make_grpo_step(cfg, graphdef, tx, params, rest, mesh, rules))
     ref_params = None
     if settings.use_ref:

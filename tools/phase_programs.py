@@ -167,7 +167,7 @@ def layout_step(w: Workload, mesh, rules, graphdef: Any = None, rest: Any = None
     `update_shape`, `micro_batch`: they read neither the model, nor a tokenizer, nor the reward, so a
     workload without them passes none) and, given the graph, its jitted log-prob forward."""
     return grpo_step.GRPOStep(grpo_step.GRPOSettings.from_config(w.trainer_config()), graphdef, rest, w.model,
-                              mesh, rules, stop_ids=STOP_IDS, pad_id=PAD_ID, detokenize=None, reward_fn=None)
+                              mesh, rules, stop_ids=STOP_IDS, pad_id=PAD_ID)
 
 
 def rollout_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
@@ -190,15 +190,8 @@ def grpo_host_batch(w: Workload, mesh, rules, *, forward: bool = False) -> dict[
     batch = grpo_step.TrainBatch(grpo_step.ScoredRollout(rollout, np.zeros(rows, f32), {}), np.zeros(rows, f32),
                                  mask, None if w.old_logprobs == "update" else zeros, zeros if w.use_ref else None,
                                  kl_coef=1e-3)
-    b = step.micro_batch(batch, np.arange(rows), step.update_shape(prompts))
-    if forward:
-        return b
-    b.update(advantages=batch.advantages, kl_coef=f32(batch.kl_coef), loss_normalizer=f32(T))
-    if batch.old_logp is not None:
-        b["old_logp"] = batch.old_logp
-    if batch.ref_logp is not None:
-        b["ref_logp"] = batch.ref_logp
-    return b
+    return step.micro_batch(batch, np.arange(rows), step.update_shape(prompts),
+                            loss_normalizer=None if forward else T)
 
 
 def sft_host_batch(w: Workload, mesh, rules) -> dict[str, np.ndarray]:
@@ -347,7 +340,7 @@ class PhasePrograms:
     def _logprob_fn(self) -> Callable:
         """The jitted log-prob forward of the trainer's `GRPOStep` (old-policy and reference log-probs)."""
         step = layout_step(self.w, self.mesh, self.rules, self.graphdef, self.rest)
-        return step._logprob_fn  # pylint: disable=protected-access -- the step's own jitted program
+        return step.logprob_fn
 
     def _logprobs(self, images: bool) -> tuple[Callable, tuple]:
         return self._logprob_fn().lower, (self.params, self.rest, self._forward_batch(images))

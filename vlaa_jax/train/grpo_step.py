@@ -209,14 +209,15 @@ class GRPOStep:
     rules: Any
     stop_ids: tuple
     pad_id: int
-    detokenize: Callable[[list], list]   # response token arrays -> texts
-    reward_fn: RewardFn
-    train_step: step_lib.TrainStep | None = None
+    detokenize: Callable[[list], list] | None = None   # response token arrays -> texts (for `rollout`)
+    reward_fn: RewardFn | None = None                   # for `score`
+    train_step: step_lib.TrainStep | None = None        # for `update`
     rollout_programs: set = dataclasses.field(default_factory=set)  # generate calls' shapes so far
 
     def __post_init__(self):
         s = self.settings
-        self._logprob_fn = jax.jit(lambda p, r, b: response_logprobs(
+        # (params, rest, forward micro-batch) -> response log-probs: the old-policy / reference forward.
+        self.logprob_fn = jax.jit(lambda p, r, b: response_logprobs(
             nnx.merge(self.graphdef, p, r), b, chunk_size=s.logprob_chunk, temperature=s.temperature)[0])
 
     def image_groups(self, rows: int) -> int:
@@ -270,13 +271,23 @@ class GRPOStep:
         return prompts.group_shape(np.arange(micro) % len(prompts), self.image_groups(micro), self.mcfg,
                                    uniform=True)
 
-    def micro_batch(self, batch: TrainBatch, idx: np.ndarray, shape: GroupShape) -> dict[str, np.ndarray]:
-        """Host fields of the rollout rows `idx`: prompts + responses laid out, and the response mask."""
+    def micro_batch(self, batch: TrainBatch, idx: np.ndarray, shape: GroupShape, *,
+                    loss_normalizer: float | None = None) -> dict[str, np.ndarray]:
+        """Host fields of the rollout rows `idx`: prompts + responses laid out and the response mask (a
+        log-prob forward's input); with `loss_normalizer`, also what the loss reads (an update's input):
+        advantages, beta, the normaliser, old-policy and reference log-probs where there are any."""
         r = batch.scored.rollout
         fields = r.prompts.rows(r.prompt_index[idx], self.mcfg, shape, responses=r.tokens[idx],
                                 response_mask=batch.response_mask[idx])
         fields.pop("rope_deltas")
         fields["response_mask"] = batch.response_mask[idx]
+        if loss_normalizer is not None:
+            fields.update(advantages=batch.advantages[idx], kl_coef=np.float32(batch.kl_coef),
+                          loss_normalizer=np.float32(loss_normalizer))
+            if batch.old_logp is not None:
+                fields["old_logp"] = batch.old_logp[idx]
+            if batch.ref_logp is not None:
+                fields["ref_logp"] = batch.ref_logp[idx]
         return fields
 
     def train_batch(self, scored: ScoredRollout, params: Any, ref_params: Any | None, kl_coef: float) -> TrainBatch:
@@ -311,7 +322,7 @@ class GRPOStep:
         for b in batches:
             dev = common.put_batch(b, self.mesh, self.rules, batch_size=b["input_ids"].shape[0])
             with shd.activate(self.mesh, self.rules):
-                out.append(np.asarray(jax.device_get(self._logprob_fn(params, self.rest, dev))))
+                out.append(np.asarray(jax.device_get(self.logprob_fn(params, self.rest, dev))))
         return np.concatenate(out, axis=0)
 
     # -- TrainBatch -> updates -----------------------------------------------------------------------
@@ -330,17 +341,9 @@ class GRPOStep:
             for start in range(0, n, s.batch_size):
                 mb = order[start:start + s.batch_size]
                 norm = float(grpo_lib.loss_normalizer(mask[mb], s.loss.loss_agg_mode))
-                micro_batches = []
-                for m in range(s.grad_accum_steps):
-                    idx = mb[m * micro:(m + 1) * micro]
-                    b = self.micro_batch(batch, idx, shape)
-                    b.update(advantages=batch.advantages[idx], kl_coef=np.float32(batch.kl_coef),
-                             loss_normalizer=np.float32(max(norm, 1.0) / s.grad_accum_steps))
-                    if batch.old_logp is not None:
-                        b["old_logp"] = batch.old_logp[idx]
-                    if batch.ref_logp is not None:
-                        b["ref_logp"] = batch.ref_logp[idx]
-                    micro_batches.append(b)
+                micro_batches = [self.micro_batch(batch, mb[m * micro:(m + 1) * micro], shape,
+                                                  loss_normalizer=max(norm, 1.0) / s.grad_accum_steps)
+                                 for m in range(s.grad_accum_steps)]
                 host = micro_batches[0] if s.grad_accum_steps == 1 else step_lib.stack_micro_batches(micro_batches)
                 dev = common.put_batch(host, self.mesh, self.rules, batch_size=micro,
                                        micro_batched=s.grad_accum_steps > 1)
