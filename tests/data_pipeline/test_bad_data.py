@@ -106,7 +106,7 @@ def test_bad_records_skipped_and_counted(tmp_path, qwen_tokenizer_dir, hf_proces
     repo = _repo(tmp_path / "repo", all_rows, images)
     loader = make_loader(_cfg(tmp_path, repo, skip_bad_records=True), "grpo", qwen_tokenizer_dir)
     batches = list(loader)
-    ids = [i for b in batches for i in b["id"]]
+    ids = [r["id"] for b in batches for r in b.records]  # GRPO batches are PromptBatches
     assert len(ids) == len(rows) + len(mode_rows)  # all good records, each once
     summary = loader.summary()
     counts = {**summary["build"]["counts"], **summary["load"]["counts"]}
@@ -121,13 +121,7 @@ def test_bad_records_skipped_and_counted(tmp_path, qwen_tokenizer_dir, hf_proces
     for msgs in list(summary["build"]["examples"].values()) + list(summary["load"]["examples"].values()):
         assert all(GRPO_FILE in m for m in msgs)
     # Grayscale / RGBA / palette / CMYK / 16-bit images went through exactly like the HF processor.
-    by_id = {}
-    for b in batches:
-        off = 0
-        for i, rid in enumerate(b["id"]):
-            n = int(np.prod(b["image_grid_thw"][i]))
-            by_id[rid] = b["pixel_values"][off:off + n]
-            off += n
+    by_id = {r["id"]: patches for b in batches for r, patches in zip(b.records, b.patches)}
     for k, (m, data) in enumerate(MODE_IMAGES.items()):
         line = all_rows.index(mode_rows[k]) + 1
         ref = hf_processor.image_processor(Image.open(io.BytesIO(data)), return_tensors="np")
@@ -140,7 +134,7 @@ def test_corrupt_image_caught_at_load_when_build_does_not_verify(tmp_path, qwen_
     repo = _repo(tmp_path / "repo", [rows[0], bad, rows[1]], {**images, **extra})
     build_vlaa_thinking("grpo", manual_dir=repo, data_dir=tmp_path / "tfds", verify_images=False)
     loader = make_loader(_cfg(tmp_path, repo, skip_bad_records=True), "grpo", qwen_tokenizer_dir)
-    assert sum(len(b["id"]) for b in loader) == 2
+    assert sum(len(b) for b in loader) == 2
     assert loader.summary()["load"]["counts"] == {"bad_image": 1}
     with pytest.raises(DataError, match=rf"{GRPO_FILE}:2.*'image'.*cannot decode"):
         list(make_loader(_cfg(tmp_path, repo), "grpo", qwen_tokenizer_dir))
