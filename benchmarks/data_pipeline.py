@@ -21,22 +21,26 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
+from data_pipeline.loader import make_loader  # noqa: E402 (after the path set-up)
+from data_pipeline.model_inputs import PromptBatch  # noqa: E402
+
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 256 * 28 * 28
 
 
 def bench_ours(cfg: dict, split: str, tokenizer_dir: str, workers: int) -> dict:
     """Steady state: examples/s over the last 3/4 of the batches (the first quarter absorbs worker start-up
     and buffer filling); startup_s is the time to the first batch."""
-    from data_pipeline.loader import make_loader
+    def examples(batch) -> int:  # SFT: a dict of fields; GRPO: a PromptBatch of the real examples
+        return len(batch) if isinstance(batch, PromptBatch) else int(batch["example_mask"].sum())
 
     t0 = time.perf_counter()
     loader = make_loader(cfg, split, tokenizer_dir, worker_count=workers)
-    first = int(next(loader)["example_mask"].sum())
+    first = examples(next(loader))
     t1 = time.perf_counter()
     stamps, counts = [], []
     for batch in loader:
         stamps.append(time.perf_counter())
-        counts.append(int(batch["example_mask"].sum()))
+        counts.append(examples(batch))
     loader.close()
     q = len(stamps) // 4
     n = sum(counts[q + 1:])

@@ -6,7 +6,7 @@ Pipeline (per process):
     -> shuffle(seed), reshuffled each epoch -> repeat(num_epochs)
     -> map(Preprocessor): decode + check image, Qwen2.5-VL pixel values, chat tokens      (per example)
     -> BucketBatch: collect batch_size good examples (or pack them), pad to length / pixel buckets,
-       M-RoPE position ids, vision layout (SFT)                                            (per batch)
+       M-RoPE position ids                                                                 (per batch)
     -> mp_prefetch(worker_count)       worker processes each run the steps above on a slice
     -> GRPO: `PromptBatch` (data_pipeline.model_inputs), the typed hand-off to the rollout: per-row
        prompts and image patches, laid out later for each generate call / update micro-batch
@@ -29,9 +29,9 @@ Batch keys (numpy; B = batch_size, L = a length bucket, P = a pixel bucket, N = 
                                     max_images_per_batch packed)
     num_patches      int32 []       real rows of pixel_values
     example_mask     int32 [B]      1 = real example (0 only in a final partial batch); packed: 1 = used row
-    vision_*         int32          SFT: the vision tower's layout of the P rows (window order, segments,
-                                    rotary positions: vlaa_jax.models.qwen2_5_vl.layout.vision_layout)
   SFT host-side list: id.
+  No vision layout: the trainers lay the images out per model batch, as image groups of the mesh's
+  data-parallel size (SFT: `train.common.pad_to`; GRPO: `PromptBatch.rows`), so it is computed once.
   GRPO batches are `PromptBatch`es built from these fields (`PromptBatch.from_loader`) and the host-side
     lists (length = real examples) id, source, question, ground_truth, verifier_type, image_hw (original
     (h, w)), resized_hw.
@@ -60,7 +60,7 @@ from data_pipeline.image import decode_image, normalize_patches, preprocess_imag
 from data_pipeline.model_inputs import PromptBatch
 from data_pipeline.records import SPLIT_FILES, BadRecordSummary, DataError, Record
 from data_pipeline.vlaa_thinking import VlaaThinking, build_vlaa_thinking
-from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, mrope_positions, vision_layout
+from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, mrope_positions
 
 _UNSET = object()
 
@@ -313,8 +313,8 @@ class BatchBuilder:
                                image_token_id=m.image_token_id, vision_start_token_id=m.vision_start_token_id)
 
     def _pixels(self, examples: Sequence[dict], out: dict) -> None:
-        """Image slots, uint8 patches and their vision layout; `finalize_batch` turns the patches into
-        padded float32 pixel_values."""
+        """Image slots and uint8 patches; `finalize_batch` turns the patches into padded float32
+        pixel_values."""
         pv = [e["patches_u8"] for e in examples]
         total = sum(len(p) for p in pv)
         P = pick_bucket(total, self.pixel_buckets, "pixel_values rows")
@@ -322,12 +322,6 @@ class BatchBuilder:
         grids[: len(examples)] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
         out.update(_patches_u8=np.concatenate(pv, axis=0), _pixel_rows=np.int32(P), image_grid_thw=grids,
                    num_patches=np.int32(total))
-        if self.mode == "grpo":  # laid out per generate call / update micro-batch (PromptBatch.rows)
-            return
-        v = self.model.vision
-        lay = vision_layout(grids, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-                            window_size=v.window_size, num_patches_padded=P)
-        out.update({f"vision_{k}": np.asarray(x, np.int32) for k, x in lay._asdict().items() if x is not None})
 
     def build(self, examples: Sequence[dict]) -> dict:
         """Unpacked batch of up to batch_size examples (fewer only for a final partial batch)."""

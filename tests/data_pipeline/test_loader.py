@@ -18,7 +18,6 @@ from data_pipeline.loader import LoaderConfig, make_loader
 from data_pipeline.model_inputs import PromptBatch
 from data_pipeline.records import SPLIT_FILES, read_records
 from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig
-from vlaa_jax.models.qwen2_5_vl.layout import vision_layout
 
 IMAGE_PAD = 151655
 
@@ -226,19 +225,14 @@ def test_workers_under_absl_app_run(demo_cfg, qwen_tokenizer_dir, tmp_path):
 @pytest.mark.parametrize("vision", [VisionConfig(), VisionConfig(patch_size=16, window_size=64)],
                          ids=["qwen2.5-vl", "patch16-window64"])
 def test_geometry_from_model_config(demo_cfg, qwen_tokenizer_dir, vision):
-    """Patch size, patch width, window layout and merge size come from the model config (SFT batches carry
-    the vision layout; GRPO prompts are laid out per model batch, PromptBatch.rows)."""
+    """Patch size, patch width and merge size come from the model config. No vision layout: the trainers
+    lay the images out per model batch (common.pad_to, PromptBatch.rows)."""
     model = Qwen25VLConfig(vision=vision)
     batch = next(make_loader(demo_cfg, "sft", qwen_tokenizer_dir, model=model))
-    P = len(batch["pixel_values"])
     assert batch["pixel_values"].shape[1] == vision.patch_dim
-    lay = vision_layout(batch["image_grid_thw"], patch_size=vision.patch_size, window_size=vision.window_size,
-                        spatial_merge_size=vision.spatial_merge_size, num_patches_padded=P)
-    for k, v in lay._asdict().items():
-        if v is None:        # the optional per-image rows are laid out by the trainer (common.pad_to)
-            assert f"vision_{k}" not in batch
-        else:
-            np.testing.assert_array_equal(batch[f"vision_{k}"], v)
+    assert not [k for k in batch if k.startswith("vision_")]
+    n_tokens = np.prod(batch["image_grid_thw"], axis=1) // vision.spatial_merge_size ** 2
+    np.testing.assert_array_equal((batch["input_ids"] == IMAGE_PAD).sum(axis=1), n_tokens)
     prompts = next(make_loader(demo_cfg, "grpo", qwen_tokenizer_dir, model=model))
     for i, (_, (rh, rw)) in enumerate(prompts.image_hw):
         assert tuple(prompts.grids[i]) == (1, rh // vision.patch_size, rw // vision.patch_size)
