@@ -297,8 +297,8 @@ def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, toke
                num_epochs: int | None = -1, seed_offset: int = 0):
     """A data_pipeline Loader of `split` with this process's share of `batch_size` rows per batch.
 
-    The loader shapes the batches for `mcfg` (patch geometry, image token ids) and lays out the vision
-    tower's input (`vision_*` fields) on the host.
+    The loader shapes the batches for `mcfg` (patch geometry, image token ids); the images are laid out
+    per model batch later (`pad_to`, `PromptBatch.rows`). GRPO batches are `PromptBatch`es.
     """
     d = config.data
     if batch_size % jax.process_count():
