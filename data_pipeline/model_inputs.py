@@ -103,17 +103,19 @@ class PromptBatch:
     def max_patches(self) -> int:
         return max(len(p) for p in self.patches)
 
-    def group_shape(self, src: np.ndarray, groups: int, mcfg: Qwen25VLConfig, *, uniform: bool = False
-                    ) -> GroupShape:
-        """The image-group shape of the rows `src` in `groups` groups, one pixel bucket for their row count.
-        uniform: the shape for ANY `len(src)` rows of this batch (every update micro-batch gets the same
-        one, so they stack for gradient accumulation); else the smallest that holds these rows."""
-        per_group = len(src) // groups
-        if uniform:
-            most, longest = self.max_patches() * per_group, self.max_patches()
-        else:
-            most = max(sum(len(self.patches[i]) for i in part) for part in np.split(np.asarray(src), groups))
-            longest = max(len(self.patches[i]) for i in src)
+    def group_shape(self, src: np.ndarray, groups: int, mcfg: Qwen25VLConfig) -> GroupShape:
+        """The smallest image-group shape that holds the rows `src` in `groups` groups (one pixel bucket
+        for their row count): a generate call's."""
+        most = max(sum(len(self.patches[i]) for i in part) for part in np.split(np.asarray(src), groups))
+        return self._shape(groups, len(src) // groups, most, max(len(self.patches[i]) for i in src), mcfg)
+
+    def uniform_shape(self, rows: int, groups: int, mcfg: Qwen25VLConfig) -> GroupShape:
+        """The image-group shape that holds ANY `rows` rows of this batch in `groups` groups: every update
+        micro-batch gets the same one, so they stack for gradient accumulation."""
+        per_group = rows // groups
+        return self._shape(groups, per_group, self.max_patches() * per_group, self.max_patches(), mcfg)
+
+    def _shape(self, groups: int, per_group: int, most: int, longest: int, mcfg: Qwen25VLConfig) -> GroupShape:
         p = patch_bucket(most, per_group, self.max_pixels, mcfg.vision)
         return GroupShape(groups, p, one_image_rows(longest, per_group, p))
 

@@ -88,7 +88,6 @@ class GRPOSettings:
     dynamic_sampling: bool
     old_logprobs: str              # "recompute" | "sampler" (see `old_logprob_source`)
     use_ref: bool
-    kl_estimator: str
     loss: grpo_lib.GRPOConfig
     updates_per_step: int
 
@@ -100,7 +99,7 @@ class GRPOSettings:
                    max_new_tokens=g.max_new_tokens, rollout_micro_batch=g.rollout_micro_batch,
                    logprob_chunk=g.logprob_chunk, update_epochs=g.update_epochs, batch_size=t.batch_size,
                    grad_accum_steps=t.grad_accum_steps, dynamic_sampling=g.dynamic_sampling,
-                   old_logprobs=g.old_logprobs, use_ref=g.init_kl_coef > 0, kl_estimator=loss.kl_estimator,
+                   old_logprobs=g.old_logprobs, use_ref=g.init_kl_coef > 0,
                    loss=loss, updates_per_step=g.update_epochs * g.rollout_batch_prompts * g.num_samples // t.batch_size)
 
     @property
@@ -268,8 +267,7 @@ class GRPOStep:
         """One image-group shape for every forward / update micro-batch of this rollout batch (they stack
         for gradient accumulation)."""
         micro = self.settings.micro
-        return prompts.group_shape(np.arange(micro) % len(prompts), self.image_groups(micro), self.mcfg,
-                                   uniform=True)
+        return prompts.uniform_shape(micro, self.image_groups(micro), self.mcfg)
 
     def micro_batch(self, batch: TrainBatch, idx: np.ndarray, shape: GroupShape, *,
                     loss_normalizer: float | None = None) -> dict[str, np.ndarray]:
@@ -363,7 +361,7 @@ class GRPOStep:
         tokens = max(float(batch.response_mask.sum()), 1.0)
         if batch.old_logp is not None:
             kl_tok = np.asarray(kl_penalty(jnp.asarray(batch.old_logp), jnp.asarray(batch.ref_logp),
-                                           self.settings.kl_estimator))
+                                           self.settings.loss.kl_estimator))
             return float((kl_tok * batch.response_mask).sum() / tokens)
         kl_sum = float(np.mean([np.asarray(m["kl_sum"]) for m in update_metrics])) * self.settings.grad_accum_steps
         return kl_sum / tokens
