@@ -38,20 +38,25 @@ def _nonempty(text: str | None) -> str | None:
     return text or None
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the balanced {...} opening at text[start] and the index after it."""
-    if start >= len(text) or text[start] != "{":
-        return None
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif c == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-    return None
+_BRACE = re.compile(r"[{}]")
+
+
+def brace_pairs(text: str) -> dict[int, int]:
+    """Index of each balanced unescaped "{" -> index of its "}", in one pass (linear in len(text)).
+
+    A brace preceded by a backslash (`\\{`) is literal and not counted. An unmatched "}" is ignored,
+    an unclosed "{" has no entry."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE.finditer(text):
+        i = m.start()
+        if i and text[i - 1] == "\\":
+            continue
+        if text[i] == "{":
+            stack.append(i)
+        elif stack:
+            pairs[stack.pop()] = i
+    return pairs
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
@@ -59,30 +64,51 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 
 def last_boxed(text: str) -> str | None:
     """Content of the last balanced `\\boxed{...}` (or `\\fbox{...}`) in text, or None."""
+    pairs = None
     found = None
     for m in _BOXED.finditer(text):
-        got = _braced(text, m.end())
-        if got is not None:
-            found = got[0]
+        if m.end() < len(text) and text[m.end()] == "{":
+            pairs = brace_pairs(text) if pairs is None else pairs
+            close = pairs.get(m.end())
+            if close is not None:
+                found = text[m.end() + 1:close]
     return found
+
+
+_DOLLAR_LIKE = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_COMMAND = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf)\s*(?={)")
 
 
 def strip_latex_wrappers(text: str) -> str:
     """Removes wrappers that never change an answer's meaning: surrounding $...$, \\(...\\), \\[...\\],
-    a single \\boxed{...}, \\text{...}/\\textbf{...}/\\mathrm{...} around the whole answer."""
+    a single \\boxed{...}, \\text{...}/\\textbf{...}/\\mathrm{...} around the whole answer.
+
+    Works on a window [lo, hi) of the text, so peeling k nested wrappers costs O(len + k), not
+    O(len * k) (a model can emit thousands of nested wrappers)."""
+    lo, hi = 0, len(text)
+    pairs = None
+
+    def strip(lo: int, hi: int) -> tuple[int, int]:
+        while lo < hi and text[lo].isspace():
+            lo += 1
+        while hi > lo and text[hi - 1].isspace():
+            hi -= 1
+        return lo, hi
+
+    lo, hi = strip(lo, hi)
     prev = None
-    text = text.strip()
-    while prev != text:
-        prev = text
-        for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if len(text) >= len(left) + len(right) and text.startswith(left) and text.endswith(right):
-                text = text[len(left):len(text) - len(right)].strip()
-        m = re.match(r"\\(?:boxed|fbox|text|textbf|textrm|mathrm|mathbf)\s*(?={)", text)
+    while prev != (lo, hi):
+        prev = (lo, hi)
+        for left, right in _DOLLAR_LIKE:
+            if (hi - lo >= len(left) + len(right) and text.startswith(left, lo)
+                    and text.endswith(right, lo, hi)):
+                lo, hi = strip(lo + len(left), hi - len(right))
+        m = _COMMAND.match(text, lo, hi)
         if m:
-            got = _braced(text, m.end())
-            if got is not None and got[1] == len(text):
-                text = got[0].strip()
-    return text
+            pairs = brace_pairs(text) if pairs is None else pairs
+            if pairs.get(m.end()) == hi - 1:
+                lo, hi = strip(m.end() + 1, hi - 1)
+    return text[lo:hi]
 
 
 _MARKDOWN = re.compile(r"(\*\*|__|\*|`)")
