@@ -8,19 +8,25 @@ paper (config, default 1.0). The paper's S is InternLM-XComposer2.5-Reward; any 
   * HTTPScorer: a JSON client for tools/reward_server.py (or anything speaking the same protocol):
       POST <url>  {"items": [{"image": str|null, "question": str, "answer": str}, ...]}
       ->          {"scores": [float, ...]}
-    with a per-request timeout, retries with exponential back-off on connection errors, timeouts and
-    5xx answers, and an immediate error on 4xx (a bad request will not get better).
+    with a deadline per request (connect to last byte: a server that trickles bytes cannot hold a run
+    longer), retries with exponential back-off on connection errors, timeouts and 5xx answers, and an
+    immediate error on 4xx (a bad request will not get better).
+Every score, whoever computed it, must be a finite number: anything else (NaN, inf, a string, a
+missing score) is a ScorerError naming the scorer, never a silent reward 0.
 """
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import math
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
+
+MAX_ANSWER_BYTES = 1 << 20  # a reply of 32 scores is < 1 KiB; more is not a scores reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +41,53 @@ class Scorer(Protocol):
 
 
 class ScorerError(RuntimeError):
-    """The reward model could not score a batch (after retries)."""
+    """The reward model could not score a batch (after retries), or answered something not a score."""
+
+
+def check_reward_model_url(url: str, *, allow_empty: bool = False) -> urllib.parse.SplitResult | None:
+    """The parts of a reward-server URL; ValueError unless it is http(s)://host[:port][/path]."""
+    if allow_empty and url == "":
+        return None
+    plain = isinstance(url, str) and url.isascii() and url.isprintable() and " " not in url
+    parts = urllib.parse.urlsplit(url) if plain else None  # http.client sends the path as ASCII
+    try:
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number in 0..65535
+        ok = False
+    if not ok:
+        raise ValueError(f"must be http(s)://host[:port][/path] (e.g. http://127.0.0.1:8000/score), got {url!r}")
+    return parts
+
+
+def check_scores(scores: Any, n: int, source: str) -> list[float]:
+    """`scores` as n finite floats; ScorerError naming `source` (the server URL or the scorer) otherwise."""
+    if hasattr(scores, "__iter__") and not isinstance(scores, (str, bytes, dict)):
+        try:
+            scores = list(scores)  # e.g. a tuple, a generator or an array from a CallableScorer
+        except TypeError:  # a 0-d array
+            pass
+    if not isinstance(scores, list) or len(scores) != n:
+        raise ScorerError(f"{source} returned {_short(scores)} for {n} items (expected a list of {n} numbers)")
+    out = []
+    for k, score in enumerate(scores):
+        try:
+            if isinstance(score, (bool, str, bytes)) or score is None:
+                raise TypeError
+            value = float(score)
+        except (TypeError, ValueError):
+            raise ScorerError(f"{source} returned a non-numeric score {_short(score)} for item {k} of {n}") from None
+        except OverflowError:  # an integer beyond float range
+            raise ScorerError(f"{source} returned a non-finite score {_short(score)} for item {k} of {n}") from None
+        if not math.isfinite(value):
+            raise ScorerError(f"{source} returned a non-finite score {value} for item {k} of {n}")
+        out.append(value)
+    return out
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def open_ended_reward(score_pred: float, score_ref: float, beta: float = 1.0) -> float:
@@ -53,15 +105,14 @@ class CallableScorer:
 
     def __init__(self, fn: Callable, batched: bool = False):
         self.fn, self.batched = fn, batched
+        self.name = f"scorer {getattr(fn, '__qualname__', None) or type(fn).__name__}"
 
     def score(self, items: Sequence[ScoreRequest]) -> list[float]:
         if self.batched:
-            out = [float(s) for s in self.fn(list(items))]
+            out = self.fn(list(items))
         else:
-            out = [float(self.fn(it.image, it.question, it.answer)) for it in items]
-        if len(out) != len(items):
-            raise ScorerError(f"scorer returned {len(out)} scores for {len(items)} items")
-        return out
+            out = [self.fn(it.image, it.question, it.answer) for it in items]
+        return check_scores(out, len(items), self.name)
 
 
 class HTTPScorer:
@@ -69,12 +120,19 @@ class HTTPScorer:
 
     def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
                  batch_size: int = 32):
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"reward_model_url must be http(s)://host:port[/score], got {url!r}")
-        self.url = url if parsed.path not in ("", "/") else url.rstrip("/") + "/score"
+        """`timeout_s` bounds each attempt as a whole (connect, send, read every byte); one `score` call
+        of one batch takes at most (retries + 1) * timeout_s plus the back-off sleeps."""
+        try:
+            parts = check_reward_model_url(url)
+        except ValueError as e:
+            raise ValueError(f"reward_model_url {e}") from None
+        if not (math.isfinite(float(timeout_s)) and float(timeout_s) > 0):
+            raise ValueError(f"reward model timeout must be a finite number of seconds > 0, got {timeout_s!r}")
+        self.url = url if parts.path not in ("", "/") else url.rstrip("/") + "/score"
+        self._parts = urllib.parse.urlsplit(self.url)
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
         self.batch_size = max(1, int(batch_size))
+        self.name = f"reward server {self.url}"
 
     def score(self, items: Sequence[ScoreRequest]) -> list[float]:
         out: list[float] = []
@@ -88,28 +146,77 @@ class HTTPScorer:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    scores = json.loads(resp.read())["scores"]
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:500].decode(errors="replace")
-                if 400 <= e.code < 500:
-                    raise ScorerError(f"reward server {self.url} rejected the request: "
-                                      f"HTTP {e.code}: {detail}") from e
-                last_error = ScorerError(f"HTTP {e.code}: {detail}")
-                continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                status, data = self._request(body)
+            except (TimeoutError, OSError, http.client.HTTPException) as e:  # transient: retry
                 last_error = e
                 continue
-            except (ValueError, KeyError, TypeError) as e:
-                raise ScorerError(f"reward server {self.url} sent a malformed answer: {e!r}") from e
-            if not isinstance(scores, list) or len(scores) != len(items):
-                raise ScorerError(f"reward server {self.url} returned {scores!r} for {len(items)} items")
-            return [float(s) for s in scores]
-        raise ScorerError(f"reward server {self.url} failed after {self.retries + 1} attempts "
-                          f"(timeout {self.timeout_s}s): {last_error!r}")
+            detail = data[:500].decode(errors="replace")
+            if 500 <= status < 600:
+                last_error = ScorerError(f"HTTP {status}: {detail}")
+                continue
+            if 400 <= status < 500:
+                raise ScorerError(f"{self.name} rejected the request: HTTP {status}: {detail}")
+            if not 200 <= status < 300:
+                raise ScorerError(f"{self.name} answered HTTP {status} (redirects are not followed): {detail}")
+            try:
+                answer = json.loads(data)
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+                raise ScorerError(f"{self.name} sent a malformed answer (not JSON: {e}): {detail!r}") from e
+            if not isinstance(answer, dict) or "scores" not in answer:
+                raise ScorerError(f'{self.name} sent a malformed answer (expected {{"scores": [...]}}): '
+                                  f"{_short(answer)}")
+            return check_scores(answer["scores"], len(items), self.name)
+        raise ScorerError(f"{self.name} failed after {self.retries + 1} attempts "
+                          f"(timeout {self.timeout_s}s each): {last_error!r}")
+
+    def _request(self, body: bytes) -> tuple[int, bytes]:
+        """One POST: (status, body). Connect to last byte within timeout_s: a watchdog timer shuts the
+        socket down at the deadline, which ends a read that a trickling server keeps alive."""
+        parts = self._parts
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname, parts.port, timeout=self.timeout_s)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:  # the plain socket's shutdown (also under TLS): wakes the reading thread
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.connect()
+            if expired.is_set():  # the deadline passed while connecting (before conn.sock was set)
+                raise TimeoutError
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            chunks, size = [], 0
+            while chunk := resp.read(65536):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise ScorerError(f"{self.name} sent more than {MAX_ANSWER_BYTES} bytes: not a scores reply")
+                chunks.append(chunk)
+            if resp.length:  # the connection ended before Content-Length bytes came
+                raise http.client.IncompleteRead(b"".join(chunks), resp.length)
+            if expired.is_set():
+                raise TimeoutError
+        except ScorerError:
+            raise
+        except Exception as e:
+            if expired.is_set():
+                raise TimeoutError(f"no complete answer within {self.timeout_s}s") from e
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+        return resp.status, b"".join(chunks)
 
 
 def open_ended_rewards(answers: Sequence[str], references: Sequence[str], questions: Sequence[str],
@@ -122,7 +229,8 @@ def open_ended_rewards(answers: Sequence[str], references: Sequence[str], questi
     preds = [ScoreRequest(str(q), str(a), i) for a, q, i in zip(answers, questions, images)]
     refs = list(dict.fromkeys(ScoreRequest(str(q), str(r), i)
                               for r, q, i in zip(references, questions, images)))
-    scores = scorer.score(preds + refs) if n else []
+    name = getattr(scorer, "name", None) or f"scorer {type(scorer).__name__}"
+    scores = check_scores(scorer.score(preds + refs), n + len(refs), name) if n else []
     ref_score = dict(zip(refs, scores[n:]))
     return [open_ended_reward(scores[k], ref_score[ScoreRequest(str(q), str(r), i)], beta)
             for k, (r, q, i) in enumerate(zip(references, questions, images))]
