@@ -62,7 +62,15 @@ def parse_ground_truth_box(gt) -> tuple[float, float, float, float]:
         gt = values[0] if len(values) == 1 else gt
     if not isinstance(gt, (list, tuple)) or len(gt) != 4:
         raise ValueError(f"iou ground truth is not a box [x1, y1, x2, y2]: {gt!r}")
-    return tuple(float(v) for v in gt)
+    try:
+        if any(isinstance(v, bool) for v in gt):
+            raise TypeError
+        box = tuple(float(v) for v in gt)
+    except (TypeError, ValueError):
+        raise ValueError(f"iou ground truth is not a box of 4 numbers [x1, y1, x2, y2]: {gt!r}") from None
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"iou ground truth box has a non-finite coordinate (NaN or inf): {gt!r}")
+    return box
 
 
 def _is_normalized(box: Sequence[float]) -> bool:
