@@ -16,13 +16,21 @@ Anything else is a ValueError naming the record (index and id).
 Host side: `MixedReward(cfg)(responses, records)` keeps the Math-Verify process pool and the
 reward-model client alive across steps; `compute_rewards(...)` is the one-call form.
 Failure policy: math timeouts / Math-Verify errors score 0 and are counted; a reward-model server
-that still fails after its retries raises ScorerError (training on silently-zero open-ended rewards
-would be worse); with no scorer configured at all, open-ended answers score 0, counted as
-`open_ended_unscored`.
+that still fails after its retries, or answers anything but finite numbers, raises ScorerError
+(training on silently-zero open-ended rewards would be worse); with no scorer configured at all,
+open-ended answers score 0, counted as `open_ended_unscored`.
+
+Time bound: only the one `<answer>` part is scored, and an answer longer than
+`max_answer_chars` scores 0 (counted as `answer_too_long`) before any verifier sees it. Extraction
+and the digit / mcq / iou verifiers are linear in their input, so each costs at most a few
+milliseconds; Math-Verify runs in worker processes under a hard deadline, the reward model under the
+HTTP scorer's per-request deadline. Counted zeros are logged with the record ids (REWARD_COUNTERS).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -33,9 +41,13 @@ from vlaa_jax.rewards.extract import extract_answer
 from vlaa_jax.rewards.iou import GT_FRAMES, PRED_FRAMES, iou_reward
 from vlaa_jax.rewards.math import MathVerifyPool, shared_pool
 from vlaa_jax.rewards.mcq import mcq_reward
-from vlaa_jax.rewards.open_ended import HTTPScorer, Scorer, open_ended_rewards
+from vlaa_jax.rewards.open_ended import HTTPScorer, Scorer, check_reward_model_url, open_ended_rewards
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open_ended")
+# Counts of answers that scored 0 without being judged, per batch, in the stats (and metrics.jsonl).
+REWARD_COUNTERS = ("answer_too_long", "math_timeouts", "math_errors", "open_ended_unscored")
+_LOG = logging.getLogger("vlaa_jax.rewards")
+_LOGGED_IDS = 10  # record ids named per counted-zero log line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +61,35 @@ class RewardConfig:
     reward_model_retries: int = 3        # retries after the first attempt (exponential back-off)
     iou_pred_frame: str = "auto"         # auto | normalized | resized_pixels | original_pixels (iou.py)
     iou_gt_frame: str = "auto"           # auto | normalized | original_pixels (iou.py)
+    max_answer_chars: int = 8192         # longer <answer> parts score 0, counted (bounds verifier time)
 
     def __post_init__(self):
-        if self.iou_pred_frame not in PRED_FRAMES:
-            raise ValueError(f"reward.iou_pred_frame must be one of {PRED_FRAMES}, got {self.iou_pred_frame!r}")
-        if self.iou_gt_frame not in GT_FRAMES:
-            raise ValueError(f"reward.iou_gt_frame must be one of {GT_FRAMES}, got {self.iou_gt_frame!r}")
-        if self.open_ended_beta <= 0:
-            raise ValueError(f"reward.open_ended_beta must be > 0, got {self.open_ended_beta}")
+        def require(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"reward.{key} must be {rule}, got {getattr(self, key)!r}")
+
+        def finite_positive(key: str) -> None:
+            value = getattr(self, key)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0, key, "a finite number > 0")
+
+        def integer(key: str, low: int) -> None:
+            value = getattr(self, key)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
+                    f"an integer >= {low}")
+
+        require(self.iou_pred_frame in PRED_FRAMES, "iou_pred_frame", f"one of {PRED_FRAMES}")
+        require(self.iou_gt_frame in GT_FRAMES, "iou_gt_frame", f"one of {GT_FRAMES}")
+        for key in ("open_ended_beta", "math_timeout_s", "reward_model_timeout_s"):
+            finite_positive(key)
+        integer("num_workers", 1)
+        integer("reward_model_retries", 0)
+        integer("max_answer_chars", 1)
+        require(isinstance(self.answer_fallback_boxed, bool), "answer_fallback_boxed", "True or False")
+        try:
+            check_reward_model_url(self.reward_model_url, allow_empty=True)
+        except ValueError as e:
+            raise ValueError(f"reward.reward_model_url: {e}") from None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RewardConfig":
@@ -115,7 +148,7 @@ class MixedReward:
                  image_hw: Sequence[tuple | None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """(rewards float32 [N], stats) for N (response, record) pairs; stats are flat, for logging:
         `<type>/count`, `<type>/mean` (only for types present), `<type>/extract_fail`, `all/count`,
-        `all/mean`, `extract_fail`, `math_timeouts`, `math_errors`, `open_ended_unscored`."""
+        `all/mean`, `extract_fail` and the REWARD_COUNTERS."""
         n = len(responses)
         if len(records) != n:
             raise ValueError(f"compute_rewards: {n} responses but {len(records)} records")
@@ -129,11 +162,18 @@ class MixedReward:
             if gt is None or (isinstance(gt, str) and not gt.strip()):
                 raise ValueError(f"{_describe(r, i)}: missing ground truth (gt)")
             gts.append(gt)
-        answers = [extract_answer(resp, cfg.answer_fallback_boxed) for resp in responses]
+        answers = []
+        for i, (resp, rec) in enumerate(zip(responses, records)):
+            if not isinstance(resp, str):
+                raise TypeError(f"{_describe(rec, i)}: response must be a str, got {type(resp).__name__}")
+            answers.append(extract_answer(resp, cfg.answer_fallback_boxed))
         rewards = np.zeros(n, np.float32)
-        counters = dict(math_timeouts=0, math_errors=0, open_ended_unscored=0)
+        counted: dict[str, list[int]] = {key: [] for key in REWARD_COUNTERS}
         math_items, open_items = [], []
         for i, (kind, ans, gt, rec) in enumerate(zip(types, answers, gts, records)):
+            if ans is not None and len(ans) > cfg.max_answer_chars:
+                counted["answer_too_long"].append(i)  # scores 0 unjudged: no verifier sees it
+                continue
             try:
                 if kind == "digit":
                     rewards[i] = digit_reward(ans, gt)
@@ -151,14 +191,18 @@ class MixedReward:
             except ValueError as e:
                 raise ValueError(f"{_describe(rec, i)} ({kind}): {e}") from e
 
+        math_error = ""
         if math_items:
             for i, res in zip(math_items, self.math_pool.verify([(answers[i], str(gts[i])) for i in math_items])):
                 rewards[i] = res.score
-                counters["math_timeouts"] += int(res.timed_out)
-                counters["math_errors"] += int(res.error is not None)
+                if res.timed_out:
+                    counted["math_timeouts"].append(i)
+                if res.error is not None:
+                    counted["math_errors"].append(i)
+                    math_error = math_error or res.error
         if open_items:
             if self.scorer is None:
-                counters["open_ended_unscored"] = len(open_items)
+                counted["open_ended_unscored"] = open_items
             else:
                 got = open_ended_rewards([answers[i] for i in open_items], [str(gts[i]) for i in open_items],
                                          [str(_get(records[i], "question", default="")) for i in open_items],
@@ -179,8 +223,20 @@ class MixedReward:
         if n:
             stats["all/mean"] = float(rewards.mean())
         stats["extract_fail"] = int(failed.sum())
-        stats.update(counters)
+        stats.update({key: len(rows) for key, rows in counted.items()})
+        self._log_counted(counted, records, math_error)
         return rewards, stats
+
+    def _log_counted(self, counted: Mapping[str, list[int]], records: Sequence[Any], math_error: str) -> None:
+        """One warning per counted-zero kind of the batch, naming (the first) records."""
+        why = {"answer_too_long": f"answer longer than reward.max_answer_chars={self.cfg.max_answer_chars}",
+               "math_timeouts": f"Math-Verify over reward.math_timeout_s={self.cfg.math_timeout_s}s",
+               "math_errors": f"Math-Verify error, first: {math_error[:200]}"}
+        for key, rows in counted.items():
+            if rows and key in why:
+                named = ", ".join(_describe(records[i], i) for i in rows[:_LOGGED_IDS])
+                more = f" and {len(rows) - _LOGGED_IDS} more" if len(rows) > _LOGGED_IDS else ""
+                _LOG.warning("reward: %d answers scored 0 (%s): %s%s", len(rows), why[key], named, more)
 
 
 def compute_rewards(responses: Sequence[str], records: Sequence[Any],
