@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.reward_model_retries = 3      # retries after the first attempt (exponential back-off)
     r.iou_pred_frame = "auto"       # frame of predicted boxes: auto | normalized | resized_pixels | ...
     r.iou_gt_frame = "auto"         # frame of ground-truth boxes: auto | normalized | original_pixels
+    r.max_answer_chars = 8192       # a longer <answer> part scores 0 unjudged (counted: answer_too_long)
 
     if preset == "demo":
         c.model.init = "tiny"

@@ -89,7 +89,7 @@ class RewardConfig:
         try:
             check_reward_model_url(self.reward_model_url, allow_empty=True)
         except ValueError as e:
-            raise ValueError(f"reward.reward_model_url: {e}") from None
+            raise ValueError(f"reward.reward_model_url {e}") from None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RewardConfig":

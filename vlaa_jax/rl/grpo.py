@@ -52,6 +52,7 @@ class GRPOConfig:
     advantage_eps: float = 1e-6      # added to the std in group_advantages
 
     def __post_init__(self):
+        # Each message starts with the field's name: config_check turns it into the config key.
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.ratio_level not in ("token", "sequence"):
@@ -60,8 +61,16 @@ class GRPOConfig:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.advantage_mode not in ADVANTAGE_MODES:
             raise ValueError(f"advantage_mode must be one of {ADVANTAGE_MODES}, got {self.advantage_mode!r}")
-        if not (0.0 <= self.clip_low < 1.0) or self.clip_high < 0.0:
-            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must lie in [0, 1) (the ratio's lower bound is 1 - clip_low), got {self.clip_low}")
+        if not self.clip_high >= 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if not self.advantage_eps > 0.0:  # 0 would divide a group of equal rewards by its std 0
+            raise ValueError(f"advantage_eps must be > 0, got {self.advantage_eps}")
+        if not self.kl_coef >= 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.log_ratio_clamp > 0.0:
+            raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
         if self.max_response_length is not None and self.max_response_length <= 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -12,8 +13,12 @@ from jax.sharding import AxisType, Mesh
 from vlaa_jax.sharding.rules import MESH_AXES, RulesLike, config_value, mesh_sizes, resolve_rules, use_rules
 
 
-def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Replaces one -1 by the rest of the devices; checks that the product is the device count."""
+def check_mesh_shape(mesh_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape as ints if it can fit some device count (one entry per mesh axis, each positive or -1,
+    at most one -1); ValueError otherwise. Needs no devices, so configs are checked before start-up."""
+    if isinstance(mesh_shape, (str, bytes)) or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in mesh_shape):
+        raise ValueError(f"mesh_shape {mesh_shape!r} must be {len(MESH_AXES)} integers, for axes {MESH_AXES}")
     shape = tuple(int(s) for s in mesh_shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh_shape {shape} must have {len(MESH_AXES)} entries, for axes {MESH_AXES}")
@@ -21,6 +26,12 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
         raise ValueError(f"mesh_shape {shape}: at most one entry may be -1 (the rest of the devices)")
     if any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"mesh_shape {shape}: entries must be positive or -1")
+    return shape
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces one -1 by the rest of the devices; checks that the product is the device count."""
+    shape = check_mesh_shape(mesh_shape)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
