@@ -23,7 +23,7 @@ from data_pipeline import tokenizer as tokenizer_lib
 from data_pipeline.model_inputs import PromptBatch
 from vlaa_jax import sharding as shd
 from vlaa_jax.eval.behaviour import behaviour_metrics
-from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
+from vlaa_jax.rewards.mixed import REWARD_COUNTERS, MixedReward, RewardConfig
 from vlaa_jax.rl.kl import KLController, make_kl_controller
 from vlaa_jax.train import common, loop
 from vlaa_jax.train.config_check import ConfigError
@@ -99,6 +99,7 @@ class GRPOTrainer:
             "reward": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
             **{f"reward/{k[:-5]}": v for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"},
             "extract_fail": stats.get("extract_fail", 0) / max(len(rewards), 1),
+            **{f"reward_counts/{k}": stats[k] for k in REWARD_COUNTERS if k in stats},
             "response_length": float(mask.sum(axis=1).mean()),
             "lr": float(run.schedule(max((step - 1) * s.updates_per_step, 0))),
             "kl_coef_next": float(self.kl_ctl.value), "kl_rollout": result.kl,
