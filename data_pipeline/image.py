@@ -20,7 +20,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.records import DataError
 from vlaa_jax.models.qwen2_5_vl.config import VisionConfig
@@ -172,9 +172,15 @@ def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,
     `min_side` rejects images whose shorter side is below it (HF would upscale them; 28 rejects
     anything smaller than one merged patch), 0 disables the check.
     """
+    if not data:
+        raise DataError(f"cannot decode image {name}: it is an empty file (0 bytes)", kind="bad_image",
+                        field="image")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except UnidentifiedImageError as e:  # its message shows a BytesIO repr, not the file
+        raise DataError(f"cannot decode image {name}: not in an image format PIL reads ({len(data)} bytes starting "
+                        f"{data[:8]!r})", kind="bad_image", field="image") from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}", kind="bad_image", field="image") from e
     w, h = img.size

@@ -8,6 +8,9 @@ Files may be one JSON array or JSON Lines (the released `.json` files are report
 
 Every problem is a `DataError` that names the file, the line and the field. Callers decide whether to
 raise it or to skip the record and count it (`skip_bad_records`); nothing is dropped silently.
+Text is UTF-8 (a byte-order mark is accepted), or UTF-16 / UTF-32 as `json.detect_encoding` tells them;
+a JSON Lines line that is not valid text is a bad record (`bad_encoding`). Ids are unique within a file:
+a repeated id is a bad record (`duplicate_id`), the first one is kept.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import dataclasses
 import json
 import os
 import posixpath
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +75,7 @@ class DataError(ValueError):
     ):
         self.kind, self.file, self.line, self.field, self.record_id = kind, file, line, field, record_id
         self.reason = message
-        where = f"{file or '<unknown file>'}:{line if line is not None else '?'}"
+        where = f"{file or '<unknown file>'}" + (f":{line}" if line is not None else "")
         parts = [where]
         if record_id is not None:
             parts.append(f"record {record_id!r}")
@@ -98,7 +102,8 @@ class Record:
     """One normalised VLAA-Thinking example.
 
     Attributes:
-      id: `id` field if present, else `<file name>:<line>` (stable across runs).
+      id: `id` field if present, else `<file name>:<line>` (stable across runs; `<file name>:<line>:<n>` for
+        the n-th record starting on one line, as in a one-line JSON array).
       source: first component of the image path (e.g. `clevr_math`), lower case.
       image: image path relative to the images root (posix, normalised, never escaping the root).
       question: user question (text only; the image goes before it in the prompt).
@@ -161,18 +166,20 @@ def _text_field(raw: dict, names: tuple[str, ...], *, required: bool, where: dic
 
 
 def parse_record(
-    raw: Any, *, file: str = "", line: int = 0, split: str = "grpo", require_response: bool | None = None
+    raw: Any, *, file: str = "", line: int = 0, split: str = "grpo", require_response: bool | None = None,
+    default_id: str | None = None,
 ) -> Record:
     """Normalise one raw JSON object (either known shape) into a Record.
 
     `split` ("sft" | "grpo") decides what is required: SFT needs a non-empty response; GRPO needs a
-    ground truth and a known reward type. `require_response` overrides the SFT default.
+    ground truth and a known reward type. `require_response` overrides the SFT default. A record without
+    an `id` gets `default_id`, by default `<file name>:<line>`.
     """
     where: dict[str, Any] = {"file": file, "line": line}
     if not isinstance(raw, dict):
         raise DataError(f"expected a JSON object, got {type(raw).__name__}", kind="malformed_json", **where)
     rid = raw.get("id")
-    rid = str(rid) if rid is not None else f"{os.path.basename(file) or 'record'}:{line}"
+    rid = str(rid) if rid is not None else (default_id or f"{os.path.basename(file) or 'record'}:{line}")
     where["record_id"] = rid
     image = normalize_image_path(raw.get("image"), **where)
     source = image.split("/", 1)[0].lower() if "/" in image else "unknown"
@@ -210,16 +217,49 @@ def parse_record(
     )
 
 
+# Where `surrogateescape` decoding put a byte that is not valid text in the file's encoding.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_NON_SPACE = re.compile(r"\S")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a data file: UTF-8 with or without a byte-order mark, or UTF-16 / UTF-32 (detected as
+    `json.loads` detects them). Bytes that are not valid text become lone surrogates, which `iter_raw_json`
+    reports by line; a directory raises DataError naming it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError("is a directory, expected a JSON / JSON Lines file", kind="not_a_file", file=path)
+    data = Path(path).read_bytes()
+    encoding = json.detect_encoding(data)
+    try:
+        return data.decode(encoding, errors="surrogateescape")
+    except UnicodeDecodeError as e:  # UTF-16 / 32 whose bytes do not pair up
+        raise DataError(f"not valid {encoding} text (byte {e.start}): save the file as UTF-8",
+                        kind="bad_encoding", file=path, line=1 + data.count(b"\n", 0, e.start)) from None
+
+
+def _encoding_error(path: str, line: int, text: str, at: int) -> DataError:
+    col = at - (text.rfind("\n", 0, at) + 1) + 1
+    byte = ord(text[at]) - 0xDC00
+    return DataError(f"not UTF-8 text (byte 0x{byte:02x} at column {col}): save the file as UTF-8, e.g. "
+                     f"iconv -f latin1 -t utf-8 (or the encoding it was written in)",
+                     kind="bad_encoding", file=path, line=line)
+
+
 def iter_raw_json(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield (1-based line, object) for a JSON array file or a JSON Lines file.
 
-    A malformed JSON Lines line yields (line, DataError) so the caller can skip and count it; a broken
-    JSON array raises, since nothing after the break can be located.
+    A malformed (or undecodable) JSON Lines line yields (line, DataError) so the caller can skip and count
+    it; a broken JSON array raises, since nothing after the break can be located, and so does a file that
+    is one JSON object (records must be an array or one object per line).
     """
     path = os.fspath(path)
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
+        bad = _UNDECODABLE.search(text)
+        if bad:
+            raise _encoding_error(path, 1 + text.count("\n", 0, bad.start()), text, bad.start())
         decoder = json.JSONDecoder()
         pos = len(text) - len(stripped) + 1
         line = 1 + text.count("\n", 0, pos)
@@ -231,6 +271,11 @@ def iter_raw_json(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             if pos >= len(text):
                 raise DataError("unterminated JSON array", kind="malformed_json", file=path, line=line)
             if text[pos] == "]":
+                rest = text[pos + 1:]
+                if rest.strip():  # e.g. records appended after the array: they would be lost
+                    raise DataError("text after the closing ']' of the JSON array; records must all be inside it",
+                                    kind="malformed_json", file=path,
+                                    line=line + rest[: len(rest) - len(rest.lstrip())].count("\n"))
                 return
             try:
                 obj, end = decoder.raw_decode(text, pos)
@@ -239,13 +284,44 @@ def iter_raw_json(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             yield line, obj
             line += text.count("\n", pos, end)
             pos = end
+    if stripped.startswith("{"):
+        nl = text.find("\n", len(text) - len(stripped))
+        if nl < 0 or not _NON_SPACE.search(text, nl):  # one line: a record, or an object holding the records
+            _raise_if_one_object(path, text)
+    first = True
     for i, row in enumerate(text.splitlines(), start=1):
         if not row.strip():
+            continue
+        bad = _UNDECODABLE.search(row)
+        if bad:
+            yield i, _encoding_error(path, i, row, bad.start())
+            first = False
             continue
         try:
             yield i, json.loads(row)
         except json.JSONDecodeError as e:
+            if first and row.lstrip().startswith("{"):
+                _raise_if_one_object(path, text, pretty=True)
             yield i, DataError(f"malformed JSON line: {e.msg} (column {e.colno})", kind="malformed_json", file=path, line=i)
+        first = False
+
+
+def _raise_if_one_object(path: str, text: str, pretty: bool = False) -> None:
+    """A file that is one JSON object holding the records (e.g. {"data": [...]}), or one record spread
+    over several lines, is not a split file: say so, and where the records may be, rather than report
+    its first line as malformed."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if pretty and isinstance(obj, dict) and {"image", "question"} & set(obj):
+        raise DataError("the file is one record spread over several lines; JSON Lines needs each record on "
+                        "one line (or put the records in a JSON array)", kind="malformed_json", file=path, line=1)
+    if isinstance(obj, dict) and not {"image", "question"} & set(obj):
+        lists = [k for k, v in obj.items() if isinstance(v, list)]
+        hint = f"; its key {lists[0]!r} holds a list: write that list as the file" if lists else ""
+        raise DataError("the file is one JSON object; a split file is a JSON array of records or JSON Lines "
+                        f"(one record per line){hint}", kind="malformed_json", file=path, line=1)
 
 
 @dataclasses.dataclass
@@ -297,11 +373,21 @@ def read_records(
 ) -> list[Record]:
     """All records of one split file. Bad ones raise DataError, or are skipped and counted in `summary`."""
     records = []
+    first_line: dict[str, int] = {}  # id -> line of the record kept
+    on_line: Counter = Counter()  # a one-line JSON array starts every record on line 1
     for line, raw in iter_raw_json(path):
+        on_line[line] += 1
+        nth = f"{os.path.basename(path)}:{line}:{on_line[line]}" if on_line[line] > 1 else None
         try:
             if isinstance(raw, DataError):
                 raise raw
-            records.append(parse_record(raw, file=os.fspath(path), line=line, split=split))
+            rec = parse_record(raw, file=os.fspath(path), line=line, split=split, default_id=nth)
+            if rec.id in first_line:
+                raise DataError(f"id already used by the record at line {first_line[rec.id]}; ids must be unique "
+                                "within a split: give one of them another id", kind="duplicate_id", field="id",
+                                file=os.fspath(path), line=line, record_id=rec.id)
+            first_line[rec.id] = line
+            records.append(rec)
         except DataError as e:
             if not skip_bad_records:
                 raise
@@ -315,8 +401,15 @@ def find_split_file(manual_dir: str | os.PathLike, split: str) -> Path:
     """The JSON file of `split` ("sft" | "grpo") in a local copy of the dataset repository."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+    if not Path(manual_dir).is_dir():
+        raise FileNotFoundError(f"data.manual_dir {os.fspath(manual_dir)!r} is not a directory: point it at a local "
+                                "copy of the VLAA-Thinking dataset repository")
     for name in SPLIT_FILES[split]:
         p = Path(manual_dir) / name
         if p.is_file():
             return p
-    raise FileNotFoundError(f"none of {SPLIT_FILES[split]} found in {manual_dir}")
+        if p.exists():
+            raise DataError("is not a file (a directory?): the split must be a JSON / JSON Lines file",
+                            kind="not_a_file", file=os.fspath(p))
+    raise FileNotFoundError(f"{os.fspath(manual_dir)}: none of {', '.join(SPLIT_FILES[split])} is there: copy the "
+                            f"{split} split file of the VLAA-Thinking dataset repository into it")

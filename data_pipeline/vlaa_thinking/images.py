@@ -8,17 +8,28 @@ prefix (first path component, e.g. "coco", "vg") to a directory. A record's imag
 3. a member `<path>` (or `<path without the source folder>`) of `images_root/<source>.tar.gz`,
    read without extracting anything.
 Paths are checked never to leave their root (`..`, absolute paths, symlinks pointing outside).
+An archive that cannot be read (corrupt, truncated, not a tar file) makes every image still wanted from
+it a DataError (`bad_archive`) naming the archive; images read from it before the damage are kept.
 """
 from __future__ import annotations
 
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from data_pipeline.records import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# What tarfile / gzip raise on a damaged archive (EOFError: gzip stream cut short).
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+def archive_error(path: Path, e: BaseException) -> DataError:
+    return DataError(f"cannot read image archive {path} ({type(e).__name__}: {e}): it is corrupt or truncated; "
+                     f"download it again (`tar tzf {path}` shows where it breaks) or extract it into "
+                     f"{path.parent / path.name.split('.')[0]}/", kind="bad_archive", field="image")
 
 
 def _inside(root: Path, rel: str) -> Path | None:
@@ -43,6 +54,7 @@ class ImageStore:
         self.external_roots = {k.lower(): Path(v) for k, v in (external_roots or {}).items() if v}
         self._archives: dict[str, tarfile.TarFile | None] = {}
         self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        self._broken: dict[str, DataError] = {}  # source -> why its archive cannot be indexed
 
     def archive_path(self, source: str) -> Path | None:
         for suffix in ARCHIVE_SUFFIXES:
@@ -69,14 +81,20 @@ class ImageStore:
         return None
 
     def _index(self, source: str) -> dict[str, tarfile.TarInfo]:
+        if source in self._broken:
+            raise self._broken[source]
         if source not in self._members:
             path = self.archive_path(source)
             if path is None:
                 self._archives[source], self._members[source] = None, {}
             else:
-                tf = tarfile.open(path, "r:*")
-                self._archives[source] = tf
-                self._members[source] = {_member_key(source, m.name): m for m in tf.getmembers() if m.isfile()}
+                try:
+                    tf = tarfile.open(path, "r:*")
+                    members = {_member_key(source, m.name): m for m in tf.getmembers() if m.isfile()}
+                except ARCHIVE_ERRORS as e:
+                    self._broken[source] = archive_error(path, e)
+                    raise self._broken[source] from None
+                self._archives[source], self._members[source] = tf, members
         return self._members[source]
 
     def read(self, rel: str) -> bytes:
@@ -88,8 +106,10 @@ class ImageStore:
         member = self._index(source).get(rel)
         if member is None:
             raise DataError(self._missing_message(rel), kind="missing_image", field="image")
-        f = self._archives[source].extractfile(member)
-        return f.read()
+        try:
+            return self._archives[source].extractfile(member).read()
+        except ARCHIVE_ERRORS as e:
+            raise archive_error(self.archive_path(source), e) from None
 
     def _missing_message(self, rel: str) -> str:
         source = rel.split("/", 1)[0]
@@ -121,12 +141,20 @@ class ImageStore:
             else:
                 by_archive.setdefault(source, set()).add(rel)
         for source, wanted in by_archive.items():
-            with tarfile.open(self.archive_path(source), "r|*") as tf:
-                for m in tf:
-                    key = _member_key(source, m.name)
-                    if m.isfile() and key in wanted:
-                        yield key, tf.extractfile(m).read()
-                        wanted.discard(key)
+            path = self.archive_path(source)
+            try:
+                with tarfile.open(path, "r|*") as tf:
+                    for m in tf:
+                        key = _member_key(source, m.name)
+                        if m.isfile() and key in wanted:
+                            data = tf.extractfile(m).read()
+                            wanted.discard(key)
+                            yield key, data
+            except ARCHIVE_ERRORS as e:
+                broken = archive_error(path, e)
+                for rel in sorted(wanted):
+                    yield rel, broken
+                continue
             for rel in sorted(wanted):
                 yield rel, DataError(self._missing_message(rel), kind="missing_image", field="image")
 

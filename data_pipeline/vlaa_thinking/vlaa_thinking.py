@@ -15,16 +15,17 @@ when records are held out: ids listed one per line in `manual_dir/heldout_ids.tx
 writes one) and/or a deterministic hash fraction `holdout_per_mille` of the ids. The paper trains on
 everything: use `split="train+validation"` (or no held-out ids) to reproduce it.
 
-Bad records met while building (malformed JSON line, missing field, unknown verifier_type, missing /
-undecodable image, path escaping the images root) raise a DataError naming file, line and field, or with
-`skip_bad_records=True` are skipped and counted in `info.metadata["bad_records"]`, which the loader
-reports. Encoded images are checked by a full PIL decode when `verify_images` (default).
+Bad records met while building (malformed JSON line, text that is not UTF-8, missing field, unknown
+verifier_type, duplicate id, missing / undecodable image, unreadable image archive, path escaping the
+images root) raise a DataError naming file, line and field, or with `skip_bad_records=True` are skipped
+and counted in `info.metadata["bad_records"]`, which the loader reports. Encoded images are checked by a
+full PIL decode when `verify_images` (default). A split left with no example (an empty file, every record
+bad) is a DataError naming the file, whatever `skip_bad_records` says: there is nothing to train on.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import os
 from pathlib import Path
@@ -32,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
+from data_pipeline.image import decode_image
 from data_pipeline.records import (HELDOUT_IDS_FILE, BadRecordSummary, DataError, Record, find_split_file,
-                                   read_records)
+                                   read_records, read_text)
 from data_pipeline.vlaa_thinking.images import ImageStore
 
 
@@ -126,56 +127,76 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
         path = find_split_file(manual, cfg.split_name)
         records = read_records(path, split=cfg.split_name, skip_bad_records=cfg.skip_bad_records,
                                summary=self._bad_summary)
+        if not records:
+            raise self._empty_error(path, "train", read=0)
         ids_file = manual / HELDOUT_IDS_FILE
-        held = set(ids_file.read_text().split()) if ids_file.is_file() else set()
+        held = set(read_text(ids_file).split()) if ids_file.is_file() else set()
         is_val = [r.id in held or is_held_out(r.id, cfg.holdout_per_mille) for r in records]
         train = [r for r, v in zip(records, is_val) if not v]
         val = [r for r, v in zip(records, is_val) if v]
+        if not train:
+            raise DataError(f"all {len(records)} records are held out for validation ({ids_file.name} and/or "
+                            f"holdout_per_mille={cfg.holdout_per_mille}): leave some for training",
+                            kind="empty_split", file=os.fspath(path))
         store = ImageStore(manual / "images", cfg.external_image_roots)
         self.info.metadata["bad_records"] = self._bad_summary.to_dict()
-        splits = {"train": self._generate_examples(train, store)}
+        splits = {"train": self._generate_examples(train, store, "train", path)}
         if val:
-            splits["validation"] = self._generate_examples(val, store)
+            splits["validation"] = self._generate_examples(val, store, "validation", path)
         return splits
 
-    def _generate_examples(self, records: list[Record], store: ImageStore):
+    def _empty_error(self, path: Path, split: str, *, read: int) -> DataError:
+        bad = self._bad_summary
+        why = (f"all {read} records of it were bad ({bad}; see the messages above)" if read
+               else f"no record of the file is usable ({bad})" if bad.total else "the file holds no record")
+        return DataError(f"split {split!r} of vlaa_thinking/{self.options.split_name} would be empty: {why}. Fix "
+                         "the data; skip_bad_records cannot help when nothing is left", kind="empty_split",
+                         file=os.fspath(path))
+
+    def _generate_examples(self, records: list[Record], store: ImageStore, split: str, path: Path):
         cfg: VlaaThinkingConfig = self.options
         by_image: dict[str, list[Record]] = {}
         for r in records:
             by_image.setdefault(r.image, []).append(r)
+        kept, lines = 0, set()
         for rel, data in store.stream(by_image):
             for r in by_image[rel]:
                 try:
                     if isinstance(data, DataError):
-                        raise data.with_context(file=r.file, line=r.line, record_id=r.id)
+                        raise data
                     if cfg.verify_images:
                         _verify(data, r)
                 except DataError as e:
+                    e = e.with_context(file=r.file, line=r.line, record_id=r.id)
                     if not cfg.skip_bad_records:
-                        raise
+                        raise e from None
                     self._bad_summary.add(e.kind, str(e))
                     self.info.metadata["bad_records"] = self._bad_summary.to_dict()
                     logging.warning("vlaa_thinking: skipped %s", e)
                     continue
-                yield r.line, {
+                kept += 1
+                # The key is the line (as ever: TFDS orders examples by its hash); records sharing one line
+                # (a one-line JSON array) add their id, which is unique within the split.
+                key = r.line if r.line not in lines else f"{r.line}:{r.id}"
+                lines.add(r.line)
+                yield key, {
                     "id": r.id, "source": r.source, "image_path": r.image, "image": data,
                     "question": r.question, "response": r.response, "ground_truth": r.ground_truth,
                     "verifier_type": r.verifier_type or "", "file": os.path.basename(r.file), "line": r.line,
                 }
+        if not kept:  # TFDS would stop with a bare AssertionError about the split
+            raise self._empty_error(path, split, read=len(records))
 
 
 def _verify(data: bytes, r: Record) -> None:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as e:
-        raise DataError(f"cannot decode image {r.image}: {type(e).__name__}: {e}", kind="bad_image", field="image",
-                        file=r.file, line=r.line, record_id=r.id) from e
+    """A full decode (the loader's, without its size limits, which are the loader config's)."""
+    decode_image(data, name=r.image, max_aspect_ratio=float("inf")).close()
 
 
 def build_vlaa_thinking(split: str, *, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
                         **config_overrides) -> VlaaThinking:
     """Prepare (once) and return the `vlaa_thinking/<split>` builder; `split` is "sft" or "grpo"."""
+    find_split_file(manual_dir, split)  # a missing / empty manual_dir named here (TFDS: a bare AssertionError)
     builder = VlaaThinking(config=split, data_dir=os.fspath(data_dir), file_format="array_record", **config_overrides)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
