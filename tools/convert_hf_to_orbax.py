@@ -9,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools import cli  # noqa: E402
 from vlaa_jax import convert  # noqa: E402
 
 
@@ -19,7 +20,8 @@ def main(argv=None) -> int:
         ("--dtype", dict(default=None, choices=sorted(convert.DTYPES) + ["keep"],
                          help="cast weights to this dtype (default: keep each tensor's dtype)")),
     ])
-    return convert.run_tool(convert.convert_hf_to_orbax, args.hf_dir, args.out, dtype=args.dtype)
+    with cli.user_errors():
+        return convert.run_tool(convert.convert_hf_to_orbax, args.hf_dir, args.out, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import ml_collections  # noqa: E402
 
 from configs import base  # noqa: E402
-from vlaa_jax.eval.benchmarks import BenchmarkError  # noqa: E402
+from tools import cli  # noqa: E402
 from vlaa_jax.eval.harness import run_eval  # noqa: E402
 from vlaa_jax.nn import ATTENTION_IMPLS  # noqa: E402
 from vlaa_jax.rewards.mixed import RewardConfig  # noqa: E402
@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.out:
         name = Path(a.data).stem if os.path.isfile(a.data) else Path(a.data).name
         a.out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "eval", name)
-    try:
+    if not os.path.isdir(a.ckpt):
+        cli.fail(f"--ckpt {a.ckpt}: not a directory (an HF Qwen2.5-VL or a vlaa-jax model directory)")
+    if not os.path.exists(a.data):
+        cli.fail(f"--data {a.data}: no such file or directory")
+    with cli.user_errors():  # bad input (benchmark file, checkpoint, tokenizer): one clear line, no traceback
         summary = run_eval(build_config(a), a.workdir or a.out)
-    except (BenchmarkError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps({"overall": summary["overall"], "output_dir": summary["output_dir"]}))
     return summary
 

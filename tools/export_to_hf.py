@@ -9,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools import cli  # noqa: E402
 from vlaa_jax import convert  # noqa: E402
 
 
@@ -20,7 +21,9 @@ def main(argv=None) -> int:
         ("--dtype", dict(default=None, choices=sorted(convert.DTYPES) + ["keep"],
                          help="cast weights to this dtype (default: keep)")),
     ])
-    return convert.run_tool(convert.export_to_hf, args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    with cli.user_errors():
+        return convert.run_tool(convert.export_to_hf, args.ckpt, args.out, max_shard_size=args.max_shard_size,
+                                dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter, load_tokenizer  # noqa: E402
-from data_pipeline.image import preprocess_image  # noqa: E402
-from data_pipeline.records import Record  # noqa: E402
+from data_pipeline.image import decode_image, preprocess_image  # noqa: E402
+from data_pipeline.records import DataError, Record  # noqa: E402
+from tools import cli  # noqa: E402
 from vlaa_jax import rollout  # noqa: E402
 from vlaa_jax.models import qwen2_5_vl as q  # noqa: E402
 from vlaa_jax.nn import ATTENTION_IMPLS  # noqa: E402
@@ -43,7 +43,10 @@ def split_response(text: str) -> tuple[str | None, str | None]:
 
 def _pixel_limits(ckpt: str) -> tuple[int, int]:
     path = os.path.join(ckpt, "preprocessor_config.json")
-    cfg = json.load(open(path)) if os.path.isfile(path) else {}
+    try:
+        cfg = json.load(open(path)) if os.path.isfile(path) else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): copy it again from the model's source") from None
     size = cfg.get("size") or {}
     return (int(cfg.get("min_pixels", size.get("shortest_edge", 56 * 56))),
             int(cfg.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))))
@@ -53,8 +56,8 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
                  min_pixels: int | None, max_pixels: int | None, config):
     """Host prompt batch (one row) + the chat formatter of the checkpoint's tokenizer."""
     if not os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
-        raise SystemExit(f"{ckpt}: no tokenizer.json (copy the tokenizer files into the checkpoint, e.g. "
-                         "tools/make_tokenizer.py --out DIR)")
+        raise FileNotFoundError(f"{ckpt}: no tokenizer.json (copy the tokenizer files into the checkpoint, e.g. "
+                                "tools/make_tokenizer.py --out DIR)")
     formatter = ChatFormatter.create(ckpt, system_prompt)
     record = Record(id="cli", source="", image=image_path or "", question=question, response="", ground_truth="",
                     verifier_type=None, file="<command line>")
@@ -65,11 +68,14 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
         return formatter, rollout.prompt_batch(config, np.asarray([ids]), pad_id=formatter.pad_id)
     lo, hi = _pixel_limits(ckpt)
     v = config.vision
-    try:
-        image = Image.open(image_path)
-        image.load()
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{image_path}: cannot read image ({e})")
+    if not os.path.isfile(image_path):
+        raise FileNotFoundError(f"--image {image_path}: "
+                                f"{'a directory, not an image' if os.path.isdir(image_path) else 'no such file'}")
+    with open(image_path, "rb") as f:
+        try:
+            image = decode_image(f.read(), name=image_path)  # the training data's checks
+        except DataError as e:
+            raise ValueError(f"--image {e.reason}") from None
     feats = preprocess_image(image, min_pixels=min_pixels or lo, max_pixels=max_pixels or hi, patch_size=v.patch_size,
                              merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     n_tokens = int(np.prod(feats.image_grid_thw)) // v.spatial_merge_size ** 2
@@ -98,12 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     a = p.parse_args(argv)
     if not os.path.isdir(a.ckpt):
-        raise SystemExit(f"--ckpt {a.ckpt}: not a directory")
+        cli.fail(f"--ckpt {a.ckpt}: not a directory (a vlaa-jax model directory or an HF Qwen2.5-VL directory)")
 
     t0 = time.time()
-    model = q.from_pretrained(a.ckpt, dtype=a.dtype, attention_impl=a.attention_impl)
-    formatter, prompts = build_prompt(a.ckpt, a.question, a.image, a.system_prompt or None, a.min_pixels,
-                                      a.max_pixels, model.config)
+    with cli.user_errors():  # a damaged or foreign checkpoint, a bad image: one line, exit code 2
+        model = q.from_pretrained(a.ckpt, dtype=a.dtype, attention_impl=a.attention_impl)
+        formatter, prompts = build_prompt(a.ckpt, a.question, a.image, a.system_prompt or None, a.min_pixels,
+                                          a.max_pixels, model.config)
     graphdef, state = nnx.split(model)
     stop_ids = tokenizer_lib.stop_ids(load_tokenizer(a.ckpt))
     t1 = time.time()

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Iterable, Mapping
 
@@ -66,6 +65,7 @@ def _hf_config_with_dtype(hf_config: Mapping[str, Any], dtype_name: str) -> dict
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
     """Converts an HF Qwen2.5-VL directory into a self-contained vlaa-jax model directory."""
+    loading.check_new_model_dir(out_dir)  # before reading gigabytes of weights
     hf_config = read_hf_config(hf_dir)
     config = from_hf_dict(hf_config, source=os.path.join(hf_dir, "config.json"))
     cast = numpy_dtype(dtype)
@@ -169,12 +169,9 @@ def main_args(argv: Iterable[str] | None, description: str, specs: list[tuple[st
 
 
 def run_tool(fn, *args: Any, **kwargs: Any) -> int:
-    """Runs a conversion for a command-line tool: bad input is one `error:` line and exit code 2."""
+    """Runs a conversion for a command-line tool and says what it wrote. (Bad input raises; the tools
+    turn it into one `error:` line and exit code 2, tools/cli.py.)"""
     t0 = time.time()
-    try:
-        out = fn(*args, **kwargs)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = fn(*args, **kwargs)
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0

@@ -259,8 +259,12 @@ def to_hf_dict(config: Qwen25VLConfig) -> dict[str, Any]:
 def read_hf_config(model_dir: str) -> dict[str, Any]:
     """The config.json of an HF or vlaa-jax model directory, with errors that name the path."""
     path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir!r} is not a directory (a model directory holds config.json and "
+                                "the weights)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: {model_dir!r} is not a model directory")
+        raise FileNotFoundError(f"{path} is missing: {model_dir!r} is not a model directory (an HF Qwen2.5-VL "
+                                "download or tools/convert_hf_to_orbax.py output)")
     try:
         with open(path) as f:
             return json.load(f)

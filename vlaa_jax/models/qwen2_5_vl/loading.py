@@ -175,18 +175,29 @@ _SAFETENSORS_DTYPES: dict[str, Any] = {
 
 
 def safetensors_header(path: str) -> dict[str, tuple[Any, tuple[int, ...], int, int]]:
-    """name -> (NumPy dtype, shape, byte offset, byte length) of every tensor of a .safetensors file."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+    """name -> (NumPy dtype, shape, byte offset, byte length) of every tensor of a .safetensors file.
+
+    A file whose header does not parse, or whose tensors reach past its end (a cut-short download), is a
+    ValueError naming it (`params.damaged_safetensors`)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        entries = {name: (info["dtype"], tuple(info["shape"]), *info["data_offsets"])
+                   for name, info in header.items() if name != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON / layout errors
+        raise hf_params.damaged_safetensors(path, e) from None
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = (_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
+    for name, (dtype, shape, start, end) in entries.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if 8 + n + end > size:
+            raise hf_params.damaged_safetensors(
+                path, ValueError(f"tensor {name!r} ends at byte {8 + n + end}, after the end of the file ({size})"))
+        out[name] = (_SAFETENSORS_DTYPES[dtype], shape, 8 + n + start, end - start)
     return out
 
 
@@ -249,14 +260,23 @@ def copy_processor_files(src_dir: str, dst_dir: str) -> list[str]:
     return copied
 
 
+def check_new_model_dir(out_dir: str) -> str:
+    """The params/ path of a model directory about to be written; FileExistsError if it cannot be (a file
+    in the way, or a model directory there already). Tools call it before the work that precedes a save."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir} is a file, not a directory: choose another --out")
+    params_dir = os.path.join(os.path.abspath(out_dir), PARAMS_SUBDIR)
+    if os.path.exists(params_dir):
+        raise FileExistsError(f"{params_dir} already exists: choose an empty --out directory")
+    return params_dir
+
+
 def save_model_dir(out_dir: str, params: Mapping[str, Any], hf_config: Mapping[str, Any], *,
                    processor_dir: str | None = None, info: Mapping[str, Any] | None = None) -> str:
     """Writes `params` (nested dict of arrays; our pure dict, int or str keys) as Orbax plus config and
     processor files to `out_dir`."""
     out_dir = os.path.abspath(out_dir)
-    params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
-    if os.path.exists(params_dir):
-        raise FileExistsError(f"{params_dir} already exists: choose an empty --out directory")
+    params_dir = check_new_model_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # Orbax deep-copies NumPy leaves by default (a second copy of the weights in host memory); the save
     # below is synchronous and nothing mutates the leaves meanwhile, so the copy is not needed.
@@ -289,11 +309,30 @@ def load_params(model_dir: str, target: Any | None = None) -> Any:
             "convert an HF checkpoint with tools/convert_hf_to_orbax.py")
     params_dir = os.path.join(os.path.abspath(model_dir), PARAMS_SUBDIR)
     checkpointer = ocp.StandardCheckpointer()
-    if target is not None:
-        stored = checkpointer.metadata(params_dir).item_metadata.tree
-        if _per_layer_nodes(stored, target):
-            return _restore_restacked(checkpointer, params_dir, stored, target)
-    return checkpointer.restore(params_dir, target)
+    try:
+        if target is not None:
+            stored = _damage_named(params_dir, lambda: checkpointer.metadata(params_dir).item_metadata.tree)
+            if _per_layer_nodes(stored, target):
+                return _restore_restacked(checkpointer, params_dir, stored, target)
+        return _damage_named(params_dir, lambda: checkpointer.restore(params_dir, target))
+    finally:
+        checkpointer.close()
+
+
+def short_reason(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, without the kilobytes of spec that tensorstore errors carry."""
+    text = " ".join(str(e).split(" [tensorstore_spec=")[0].split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _damage_named(params_dir: str, read: Callable[[], Any]) -> Any:
+    """read(), with Orbax / tensorstore errors about damaged files as one ValueError naming the directory."""
+    try:
+        return read()
+    except (ValueError, OSError, KeyError, AttributeError) as e:
+        raise ValueError(f"{params_dir}: the parameters do not restore ({short_reason(e)}): the model directory "
+                         "is damaged or does not match its config.json; write it again "
+                         "(tools/convert_hf_to_orbax.py, or the trainer's export)") from None
 
 
 def _per_layer_nodes(stored: Any, target: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -259,9 +259,31 @@ def state_to_hf(config: Qwen25VLConfig, state: Any) -> Iterator[tuple[str, np.nd
         yield e.hf_name, to_hf(e.kind, x, e.hf_shape)
 
 
+def damaged_safetensors(path: str, e: BaseException) -> ValueError:
+    """The error for a .safetensors file that does not read (cut short by a download, overwritten, a Git
+    LFS pointer left by a clone without `git lfs`)."""
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            return ValueError(f"{path}: a Git LFS pointer, not the weights: fetch them (`git lfs pull` in the "
+                              "clone, or download the file itself)")
+    return ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}): it is corrupt or "
+                      "truncated; download it again (its size must match the source's)")
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise damaged_safetensors(path, e) from None
+
+
 class HFCheckpoint:
     """Lazy, tensor-by-tensor access to the safetensors of an HF directory (single file or sharded via
-    model.safetensors.index.json), keyed by transformers-5 names."""
+    model.safetensors.index.json), keyed by transformers-5 names. A file that does not read is a
+    ValueError naming it."""
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
@@ -277,7 +299,7 @@ class HFCheckpoint:
                 if not os.path.isfile(os.path.join(hf_dir, shard)):
                     raise FileNotFoundError(f"{index} names shard {shard!r}, which is missing from {hf_dir}")
         elif os.path.isfile(single):
-            with safe_open(single, framework="numpy") as f:
+            with _open(single) as f:
                 weight_map = {k: SAFETENSORS_SINGLE for k in f.keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
@@ -295,12 +317,18 @@ class HFCheckpoint:
         if name not in self.files:
             raise KeyError(name)
         shard, stored = self.files[name]
-        with safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
-            return f.get_tensor(stored)
+        path = os.path.join(self.hf_dir, shard)
+        with _open(path) as f:
+            if stored not in f.keys():
+                raise KeyError(f"{path}: tensor {stored!r} is missing (the index names this shard for it)")
+            try:
+                return f.get_tensor(stored)
+            except SafetensorError as e:
+                raise damaged_safetensors(path, e) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         shard, stored = self.files[name]
-        with safe_open(os.path.join(self.hf_dir, shard), framework="numpy") as f:
+        with _open(os.path.join(self.hf_dir, shard)) as f:
             return tuple(f.get_slice(stored).get_shape())
 
 
