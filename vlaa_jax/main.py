@@ -22,10 +22,15 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipeline.records import DataError
 from vlaa_jax import distributed
 from vlaa_jax.eval import harness
 from vlaa_jax.train import common, grpo_trainer, sft
+from vlaa_jax.train.checkpointer import CheckpointMismatchError, DamagedCheckpointsError
 from vlaa_jax.train.config_check import ConfigError, validate
+
+# The user's input (config, data, workdir), not a bug: one `error:` line and exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, DamagedCheckpointsError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/grpo.py:demo", lock_config=True)
@@ -117,7 +122,7 @@ def main(argv) -> None:
     reference = load_preset(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
         summary = run(_CONFIG.value, reference, _WORKDIR.value)
-    except ConfigError as e:
+    except USER_ERRORS as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

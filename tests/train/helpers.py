@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run_trainer(mode: str, workdir, data_dir: str, *args: str, cache_dir: str | None = None,
-                expect_killed: bool = False, timeout: int = 900) -> dict | None:
+                expect_killed: bool = False, expect_failure: bool = False, stderr: bool = False,
+                timeout: int = 900) -> Any:
+    """The run's SUMMARY dict; (summary, stderr) with `stderr`; None when `expect_killed`; (returncode,
+    stdout + stderr) when `expect_failure`."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     if cache_dir:
@@ -24,9 +28,13 @@ def run_trainer(mode: str, workdir, data_dir: str, *args: str, cache_dir: str | 
     if expect_killed:
         assert proc.returncode == -9, f"expected SIGKILL, got rc={proc.returncode}\n{proc.stderr[-3000:]}"
         return None
+    if expect_failure:
+        assert proc.returncode != 0, f"expected a failure, got rc=0\n{proc.stderr[-3000:]}"
+        return proc.returncode, proc.stdout + proc.stderr
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     line = [l for l in proc.stdout.splitlines() if l.startswith("SUMMARY ")][-1]
-    return json.loads(line[len("SUMMARY "):])
+    summary = json.loads(line[len("SUMMARY "):])
+    return (summary, proc.stderr) if stderr else summary
 
 
 def checkpoint_state(workdir, step: int) -> dict:

@@ -92,15 +92,21 @@ class Run:
                 "skipped": jnp.asarray(self.skipped, jnp.int32)}
 
     def restore(self, loader: Any | None) -> tuple[int, dict[str, Any]]:
-        """Restores the latest checkpoint of the workdir if there is one; returns its step (else 0) and the
-        JSON metadata the trainer saved with it (`maybe_save(meta=...)`)."""
-        step = self.checkpointer.latest_step()
-        if step is None:
+        """Restores the newest checkpoint of the workdir that restores cleanly, if there is one; returns its
+        step (else 0) and the JSON metadata the trainer saved with it (`maybe_save(meta=...)`).
+
+        The checkpoint's mode and state tree are checked against this run before any array is read
+        (another run's workdir stops here); damaged newer steps are skipped, one line each, and moved to
+        `damaged_checkpoints/` (`TrainCheckpointer.restore_newest`)."""
+        restored = self.checkpointer.restore_newest(
+            self._state(), expect_meta={"mode": self.config.mode},
+            is_sound=lambda state: bool(common.tree_all_finite(state["params"])))
+        if restored is None:
             return 0, {}
-        state, data_state, meta = self.checkpointer.restore(self._state())
-        if meta.get("mode") != self.config.mode:
-            raise ValueError(f"{self.checkpointer.directory}: checkpoint of step {step} was written by mode "
-                             f"{meta.get('mode')!r}, this run is {self.config.mode!r}: use another --workdir")
+        for bad, why, moved in restored.skipped:
+            self.message(f"checkpoint step {bad} in {self.checkpointer.directory} is damaged: {why}; skipped, "
+                         f"kept in {moved}")
+        step, state, data_state, meta = restored.step, restored.state, restored.data_state, restored.meta
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.rng = common.rng_key(state["rng"])
         self.skipped = int(state["skipped"])
