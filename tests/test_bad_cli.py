@@ -302,3 +302,22 @@ def test_as_a_process_only_the_error_line_reaches_stderr(dirs, tmp_path, tool, f
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(d) in lines[0], r.stderr[-2000:]
     assert all(w in lines[0] for w in words)
+
+
+@pytest.mark.slow
+def test_main_job_stops_on_bad_data_with_one_error_line(tmp_path):
+    """`python -m vlaa_jax.main` (set-up, then the loader): a split file with no record is exit code 2 and
+    an error line naming it, not a traceback."""
+    repo = tmp_path / "repo"
+    (repo / "images").mkdir(parents=True)
+    (repo / "VLAA-Thinking-SFT-126K.json").write_text("\n")
+    r = subprocess.run([sys.executable, "-m", "vlaa_jax.main", "--config", "configs/sft.py:demo", "--workdir",
+                        str(tmp_path / "wd"), "--config.data.source=vlaa_thinking",
+                        f"--config.data.dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={repo}"],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "VLAA-Thinking-SFT-126K.json" in errors[0] and "[empty_split]" in errors[0]
+    assert "Traceback" not in r.stderr
+
