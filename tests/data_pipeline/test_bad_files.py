@@ -168,6 +168,14 @@ CASES = {
                               strict=("bad_archive", None, ["clevr_math.tar.gz", "download it again"])),
     "archive_empty_file": Case(lambda r: _repo(r, _lines([_row(i) for i in range(N)]), _good(1, start=N - 1), b""),
                                strict=("bad_archive", 1, ["clevr_math.tar.gz"]), skipped={"bad_archive": N - 1}),
+    "archive_member_is_a_symlink": Case(lambda r: _repo(r, _lines([_row(i) for i in range(N)]), {},
+                                                        _odd_tar(_good(), "symlink")),
+                                        strict=("missing_image", 3, ["clevr_math/2.png", "not found"]),
+                                        skipped={"missing_image": 1}),
+    "archive_member_escapes_with_dotdot": Case(lambda r: _repo(r, _lines([_row(i) for i in range(N)]), {},
+                                                               _odd_tar(_good(), "dotdot")),
+                                               strict=("missing_image", 3, ["clevr_math/2.png", "not found"]),
+                                               skipped={"missing_image": 1}),
     # images
     "zero_byte_image": Case(lambda r: _plain(r, [_row(i) for i in range(N)], {**_good(), "clevr_math/2.png": b""}),
                             strict=("bad_image", 3, ["clevr_math/2.png", "empty file"]), skipped={"bad_image": 1}),
@@ -184,6 +192,26 @@ def _plain_tar(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _odd_tar(members: dict[str, bytes], how: str) -> bytes:
+    """A tar.gz whose member for clevr_math/2.png is a symlink to /etc/passwd, or named ../clevr_math/2.png:
+    neither may give a record bytes (the archive is read, never extracted)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            if name == "clevr_math/2.png":
+                info = tarfile.TarInfo(name if how == "symlink" else "../" + name)
+                if how == "symlink":
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                else:
+                    info.size = len(data)
+                tf.addfile(info, None if how == "symlink" else io.BytesIO(data))
+                continue
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
