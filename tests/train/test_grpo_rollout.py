@@ -1,6 +1,6 @@
 """The GRPO trainer at scale settings, in process on a (2, 1, 4) mesh of the 8 test devices (data-parallel
-size 2): micro-batched generate calls give the one-call tokens, the prompt batches take a bounded set of
-shapes, the reference is a bf16 copy sharded like the params (its log-probs: test_grpo_reference.py), and
+size 2): micro-batched static generate calls and the continuous engine with pools of several sizes give
+the one-call tokens, the prompt batches take a bounded set of shapes, the reference is a bf16 copy sharded like the params (its log-probs: test_grpo_reference.py), and
 the config's attention kernel reaches the model that trains and samples."""
 import contextlib
 import dataclasses
@@ -68,8 +68,10 @@ def _settings(trainer, **changes):
         fn.settings = saved
 
 
-def _rollout(trainer, prompts, micro: int, *, greedy: bool = True, n: int = 1):
-    with _settings(trainer, rollout_micro_batch=micro):
+def _rollout(trainer, prompts, micro: int = 0, *, greedy: bool = True, n: int = 1, slots: int = 0):
+    """A static rollout in calls of `micro` prompts, or (slots > 0) a continuous one over `slots` slots."""
+    engine = "continuous" if slots else "static"
+    with _settings(trainer, rollout_micro_batch=micro, rollout_engine=engine, rollout_slots=slots):
         return trainer.step_fn.rollout(trainer.run.params, prompts, jax.random.key(3), n=n, greedy=greedy)
 
 
@@ -91,6 +93,12 @@ def test_micro_batched_rollout_gives_the_one_call_tokens(trainer, prompts):
     assert len(programs) == before + 2
     _rollout(trainer, prompts, 4)
     assert len(programs) == before + 2
+    for slots in (8, 2):      # the continuous engine: all rows at once / one row per device, refilled
+        got = _rollout(trainer, prompts, slots=slots)
+        np.testing.assert_array_equal(got.tokens, one.tokens)
+        np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-4)
+        assert got.stats.slots == slots and got.stats.tokens == one.mask.sum()
+    assert got.stats.prefill_calls >= PROMPTS // 2 and 0 < got.stats.utilisation <= 1
 
 
 def test_micro_batched_sampled_rollout_gives_the_one_call_samples(trainer, prompts):
@@ -98,11 +106,12 @@ def test_micro_batched_sampled_rollout_gives_the_one_call_samples(trainer, promp
     depend on how the prompts are split into calls."""
     with _settings(trainer, temperature=50.0):        # the peaked test policy, flattened
         one = _rollout(trainer, prompts, 0, greedy=False, n=2)
-        got = _rollout(trainer, prompts, 2, greedy=False, n=2)
+        got = [_rollout(trainer, prompts, 2, greedy=False, n=2), _rollout(trainer, prompts, greedy=False, n=2, slots=4)]
     np.testing.assert_array_equal(one.prompt_index, np.repeat(np.arange(PROMPTS), 2))
     assert len({tuple(t) for t in one.tokens}) > 1
-    np.testing.assert_array_equal(got.tokens, one.tokens)
-    np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-4)
+    for g in got:
+        np.testing.assert_array_equal(g.tokens, one.tokens)
+        np.testing.assert_allclose(g.logprobs, one.logprobs, atol=1e-4)
 
 
 def test_rollout_prompt_batches_take_a_bounded_set_of_shapes(trainer, loader):
@@ -130,9 +139,13 @@ def test_rollout_prompt_batches_take_a_bounded_set_of_shapes(trainer, loader):
 
 def test_rollout_micro_batch_must_split_over_the_data_parallel_devices(demo_data_dir, tmp_path):
     c = _config(demo_data_dir, "qwen")
+    c.grpo.rollout_engine = "static"
     c.grpo.rollout_micro_batch = 1   # divides the 8 prompts, not the data-parallel size 2
     config_check.validate(c, grpo_config.get_config("demo"))
     with pytest.raises(config_check.ConfigError, match=r"'grpo\.rollout_micro_batch'.*data-parallel size 2"):
+        grpo_trainer.GRPOTrainer(c, str(tmp_path))
+    c.grpo.rollout_engine, c.grpo.rollout_slots = "continuous", 6   # 3 rows per device: not 4 samples
+    with pytest.raises(config_check.ConfigError, match=r"'grpo\.rollout_slots'.*data-parallel size 2.*at least 8"):
         grpo_trainer.GRPOTrainer(c, str(tmp_path))
     assert not (tmp_path / "tokenizer").exists()  # refused before anything was built
 

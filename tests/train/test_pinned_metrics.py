@@ -7,7 +7,8 @@ recorded in tests/train/pinned/ by the code before the GRPO step was redesigned 
   recomputed, reference log-probs, adaptive KL controller, the mixed reward (all 0 this early).
 - grpo_toy_reward.jsonl: the test trainer (tests/train/runner.py) with a dense toy reward, so advantages,
   the clipped policy-gradient loss and gradient accumulation carry non-zero numbers.
-Timing metrics (time/*, tokens_per_s) are not pinned.
+Timing metrics (time/*, tokens_per_s) and the rollout engine's accounting (rollout/*: slot utilisation,
+prefill / decode time, added with the continuous engine) are not pinned; the tokens it samples are.
 """
 import json
 import os
@@ -18,7 +19,7 @@ from tests.train.helpers import metrics, run_trainer
 from tests.train.test_demo import _main
 
 PINNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinned")
-TIMING = ("time/", "tokens_per_s")
+TIMING = ("time/", "tokens_per_s", "rollout/")
 
 
 def _pinned(name: str) -> list[dict]:

@@ -107,14 +107,16 @@ def choose(logits: jax.Array, keys: jax.Array, step: jax.Array, *, greedy: bool,
            ) -> tuple[jax.Array, jax.Array]:
     """Picks the next token of every row.
 
-    logits [R, V] float32 (raw model logits), keys [R] per-row keys, step [] the decode step.
+    logits [R, V] float32 (raw model logits), keys [R] per-row keys, step [] the decode step, or [R] each
+    row's own (the continuous-batching engine: the number of tokens the row has drawn so far).
     Returns (tokens int32 [R], sampling log-probs [R] = log_softmax(processed logits) at the token)."""
     logits = logits.astype(jnp.float32)
     processed = process_logits(logits, 1.0 if greedy else temperature, top_k=top_k, top_p=top_p)
     if greedy:
         tokens = jnp.argmax(processed, axis=-1)
     else:
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys.shape[:1])
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
         tokens = jax.vmap(categorical)(step_keys, processed)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), tokens[:, None], axis=-1)[:, 0]

@@ -27,6 +27,7 @@ MODES = ("sft", "grpo", "eval", "generate")
 GRPO_BLOCKS = ("grpo", "reward")  # what modes grpo, eval and generate read beyond configs/base.py
 REF_DTYPES = ("bfloat16", "float32", "param")  # grpo.ref_dtype ("param" = model.param_dtype)
 OLD_LOGPROBS = ("recompute", "sampler")         # grpo.old_logprobs (vlaa_jax/train/grpo_step.py)
+ROLLOUT_ENGINES = ("continuous", "static")       # grpo.rollout_engine (vlaa_jax/rollout/)
 
 
 class ConfigError(ValueError):
@@ -233,6 +234,10 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
                 "grpo.rollout_micro_batch",
                 f"must divide grpo.rollout_batch_prompts={g.rollout_batch_prompts} (0 = all in one call), "
                 f"got {g.rollout_micro_batch}")
+        require(g.rollout_engine in ROLLOUT_ENGINES, "grpo.rollout_engine",
+                f"one of {ROLLOUT_ENGINES}, got {g.rollout_engine!r}")
+        require(g.rollout_slots >= 0, "grpo.rollout_slots", f"must be >= 0 (0 = one static call's rows), "
+                f"got {g.rollout_slots}")
         require(g.ref_dtype in REF_DTYPES, "grpo.ref_dtype", f"one of {REF_DTYPES}, got {g.ref_dtype!r}")
         require(g.old_logprobs in OLD_LOGPROBS, "grpo.old_logprobs", f"one of {OLD_LOGPROBS}, got {g.old_logprobs!r}")
         require(mode != "grpo" or g.num_samples >= 2, "grpo.num_samples",

@@ -12,6 +12,7 @@ controller, metrics, checkpoints); benchmarks/gpu.py runs the same `train_batch`
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -46,6 +47,7 @@ class Rollout:
     mask: np.ndarray          # int32 [R, T] 1 up to and including the stop token
     logprobs: np.ndarray      # float32 [R, T] log-probs under the sampling distribution (0 after the end)
     texts: tuple              # R decoded responses (special tokens dropped)
+    stats: rollout_lib.EngineStats  # what the engine did (slot utilisation, prefill / decode time, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,8 @@ class GRPOSettings:
     top_p: float
     max_new_tokens: int
     rollout_micro_batch: int       # prompts per generate call (0: all)
+    rollout_engine: str            # "continuous" | "static"
+    rollout_slots: int             # decode slots of the continuous engine
     logprob_chunk: int
     update_epochs: int
     batch_size: int                # samples per optimiser update
@@ -97,6 +101,8 @@ class GRPOSettings:
         loss = grpo_lib.GRPOConfig.from_config(g.loss)
         return cls(num_samples=g.num_samples, temperature=g.temperature, top_p=g.top_p,
                    max_new_tokens=g.max_new_tokens, rollout_micro_batch=g.rollout_micro_batch,
+                   rollout_engine=g.rollout_engine,
+                   rollout_slots=g.rollout_slots or (g.rollout_micro_batch or g.rollout_batch_prompts) * g.num_samples,
                    logprob_chunk=g.logprob_chunk, update_epochs=g.update_epochs, batch_size=t.batch_size,
                    grad_accum_steps=t.grad_accum_steps, dynamic_sampling=g.dynamic_sampling,
                    old_logprobs=g.old_logprobs, use_ref=g.init_kl_coef > 0,
@@ -237,24 +243,38 @@ class GRPOStep:
 
     def rollout(self, params: Any, prompts: PromptBatch, rng: jax.Array, *, n: int, greedy: bool = False
                 ) -> Rollout:
-        """n responses per prompt (greedy: temperature 0), in generate calls of `grpo.rollout_micro_batch`
-        prompts; each call continues the row numbering of the PRNG streams, so the samples do not depend
-        on the micro-batch."""
+        """n responses per prompt (greedy: temperature 0). `grpo.rollout_engine` "continuous": streamed
+        through `grpo.rollout_slots` decode slots; "static": generate calls of `grpo.rollout_micro_batch`
+        prompts, each continuing the row numbering of the PRNG streams. Either way row r's tokens come
+        from fold_in(rng, r): the samples depend on neither the engine nor its batching."""
         s = self.settings
         sampling = rollout_lib.SamplingConfig(temperature=0.0 if greedy else s.temperature, top_p=s.top_p)
-        parts, rows = [], 0
-        for batch in self.rollout_batches(prompts):
-            self.rollout_programs.add(program_key(batch, n=n, greedy=greedy))
-            parts.append(rollout_lib.generate(
-                self.graphdef, (params, self.rest), batch, max_new_tokens=s.max_new_tokens, num_samples=n,
-                sampling=sampling, rng=rng, stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh,
-                rules=self.rules, row_offset=rows))
-            rows += len(batch["input_ids"]) * n
-        gen = rollout_lib.concat_generations(parts, self.pad_id)
+        state = (params, self.rest)
+        if s.rollout_engine == "continuous":
+            def layout(idx: np.ndarray, groups: int) -> dict:
+                batch = prompts.rows(idx, self.mcfg, prompts.group_shape(idx, groups, self.mcfg))
+                self.rollout_programs.add(program_key(batch, n=n, greedy=greedy))
+                return batch
+
+            engine = rollout_lib.Engine(self.graphdef, self.mcfg, slots=s.rollout_slots, stop_ids=self.stop_ids,
+                                        pad_id=self.pad_id, sampling=sampling, mesh=self.mesh, rules=self.rules)
+            source = rollout_lib.PromptSource(len(prompts), prompts.input_ids.shape[1], layout)
+            gen, stats = engine.generate(state, source, num_samples=n, max_new_tokens=s.max_new_tokens, rng=rng)
+        else:
+            t0, parts, rows = time.perf_counter(), [], 0
+            for batch in self.rollout_batches(prompts):
+                self.rollout_programs.add(program_key(batch, n=n, greedy=greedy))
+                parts.append(rollout_lib.generate(
+                    self.graphdef, state, batch, max_new_tokens=s.max_new_tokens, num_samples=n, sampling=sampling,
+                    rng=rng, stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh, rules=self.rules,
+                    row_offset=rows))
+                rows += len(batch["input_ids"]) * n
+            gen = rollout_lib.concat_generations(parts, self.pad_id)
+            stats = rollout_lib.static_stats(gen.lengths, [len(p.lengths) for p in parts], time.perf_counter() - t0)
         mask = gen.mask
         texts = self.detokenize([t[m > 0] for t, m in zip(gen.tokens, mask)])
         return Rollout(prompts=prompts, prompt_index=np.repeat(np.arange(len(prompts)), n), tokens=gen.tokens,
-                       mask=mask, logprobs=gen.logprobs, texts=tuple(texts))
+                       mask=mask, logprobs=gen.logprobs, texts=tuple(texts), stats=stats)
 
     # -- Rollout -> ScoredRollout --------------------------------------------------------------------
     def score(self, rollout: Rollout) -> ScoredRollout:

@@ -32,10 +32,19 @@ from vlaa_jax.train.grpo_step import (GRPOSettings, GRPOStep, RewardFn, make_grp
 
 
 def check_rollout_micro_batch(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> None:
-    """A ConfigError unless each rollout generate call (`grpo.rollout_micro_batch` prompts, or the whole
-    `grpo.rollout_batch_prompts`) splits evenly over the data-parallel devices: checked before any model
-    is built, where generate would otherwise fail on the first step."""
+    """A ConfigError unless the rollout splits evenly over the data-parallel devices: each static generate
+    call (`grpo.rollout_micro_batch` prompts, or the whole `grpo.rollout_batch_prompts`), or the continuous
+    engine's `grpo.rollout_slots` (a multiple of the data-parallel size holding num_samples rows on each
+    device). Checked before any model is built, where the rollout would otherwise fail on the first step."""
     g = config.grpo
+    if g.rollout_engine == "continuous":
+        slots = GRPOSettings.from_config(config).rollout_slots
+        dp = shd.data_parallel_size(mesh, rules)
+        if slots % dp or slots < g.num_samples * dp:
+            raise ConfigError(f"config key 'grpo.rollout_slots': {slots} decode slots must be a multiple of the "
+                              f"data-parallel size {dp} and hold grpo.num_samples={g.num_samples} rows per "
+                              f"device (at least {g.num_samples * dp})")
+        return
     key = "grpo.rollout_micro_batch" if g.rollout_micro_batch else "grpo.rollout_batch_prompts"
     try:
         shd.check_batch_divisible(g.rollout_micro_batch or g.rollout_batch_prompts, mesh, rules,
@@ -107,6 +116,7 @@ class GRPOTrainer:
             "time/rollout_s": t_rollout, "time/reward_s": t_reward,
             "time/update_s": dt - t_rollout - t_reward, "skipped_nonfinite": run.skipped,
             "compiles/rollout": len(fn.rollout_programs),
+            **{f"rollout/{k}": v for k, v in rollout.stats.metrics().items()},
             **_defined(behaviour_metrics(list(rollout.texts), lengths=mask.sum(axis=1), correct=rewards >= 1.0)),
             **result.metrics}
         return row, scored

@@ -10,9 +10,11 @@ with depth.
 
 KV cache (for the sampler): `KVCache` holds the keys/values of all layers [num_layers, B, S, K, H] for S
 preallocated slots (carried through the layer scan and written in place), the segment id of every slot
-(0 = empty or padding) and `index`, the next slot to write. A forward with a
-cache writes its T new tokens at slots [index, index + T) and attends to every filled slot at or before
-its own: prefill is a call with index 0 and the prompt; decoding is a call with T = 1. The caller gives
+(0 = empty or padding) and `index`, the next slot to write: one scalar for all rows (the static
+sampler), or one per row [B] (the continuous-batching engine, whose rows are at different points of
+different requests). A forward with a cache writes its T new tokens at slots [index, index + T) of each
+row (writes past the end are dropped) and attends to every filled slot at or before its own: prefill is
+a call with index 0 and the prompt; decoding is a call with T = 1. The caller gives
 the rotary positions of the new tokens (from `layout.mrope_positions`: a decoded token's position is
 its number of valid predecessors + rope_delta on all three axes).
 
@@ -85,7 +87,7 @@ class KVCache(NamedTuple):
     k: jax.Array                 # [num_layers, B, S, K, H]
     v: jax.Array                 # [num_layers, B, S, K, H]
     segments: jax.Array          # [B, S] int32, 0 = empty / padding slot
-    index: jax.Array             # [] int32, next slot to write
+    index: jax.Array             # [] or [B] int32, next slot to write (all rows / per row)
 
     @property
     def max_len(self) -> int:
@@ -99,6 +101,19 @@ def init_cache(config: Qwen25VLConfig, batch: int, max_len: int, dtype=None) -> 
     shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segments=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def write_slots(buf: jax.Array, x: jax.Array, index: jax.Array, layer: jax.Array | int | None = None) -> jax.Array:
+    """buf [(layers,) B, S, ...] with x [B, T, ...] written at slots [index, index + T) of every row (of
+    `layer`): one slice for a scalar index, a per-row scatter (out-of-range slots dropped) for index [B]."""
+    lead = () if layer is None else (layer,)
+    if jnp.ndim(index) == 0:
+        at = lead + (0, index) + (0,) * (x.ndim - 2)
+        return jax.lax.dynamic_update_slice(buf, (x[None] if lead else x).astype(buf.dtype), at)
+    B, T = x.shape[:2]
+    rows = jnp.arange(B)[:, None]
+    slots = index[:, None] + jnp.arange(T)[None]
+    return buf.at[lead + (rows, slots)].set(x.astype(buf.dtype), mode="drop")
 
 
 class LayerCache(NamedTuple):
@@ -138,9 +153,7 @@ class Attention(nnx.Module):
         q = nn.apply_rotary(self.q_proj(x).reshape(B, x.shape[1], self.num_heads, self.head_dim), cos, sin)
         if kv_cache is not None:
             ck, cv, layer = kv_cache
-            at = (layer, 0, index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            ck, cv = write_slots(ck, k, index, layer), write_slots(cv, v, index, layer)
             kv_cache = LayerCache(ck, cv, layer)
             k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
@@ -218,8 +231,8 @@ class TextModel(nnx.Module):
             mask = nn.attention_mask(segment_ids, segment_ids, causal=True)
         else:
             T = inputs_embeds.shape[1]
-            segments = jax.lax.dynamic_update_slice(cache.segments, segment_ids, (0, cache.index))
-            q_slots = cache.index + jnp.arange(T)[None]
+            segments = write_slots(cache.segments, segment_ids, cache.index)
+            q_slots = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(T)[None]
             mask = nn.attention_mask(segment_ids, segments, causal=True, q_slots=q_slots)
         index = None if cache is None else cache.index
         graphdef, stacked = nnx.split(self.layers)
