@@ -112,7 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.images_root = ""     # folder the image paths of JSON benchmarks are relative to ("" = the file's folder)
     e.ids_file = ""        # evaluate only the ids listed in this file ("" = all; a dataset dir: heldout_ids.txt)
     e.limit = 0            # first N items only (0 = all)
-    e.batch_size = 8       # prompts per generate call (must divide over the data-parallel devices)
+    e.batch_size = 8       # decode slots of the rollout engine (answers generated at once; rounded up
+    #                        to a multiple of the data-parallel size)
     e.max_new_tokens = 800           # response length limit in tokens (paper sec. 5)
     e.min_pixels = 4 * 28 * 28       # image resize lower bound in pixels (Qwen2.5-VL processor default)
     e.max_pixels = 256 * 32 * 32     # image resize upper bound in pixels (paper sec. 5)

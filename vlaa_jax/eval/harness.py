@@ -6,8 +6,8 @@
 
 Steps: `load_benchmark` (benchmarks.py) -> per item the data pipeline's own prompt (the chat template
 with the system prompt, the image resized by smart_resize within [min_pixels, max_pixels] and
-patchified, `ChatFormatter.encode_prompt`) -> batches of `eval.batch_size` prompts through the rollout
-engine (`vlaa_jax.rollout.generate`, greedy, `eval.max_new_tokens`) -> `Judge` (scoring.py) ->
+patchified, `ChatFormatter.encode_prompt`) -> the continuous-batching engine (`vlaa_jax.rollout.Engine`,
+`eval.batch_size` decode slots, greedy, `eval.max_new_tokens`) -> `Judge` (scoring.py) ->
 tables per source / question type / verifier type, behaviour metrics (behaviour.py), accuracy vs
 length. Files in the output folder:
     predictions.jsonl  one row per item: id, source, question_type, verifier_type, question,
@@ -38,7 +38,7 @@ from vlaa_jax import sharding as shd
 from vlaa_jax.eval import behaviour
 from vlaa_jax.eval.benchmarks import BenchmarkError, EvalItem, load_benchmark
 from vlaa_jax.eval.scoring import Judge, format_table, tables
-from vlaa_jax.rollout import SamplingConfig, generate, prompt_batch
+from vlaa_jax.rollout import Engine, PromptSource, SamplingConfig
 from vlaa_jax.train import common, loop
 
 
@@ -84,50 +84,44 @@ def system_prompt_of(name: str) -> str | None:
 
 # --------------------------------------------------------------------------------- generation
 class ModelGenerator:
-    """`GenerateFn` over a Qwen2.5-VL (graphdef, state) with the rollout engine, greedy.
+    """`GenerateFn` over a Qwen2.5-VL (graphdef, state) with the continuous-batching engine, greedy.
 
-    Items go in batches of `batch_size` (the last one padded by repeating its last item, so one
-    compiled shape serves all batches of a length bucket)."""
+    `batch_size` decode slots; items are streamed through them (a finished answer's slot takes the next
+    item at once), `CALL_ITEMS` slots' worth of prompts per engine call so that only those items' images
+    are held in memory at a time."""
+
+    CALL_ITEMS = 8    # prompts per engine call, in units of batch_size
 
     def __init__(self, graphdef: Any, state: Any, *, model_config: Any, tokenizer: Any, prompts: PromptBuilder,
                  batch_size: int, max_new_tokens: int, mesh: Any = None, rules: Any = None,
                  progress: Callable[[int, int], None] | None = None):
         self.graphdef, self.state, self.mcfg = graphdef, state, model_config
         self.tokenizer, self.prompts = tokenizer, prompts
-        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
-        self.mesh, self.rules, self.progress = mesh, rules, progress
-        # One image group per data-parallel device (each encodes its own rows' images) where it divides.
+        self.max_new_tokens = int(max_new_tokens)
+        self.progress = progress
+        # The slots split over the data-parallel devices: rounded up to a multiple of their number.
         dp = 1 if mesh is None else shd.data_parallel_size(mesh, rules)
-        self.image_groups = dp if self.batch_size % dp == 0 else 1
+        self.batch_size = -(-int(batch_size) // dp) * dp
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.stop_ids = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id}))
+        self.engine = Engine(graphdef, model_config, slots=self.batch_size, stop_ids=self.stop_ids,
+                             pad_id=self.pad_id, sampling=SamplingConfig(temperature=0.0), mesh=mesh, rules=rules)
 
     def __call__(self, items: Sequence[EvalItem]) -> Responses:
         out = Responses([], [], [], [])
-        for start in range(0, len(items), self.batch_size):
-            chunk = list(items[start:start + self.batch_size])
-            real = len(chunk)
-            chunk += [chunk[-1]] * (self.batch_size - real)
-            built = [self.prompts(it) for it in chunk]
-            width = max(len(ids) for ids, _ in built)
-            ids = np.zeros((len(built), width), np.int32)
-            mask = np.zeros((len(built), width), np.int32)
-            for i, (row, _) in enumerate(built):
-                ids[i, :len(row)], mask[i, :len(row)] = row, 1
-            batch = prompt_batch(self.mcfg, ids, mask, pixel_values=np.concatenate([f.pixel_values for _, f in built]),
-                                 image_grid_thw=np.concatenate([f.image_grid_thw for _, f in built]),
-                                 pad_id=self.pad_id, groups=self.image_groups)
-            gen = generate(self.graphdef, self.state, batch, max_new_tokens=self.max_new_tokens,
-                           sampling=SamplingConfig(temperature=0.0), stop_ids=self.stop_ids, pad_id=self.pad_id,
-                           mesh=self.mesh, rules=self.rules)
-            texts = self.tokenizer.batch_decode([gen.tokens[i, :gen.lengths[i]] for i in range(real)],
-                                                skip_special_tokens=True)
-            out.texts.extend(texts)
-            out.num_tokens.extend(int(n) for n in gen.lengths[:real])
-            out.truncated.extend(bool(t) for t in gen.truncated[:real])
-            out.image_hw.extend((f.original_hw, f.resized_hw) for _, f in built[:real])
+        step = self.batch_size * self.CALL_ITEMS
+        for start in range(0, len(items), step):
+            built = [self.prompts(it) for it in items[start:start + step]]
+            source = PromptSource.from_prompts(
+                self.mcfg, [(ids, f.pixel_values, f.image_grid_thw) for ids, f in built], pad_id=self.pad_id)
+            gen, _ = self.engine.generate(self.state, source, max_new_tokens=self.max_new_tokens)
+            out.texts.extend(self.tokenizer.batch_decode([gen.tokens[i, :gen.lengths[i]] for i in range(len(built))],
+                                                         skip_special_tokens=True))
+            out.num_tokens.extend(int(n) for n in gen.lengths)
+            out.truncated.extend(bool(t) for t in gen.truncated)
+            out.image_hw.extend((f.original_hw, f.resized_hw) for _, f in built)
             if self.progress is not None:
-                self.progress(min(start + self.batch_size, len(items)), len(items))
+                self.progress(start + len(built), len(items))
         return out
 
 
