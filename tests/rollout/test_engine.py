@@ -104,16 +104,17 @@ def test_greedy_equals_hf_and_static_with_slots_reused(setup):
         assert gen.lengths[r] == n and gen.stopped[r] == bool(len(hits))
         assert (gen.tokens[r, n:] == PAD).all() and (gen.logprobs[r, n:] == 0).all()
     assert stats.tokens == gen.lengths.sum() and 0 < stats.utilisation <= 1
-    assert stats.slot_steps == stats.decode_steps * 2
+    assert stats.decode_steps <= stats.slot_steps <= stats.decode_steps * 2   # 2 slots, then 1 (compacted)
 
 
 def test_sampled_tokens_do_not_depend_on_the_pool(setup):
-    """Same seed, n = 3, pools of 3 and 21 slots (one prompt at a time, all at once) and the
-    static sampler: the same tokens and log-probs for every request row."""
+    """Same seed, n = 3, pools of 3 and 21 slots (one prompt at a time, all at once; the pool compacted
+    as rows finish, or not) and the static sampler: the same tokens and log-probs for every request row."""
     kw = dict(num_samples=3, max_new_tokens=20, rng=7)
     sampling = rollout.SamplingConfig(temperature=1.0, top_k=50)
-    outs = [engine(setup, S, sampling=sampling).generate(setup["state"], setup["source"], **kw)[0]
-            for S in (3, 21)]
+    runs = [engine(setup, S, sampling=sampling, compact=c).generate(setup["state"], setup["source"], **kw)
+            for S, c in ((3, True), (21, True), (21, False))]
+    outs = [g for g, _ in runs]
     ref = static(setup, sampling=sampling, **kw)
     for gen in outs:
         np.testing.assert_array_equal(gen.tokens, ref.tokens)
@@ -162,8 +163,13 @@ def test_refilling_beats_static_slot_steps(setup):
     gen, stats = engine(setup, 2, stop_ids=()).generate(setup["state"], setup["source"], max_new_tokens=limits)
     fixed = rollout.static_stats(gen.lengths, [2, 2, 2, 1], stats.wall_s)
     assert stats.tokens == fixed.tokens == limits.sum()
-    assert stats.slot_steps <= 2 * 40 + 4 and fixed.slot_steps == 2 * (40 + 3 + 4) + 2
-    assert stats.utilisation > 0.6 > fixed.utilisation
+    assert fixed.slot_steps == 2 * (40 + 3 + 4) + 2
+    # row 0 decodes beside the others' refills (2 slots), then alone on a compacted pool of 1 slot
+    assert stats.slot_steps <= 40 + 16 and stats.utilisation > 0.9 > 0.6 > fixed.utilisation
+    wide, wide_stats = engine(setup, 2, stop_ids=(), compact=False).generate(
+        setup["state"], setup["source"], max_new_tokens=limits)
+    np.testing.assert_array_equal(wide.tokens, gen.tokens)
+    assert wide_stats.slot_steps == 2 * wide_stats.decode_steps > stats.slot_steps
 
 
 def test_bad_requests_fail_clearly(setup):

@@ -22,6 +22,9 @@ cache slots and T output columns, one compiled decode program per pool shape):
     `max_new_tokens`) and PRNG stream; a row ends at a stop id or at its limit. The loop hands back to
     the host as soon as enough slots are free for the next prompt (or when every slot is idle); the
     host copies the finished rows out and inserts new prompts.
+  * compact: once no prompt waits, the pool halves whenever at most half its slots still decode (the
+    busy rows are gathered into a pool of S/2, S/4, ... slots), so the tail of long responses runs on
+    few rows instead of beside idle ones.
 Attention reads each row's own filled slots through the segment ids: a masked read over the pool's
 cache length, as the static sampler does (the splash kernel takes the same mask on TPU).
 
@@ -120,7 +123,7 @@ class EngineStats:
     slots: int
     requests: int              # rows (prompts x samples)
     tokens: int                # real tokens generated (stop tokens included)
-    slot_steps: int            # decode steps x slots
+    slot_steps: int            # sum over decode steps of the pool's slots at that step
     decode_steps: int
     prefill_calls: int
     prefill_s: float
@@ -237,14 +240,21 @@ def _decode(state, slots: SlotState, refill_at, stops, temperature, top_p, decod
     return jax.lax.while_loop(lambda c: more(c[1]), body, (jnp.zeros((), jnp.int32), slots))
 
 
+def _take(slots: SlotState, keep: jax.Array) -> SlotState:
+    """The slots `keep` (in that order) as a smaller pool."""
+    c = slots.cache
+    cache = KVCache(k=c.k[:, keep], v=c.v[:, keep], segments=c.segments[keep], index=c.index[keep])
+    return _constrain(SlotState(cache, *(getattr(slots, f)[keep] for f in SlotState._fields[1:])))
+
+
 @functools.lru_cache(maxsize=16)
 def _programs(graphdef, config: Qwen25VLConfig, **static):
-    """(empty, insert, decode) jitted for one graph and one set of sampling statics."""
+    """(empty, insert, decode, take) jitted for one graph and one set of sampling statics."""
     wm = static["weight_major"]
     empty = jax.jit(functools.partial(_empty, config=config), static_argnums=(0, 1, 2))
     insert = jax.jit(functools.partial(_insert, graphdef=graphdef, weight_major=wm), donate_argnums=(1,))
     decode = jax.jit(functools.partial(_decode, graphdef=graphdef, **static), donate_argnums=(1,))
-    return empty, insert, decode
+    return empty, insert, decode, jax.jit(_take)
 
 
 # ----------------------------------------------------------------------------------------------- host
@@ -266,12 +276,15 @@ class Engine:
     cache_len: cache slots per row (prompt + response); None: each call uses its prompts' width + its
         `max_new_tokens` bucket. A request that does not fit fails before anything runs.
     prefill_prompts: most prompts prefilled in one insert (None: as many as fill the pool).
+    compact: once no prompt waits, the pool halves (down to the data-parallel size) whenever at most
+        half its slots are still decoding: the tail of long responses decodes on fewer rows instead of
+        beside idle slots (one decode program per pool size: S, S/2, ...).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: Qwen25VLConfig, *, slots: int, stop_ids: Sequence[int],
                  pad_id: int, sampling: SamplingConfig | None = None, cache_len: int | None = None,
                  prefill_prompts: int | None = None, mesh: jax.sharding.Mesh | None = None, rules: Any = None,
-                 weight_major: bool | None = None,
+                 weight_major: bool | None = None, compact: bool = True,
                  new_token_buckets: Sequence[int] = sampler_lib.NEW_TOKEN_BUCKETS):
         self.graphdef, self.config, self.mesh, self.rules = graphdef, config, mesh, rules
         self.dp = 1 if mesh is None else shd.data_parallel_size(mesh, rules)
@@ -282,8 +295,9 @@ class Engine:
         self.sampling = SamplingConfig.from_any(sampling)
         self.weight_major = jax.default_backend() == "cpu" if weight_major is None else bool(weight_major)
         self.new_token_buckets = tuple(new_token_buckets)
+        self.compact = bool(compact)
         s = self.sampling
-        self._empty, self._insert, self._decode = _programs(
+        self._empty, self._insert, self._decode, self._take = _programs(
             graphdef, config, greedy=s.greedy, top_k=int(s.top_k), use_top_p=s.top_p < 1.0,
             pad_id=self.pad_id, weight_major=self.weight_major)
         self._stops = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
@@ -336,12 +350,13 @@ class Engine:
         cap = max(unit, cap // unit * unit)
 
         slots = self._run(self._empty, S, C, T)
+        pool = S                                          # slots in the current pool (compacting halves it)
         queue = collections.deque(range(num_prompts))
         slot_row = np.full(S, -1, np.int64)               # request row held by each slot (-1: free)
         tokens = np.full((R, T), self.pad_id, np.int32)
         logprobs = np.zeros((R, T), np.float32)
         lengths, stopped = np.zeros(R, np.int32), np.zeros(R, bool)
-        waits, prefill_s, decode_s, steps_run, prefills = [], 0.0, 0.0, 0, 0
+        waits, prefill_s, decode_s, steps_run, slot_steps, prefills = [], 0.0, 0.0, 0, 0, 0
         while queue or (slot_row >= 0).any():
             free = np.flatnonzero(slot_row < 0)
             while queue and len(free) >= n * unit:
@@ -365,11 +380,25 @@ class Engine:
                 prefills += 1
                 free = np.flatnonzero(slot_row < 0)
             t = time.perf_counter()
-            refill_at = n * unit if queue else S + 1
+            if not queue and self.compact:
+                busy = int((slot_row >= 0).sum())
+                smaller = pool
+                while smaller // 2 >= max(busy, 1) and (smaller // 2) % unit == 0:
+                    smaller //= 2
+                if smaller < pool:                        # keep the busy slots, in slot order
+                    keep = np.argsort(slot_row < 0, kind="stable")[:smaller]
+                    slots = self._run(self._take, slots, jnp.asarray(keep, jnp.int32))
+                    slot_row, pool = slot_row[keep], smaller
+                # back to the host once half the pool is free, to halve it again
+                can_halve = pool // 2 >= 1 and (pool // 2) % unit == 0
+                refill_at = pool - pool // 2 if can_halve else pool + 1
+            else:
+                refill_at = n * unit if queue else pool + 1
             steps, slots = self._run(self._decode, state, slots, jnp.int32(refill_at), self._stops, temp, top_p,
-                                  weights)
+                                     weights)
             steps, active, count, hit = jax.device_get((steps, slots.active, slots.count, slots.stopped))
             steps_run += int(steps)
+            slot_steps += int(steps) * pool
             done = np.flatnonzero((slot_row >= 0) & ~active)
             if len(done):
                 out_tok, out_lp = jax.device_get((slots.tokens, slots.logprobs))
@@ -382,7 +411,7 @@ class Engine:
         wall = time.perf_counter() - t0
         Tout = int(limits.max())
         gen = sampler_lib.Generation(tokens[:, :Tout], logprobs[:, :Tout], lengths, stopped)
-        stats = EngineStats(slots=S, requests=R, tokens=int(lengths.sum()), slot_steps=steps_run * S,
+        stats = EngineStats(slots=S, requests=R, tokens=int(lengths.sum()), slot_steps=slot_steps,
                             decode_steps=steps_run, prefill_calls=prefills, prefill_s=prefill_s, decode_s=decode_s,
                             wall_s=wall, queue_wait_s=float(np.mean(waits)) if waits else 0.0)
         return gen, stats
