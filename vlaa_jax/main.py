@@ -12,7 +12,6 @@ and GRPO then starts from its exported model. The trainers never run each other.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -23,14 +22,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipeline.records import DataError
-from vlaa_jax import distributed
+from vlaa_jax import command_line, distributed
+from vlaa_jax.command_line import CommandLineError, load_preset
 from vlaa_jax.eval import harness
 from vlaa_jax.train import common, grpo_trainer, sft
 from vlaa_jax.train.checkpointer import CheckpointMismatchError, DamagedCheckpointsError
 from vlaa_jax.train.config_check import ConfigError, validate
 
 # The user's input (config, data, workdir), not a bug: one `error:` line and exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, DamagedCheckpointsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, DamagedCheckpointsError, CommandLineError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/grpo.py:demo", lock_config=True)
@@ -38,16 +38,6 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, TensorBoard events, metrics, exported model.")
 
 WARM_START = "warm_start"  # the stage block of a GRPO config, and its sub-directory of the workdir
-
-
-def load_preset(spec: str) -> ml_collections.ConfigDict:
-    """The config `--config spec` ("path/to/file.py:preset") names, without overrides: the file is user
-    input, loaded by path and called as config_flags does (`get_config(preset)`)."""
-    path, *arg = spec.split(":", 1)
-    module_spec = importlib.util.spec_from_file_location("preset_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(*arg)
 
 
 def check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
@@ -112,31 +102,44 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
 
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config configs/grpo.py:demo")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
+        _fail(f"unexpected arguments {argv[1:]}; give flags only ({command_line.EXAMPLE} --workdir DIR; --help)")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     reference = load_preset(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
         summary = run(_CONFIG.value, reference, _WORKDIR.value)
     except USER_ERRORS as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
     print(json.dumps({"summary": summary}, default=str))
 
 
+def _fail(error: object) -> None:
+    """The user's mistake: one `error:` line on stderr, exit code 2."""
+    print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a bad `--config.key=value` override reported as one clean line."""
+    """absl flag parsing after vlaa_jax.command_line's checks (config file, preset, override keys):
+    a command-line mistake is one `error:` line and exit code 2; --help prints the usage and exits 0."""
+    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+        print(command_line.help_text())
+        sys.exit(0)
+    reference = None
     try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - any parse / config-file error ends here, as one line
-        msg = str(e).replace("\\n", " ").replace("\n", " ")
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
-        sys.exit(2)
+        argv, reference = command_line.checked_argv(argv)
+        if reference is None:
+            raise CommandLineError(f"--config is required, e.g. {command_line.EXAMPLE} (--help lists the presets)")
+        parsed = flags.FLAGS(argv)
+    except CommandLineError as e:
+        _fail(e)
+    except flags.IllegalFlagValueError as e:
+        _fail(command_line.illegal_value_message(str(e), reference))
+    except Exception as e:  # noqa: BLE001 - any other parse error ends here, as one line
+        _fail(f"{type(e).__name__}: {e}")
+    if not flags.FLAGS["workdir"].value:
+        _fail("--workdir is required: the run directory (checkpoints, metrics, the exported model)")
+    return parsed
 
 
 if __name__ == "__main__":
