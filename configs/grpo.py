@@ -11,7 +11,9 @@ The demo runs in two stages (vlaa_jax/main.py): the `warm_start` block is a whol
 (configs/sft.py:demo sharing this config's seed, model, data source / dir and progress bar) that main
 trains first in workdir/warm_start (skipped once workdir/warm_start/DONE exists); GRPO then starts from
 its exported model, workdir/warm_start/model. Its length: --config.warm_start.train.num_steps=N (demo
-100). mode=eval / generate use the model as given and never run it.
+100). It runs only for a model started from scratch: with --config.model.init=pretrained
+--config.model.path=DIR (e.g. an SFT run's DIR/model) GRPO trains that model as given, and
+--config.grpo.warm_start=False is GRPO alone from the random model. mode=eval / generate never run it.
   vlaa_thinker_3b  Qwen2.5-VL-3B-Instruct, the paper's recipe
   vlaa_thinker_7b  Qwen2.5-VL-7B-Instruct, the paper's recipe
 """
@@ -136,6 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         r.num_workers = 1
         # SFT first: the random model learns (some of) the answer format.
         c.warm_start = warm_start_stage(c, num_steps=100)
+        g.warm_start = True              # False: GRPO only, from the random model (the paper's "RL" arm);
+        #                                  never run on a pretrained model.path (vlaa_jax.main.runs_warm_start)
         return c
 
     # The paper's GRPO recipe (appendix C, built on OpenRLHF).

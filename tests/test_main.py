@@ -165,3 +165,16 @@ def test_cli_rejects_bad_keys_before_compiling(tmp_path):
                                capture_output=True, text=True, timeout=120)
     assert bad_value.returncode != 0 and "train.nonfinite_policy" in bad_value.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_warm_start_runs_only_from_scratch():
+    """The demo's SFT stage runs before GRPO on the random model only: a pretrained model.path (an SFT
+    run's model: the SFT -> GRPO recipe) is trained as given, and grpo.warm_start=False is GRPO alone."""
+    c = grpo_config.get_config("demo")
+    assert main.runs_warm_start(c)
+    c.model.init, c.model.path = "pretrained", "/runs/sft/model"
+    assert not main.runs_warm_start(c)
+    c = grpo_config.get_config("demo")
+    c.grpo.warm_start = False
+    assert not main.runs_warm_start(c)
+    assert not main.runs_warm_start(grpo_config.get_config("vlaa_thinker_3b"))

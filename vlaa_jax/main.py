@@ -7,8 +7,9 @@ un-overridden before anything is built or compiled: a missing, unknown or ill-ty
 with a message naming it. A workdir that already holds a checkpoint resumes from it.
 
 Stages: a GRPO config may carry a `warm_start` block, a whole SFT config (configs/grpo.py:demo). For
-mode=grpo it runs first, in workdir/warm_start (resumable; skipped once workdir/warm_start/DONE exists),
-and GRPO then starts from its exported model. The trainers never run each other.
+mode=grpo on a model started from scratch it runs first, in workdir/warm_start (resumable; skipped once
+workdir/warm_start/DONE exists), and GRPO then starts from its exported model (`runs_warm_start`: never
+on a pretrained model.path, nor with grpo.warm_start=False). The trainers never run each other.
 """
 from __future__ import annotations
 
@@ -66,6 +67,14 @@ def warm_start(config: ml_collections.ConfigDict, workdir: str) -> str:
     return model_dir
 
 
+def runs_warm_start(config: ml_collections.ConfigDict) -> bool:
+    """Whether mode=grpo runs the config's warm_start stage first: only for a model started from scratch
+    (model.init='tiny') and unless grpo.warm_start=False (the "GRPO only" arm). A pretrained model.path,
+    e.g. an SFT run's model directory, is trained as given, never SFT-ed again on top."""
+    return (WARM_START in config and config.model.init != "pretrained"
+            and bool(config.grpo.get("warm_start", True)))
+
+
 def starting_from(config: ml_collections.ConfigDict, model_dir: str) -> ml_collections.ConfigDict:
     """A copy of `config` whose model is loaded from `model_dir` (a vlaa-jax or HF model directory)."""
     c = config.copy_and_resolve_references()
@@ -90,10 +99,13 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
     if config.mode == "sft":
         return sft.train(config, workdir)
     if config.mode == "grpo":
-        if WARM_START in config:  # eval / generate use the model as given
+        if runs_warm_start(config):  # eval / generate use the model as given
             # The GRPO run's own mesh check first: a bad rollout batch must not wait for the SFT stage.
             grpo_trainer.check_rollout_micro_batch(config, *common.run_mesh(config))
             config = starting_from(config, warm_start(config, workdir))
+        elif WARM_START in config and config.model.init == "pretrained" and jax.process_index() == 0:
+            print(f"no warm start: GRPO starts from model.path={config.model.path} as given (the warm_start "
+                  "stage only runs for a model.init='tiny' start)")
         return grpo_trainer.train(config, workdir)
     if config.mode == "eval":
         return harness.run_eval(config, workdir)
