@@ -11,8 +11,8 @@
 # --dry-run prints the sbatch script and the sbatch command instead of submitting.
 set -euo pipefail
 
-usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+usage() {  # the comment block at the top of this file
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit "${1:-0}"
 }
 

@@ -34,16 +34,28 @@ def test_tpu_pod_dry_run_prints_copy_install_and_run_on_all_workers():
                "--project", "my-proj", "--dry-run", "--", *GRPO)
     lines = [l for l in out.splitlines() if l.startswith("+ ")]
     assert len(lines) == 5
-    assert lines[0].startswith("+ git -C") and "archive" in lines[0]
+    # The working tree is shipped (uncommitted edits too), said on stderr; --head ships the last commit.
+    assert lines[0].startswith("+ git -C") and "ls-files -z --cached --others --exclude-standard | tar" in lines[0]
     assert all("--worker=all" in l and "--zone us-east5-a" in l and "--project my-proj" in l
                for l in lines[1:])
-    assert "jax\\[tpu\\]" in lines[3] and "pip\\ install\\ -q\\ -e\\ ." in lines[3]
+    # jax[tpu] pinned to setup.py's range; one interpreter name (python3) for pip
+    assert "jax\\[tpu\\]\\>=0.10.2\\,\\<0.13" in lines[3] and "python3\\ -m\\ pip\\ install\\ -q\\ -e\\ ." in lines[3]
+    assert lines[3].count("python3\\ -m\\ pip") == 2 and "python\\ -m" not in lines[3]
+    head = subprocess.run(["bash", "tools/launch_tpu_pod.sh", "--tpu", "t", "--zone", "z", "--head", "--dry-run",
+                           "--", "true"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "archive" in head.stdout.splitlines()[0] and "HEAD" in head.stderr and "NOT shipped" in head.stderr
     assert "configs/grpo.py:vlaa_thinker_3b" in lines[4] and "grpo\\\\\\ 3b" in lines[4]
     assert len(_dry("tools/launch_tpu_pod.sh", "--tpu", "t", "--zone", "z", "--no-copy",
                     "--no-install", "--dry-run", "--", "true").splitlines()) == 1
     bad = subprocess.run(["bash", "tools/launch_tpu_pod.sh", "--dry-run", "--", "true"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--tpu and --zone are required" in bad.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_scripts_help_is_the_header(script):
+    out = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--dry-run" in out and "set -euo" not in out and not out.startswith("#!")
 
 
 def test_slurm_dry_run_prints_sbatch_script_that_runs(tmp_path):
