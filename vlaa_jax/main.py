@@ -26,12 +26,14 @@ from data_pipeline.records import DataError
 from vlaa_jax import command_line, distributed
 from vlaa_jax.command_line import CommandLineError, load_preset
 from vlaa_jax.eval import harness
+from vlaa_jax.rewards.open_ended import ScorerError
 from vlaa_jax.train import common, grpo_trainer, sft
 from vlaa_jax.train.checkpointer import CheckpointMismatchError, DamagedCheckpointsError
 from vlaa_jax.train.config_check import ConfigError, validate
 
-# The user's input (config, data, workdir), not a bug: one `error:` line and exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, DamagedCheckpointsError, CommandLineError)
+# The user's input (config, data, workdir, a reward server that keeps failing after its retries), not a
+# bug: one `error:` line and exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, DamagedCheckpointsError, CommandLineError, ScorerError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/grpo.py:demo", lock_config=True)
