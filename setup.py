@@ -22,7 +22,8 @@ setup(
         "pillow>=11",
         "numpy>=1.26",
         "math-verify>=0.9.0,<0.10",
-        "tensorboardX>=2.6",
+        "tensorboardX>=2.6",   # writes the events
+        "tensorboard>=2.16,<3",  # the `tensorboard --logdir WORKDIR/tb` viewer
         "tqdm>=4.66",
         "absl-py>=2.1",
         "matplotlib>=3.8",
