@@ -57,7 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Data -----------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     c.data.source = "vlaa_thinking"  # "vlaa_thinking": TFDS dataset under data.dir; "demo": demo set
-    c.data.dir = ""           # TFDS data dir (vlaa_thinking) or demo data dir ("" = workdir/demo_data)
+    c.data.dir = ""           # TFDS data dir (vlaa_thinking) or demo data dir ("" = the shared cache:
+    #                           $VLAA_JAX_CACHE or ~/.cache/vlaa_jax, demo_data/<demo_tasks>, built once)
+    c.data.demo_tasks = "visual"  # demo set written on first use: "visual" (colours, counts, positions a
+    #                               tiny model learns) | "reasoning" (VLAA-Thinking-like; data_pipeline/demo.py)
     c.data.manual_dir = ""    # local copy of the dataset repository (JSON + images/), to build TFDS from
     c.data.train_split = "sft"       # "<sft|grpo>[:<tfds split>]", e.g. "grpo", "sft:train+validation"
     c.data.eval_split = ""           # split for periodic eval ("" = none), e.g. "sft:validation"

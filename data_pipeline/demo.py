@@ -19,7 +19,9 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -164,21 +166,97 @@ def _scene(rng: random.Random):
     return img, "PNG", q, desc, why, desc
 
 
-TASKS = {"clevr_math": _counting, "geoqa170k": _geometry, "synthesis": _arithmetic, "coco": _locate,
-         "allava_laion": _scene}
+REASONING_TASKS = {"clevr_math": _counting, "geoqa170k": _geometry, "synthesis": _arithmetic, "coco": _locate,
+                   "allava_laion": _scene}
+
+# --- The "visual" tasks: what a tiny model can learn from a 56x56 image (4 image tokens, one per quadrant).
+VISUAL_SIDE = 112  # square images: resized to 56x56 by the demo's pixel bounds, each quadrant one token
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # numbered 1 to 4
+COLOR_CHOICES = ("red", "blue", "green", "yellow")  # mcq options, always in this order (A to D)
 
 
-def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_every: int = 10) -> dict:
-    """Write the demo dataset (n records per split, all five reward types) to `out`; return a summary."""
+def _quadrant_box(q: int, margin: float = 0.05) -> list[float]:
+    """Normalised [x1, y1, x2, y2] of quadrant q (0 = top left, 1 = top right, 2 / 3 = bottom), inset by margin."""
+    x, y = (q % 2) * 0.5, (q // 2) * 0.5
+    return [round(x + margin, 2), round(y + margin, 2), round(x + 0.5 - margin, 2), round(y + 0.5 - margin, 2)]
+
+
+def _visual_image(shapes: list[tuple[int, str, str]]) -> Image.Image:
+    """A grey square with one shape (quadrant, colour, kind) filling each given quadrant."""
+    img = Image.new("RGB", (VISUAL_SIDE, VISUAL_SIDE), (200, 200, 200))
+    d = ImageDraw.Draw(img)
+    for q, color, kind in shapes:
+        box = [round(v * VISUAL_SIDE) for v in _quadrant_box(q)]
+        _draw_shape(d, kind, tuple(box), COLORS[color])
+    return img
+
+
+def _visual_count(rng: random.Random):
+    n = rng.randint(1, 4)
+    shapes = [(q, rng.choice(COLOR_CHOICES), rng.choice(["circle", "square"])) for q in rng.sample(range(4), n)]
+    q = "How many shapes are in the image?"
+    return _visual_image(shapes), "PNG", q, str(n), f"I count the shapes: {n}.", str(n)
+
+
+def _visual_colour(rng: random.Random):
+    color = rng.choice(COLOR_CHOICES)
+    img = _visual_image([(q, color, "square") for q in range(4)])
+    letter = "ABCD"[COLOR_CHOICES.index(color)]
+    choices = "  ".join(f"{L}. {c}" for L, c in zip("ABCD", COLOR_CHOICES))
+    q = f"What colour are the shapes?\nChoices: {choices}"
+    return img, "PNG", q, letter, f"The shapes are {color}, option {letter}.", letter
+
+
+def _visual_position(rng: random.Random):
+    q = rng.randrange(4)
+    img = _visual_image([(q, rng.choice(COLOR_CHOICES), "circle")])
+    question = ("The quadrants of the image are numbered 1 (top left), 2 (top right), 3 (bottom left) and "
+                "4 (bottom right). In which quadrant is the circle?")
+    return img, "PNG", question, str(q + 1), f"The circle is in the {QUADRANTS[q]} quadrant.", f"${q + 1}$"
+
+
+def _visual_box(rng: random.Random):
+    q, color = rng.randrange(4), rng.choice(COLOR_CHOICES)
+    img = _visual_image([(q, color, "square")])
+    box = json.dumps(_quadrant_box(q))
+    question = (f"Please provide the bounding box coordinate of the region this sentence describes: the {color} "
+                "square. Answer with [x1, y1, x2, y2] normalised to [0, 1].")
+    return img, "JPEG", question, box, f"The {color} square is in the {QUADRANTS[q]} quadrant.", box
+
+
+def _visual_describe(rng: random.Random):
+    q, color, kind = rng.randrange(4), rng.choice(COLOR_CHOICES), rng.choice(["circle", "square"])
+    desc = f"A {color} {kind} in the {QUADRANTS[q]} of a grey picture."
+    return (_visual_image([(q, color, kind)]), "PNG", "Describe the image in one sentence.", desc,
+            f"I see one {color} {kind}.", desc)
+
+
+VISUAL_TASKS = {"clevr_math": _visual_count, "geoqa170k": _visual_colour, "synthesis": _visual_position,
+                "coco": _visual_box, "allava_laion": _visual_describe}
+# Task sets: "visual" (colours, counts and positions that a tiny model learns from a 56x56 image, the
+# demo presets') and "reasoning" (counting after removal, a triangle's angle, arithmetic on fractions,
+# a box, a scene: VLAA-Thinking-like questions for real checkpoints). In "visual" the GRPO split leaves
+# the open-ended source out: without a reward model (reward.reward_model_url) its reward is always 0.
+TASK_SETS = {"visual": VISUAL_TASKS, "reasoning": REASONING_TASKS}
+
+
+def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_every: int = 10,
+                   tasks: str = "reasoning") -> dict:
+    """Write the demo dataset (n records per split, the reward types of the task set `tasks`, a
+    TASK_SETS key) to `out`; return a summary."""
+    if tasks not in TASK_SETS:
+        raise ValueError(f"demo tasks {tasks!r}: choose one of {sorted(TASK_SETS)}")
+    task_fns = TASK_SETS[tasks]
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     images: dict[str, list[tuple[str, bytes]]] = {s: [] for s in SOURCES}
     rows: dict[str, list[dict]] = {"sft": [], "grpo": []}
     for split in ("sft", "grpo"):
+        sources = SOURCES if split == "sft" or tasks == "reasoning" else SOURCES[:-1]
         for i in range(n):
-            source = SOURCES[i % len(SOURCES)]
-            img, fmt, question, gt, why, answer = TASKS[source](rng)
+            source = sources[i % len(sources)]
+            img, fmt, question, gt, why, answer = task_fns[source](rng)
             name = f"{source}/{split}_{i:06d}.{'jpg' if fmt == 'JPEG' else 'png'}"
             buf = io.BytesIO()
             img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -215,4 +293,23 @@ def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_
             if heldout_every and k % heldout_every == 0:
                 held.append(r.id)
     (out / HELDOUT_IDS_FILE).write_text("".join(i + "\n" for i in held))
-    return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES)}
+    return {"out": str(out), "records_per_split": n, "heldout": len(held), "sources": list(SOURCES), "tasks": tasks}
+
+
+def ensure_demo_data(out: str | os.PathLike, tasks: str = "visual") -> Path:
+    """`out` holding the demo dataset of task set `tasks`, written once: built in a sibling temporary
+    directory and renamed into place, so runs sharing a data directory (the default cache) never see a
+    half-written one."""
+    out = Path(out)
+    if (out / SPLIT_FILES["grpo"][0]).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    make_demo_data(tmp, tasks=tasks)
+    try:
+        tmp.rename(out)
+    except OSError:  # another run got there first (or `out` exists and is not empty): use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / SPLIT_FILES["grpo"][0]).is_file():
+            raise
+    return out

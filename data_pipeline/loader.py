@@ -55,7 +55,7 @@ from absl import flags
 
 from data_pipeline.buckets import length_buckets, max_image_patches, pick_bucket, pixel_buckets
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
-from data_pipeline.demo import make_demo_data
+from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image import decode_image, normalize_patches, preprocess_image
 from data_pipeline.model_inputs import PromptBatch
 from data_pipeline.records import SPLIT_FILES, BadRecordSummary, DataError, Record
@@ -72,6 +72,7 @@ class LoaderConfig:
     Data location:
       source: "vlaa_thinking" (TFDS dataset under `dir`, built from `manual_dir` if not yet prepared) or
         "demo" (demo data in `dir`, generated there if missing, TFDS built in `dir`/tfds).
+      demo_tasks: the demo's task set when it is generated (data_pipeline.demo.TASK_SETS).
       dir: TFDS data dir ("vlaa_thinking") or demo data dir ("demo").
       manual_dir: local copy of the dataset repository, used to build the TFDS dataset if needed.
       external_image_roots: {"coco": dir, "vg": dir} for images outside the repository (build time).
@@ -102,6 +103,7 @@ class LoaderConfig:
     source: str = "vlaa_thinking"
     dir: str = ""
     manual_dir: str = ""
+    demo_tasks: str = "visual"
     external_image_roots: dict = dataclasses.field(default_factory=dict)
     max_length: int = 2048
     max_prompt_length: int = 1024
@@ -513,9 +515,7 @@ def open_data_source(cfg: LoaderConfig, config_name: str, tfds_split: str = "tra
     if cfg.source == "demo":
         if not cfg.dir:
             raise ValueError("data.dir must name the demo data directory when data.source == 'demo'")
-        demo = Path(cfg.dir)
-        if not (demo / SPLIT_FILES[config_name][0]).is_file():
-            make_demo_data(demo)
+        demo = ensure_demo_data(cfg.dir, cfg.demo_tasks)
         manual_dir, data_dir = demo, demo / "tfds"
     elif cfg.source == "vlaa_thinking":
         if not cfg.dir:

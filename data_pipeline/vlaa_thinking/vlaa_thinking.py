@@ -24,8 +24,10 @@ bad) is a DataError naming the file, whatever `skip_bad_records` says: there is 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -198,7 +200,14 @@ def build_vlaa_thinking(split: str, *, manual_dir: str | os.PathLike, data_dir: 
     """Prepare (once) and return the `vlaa_thinking/<split>` builder; `split` is "sft" or "grpo"."""
     find_split_file(manual_dir, split)  # a missing / empty manual_dir named here (TFDS: a bare AssertionError)
     builder = VlaaThinking(config=split, data_dir=os.fspath(data_dir), file_format="array_record", **config_overrides)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
-    )
+    if builder.is_prepared():
+        return builder
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and draws progress bars for a dataset
+    # that is built from local files: one line of ours instead.
+    print(f"building vlaa_thinking/{split} in {builder.data_dir} from {manual_dir} (once per data dir)", flush=True)
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
+        )
     return builder

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
-from data_pipeline.demo import make_demo_data
+from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image import decode_image, preprocess_image
 from data_pipeline.records import DataError, Record
 from vlaa_jax import sharding as shd
@@ -188,10 +188,7 @@ def default_data(config: Any, workdir: str) -> str:
     if config.eval.data:
         return config.eval.data
     if config.data.source == "demo":
-        d = common.data_dir(config, workdir)
-        if not os.path.isdir(d) or not any(Path(d).glob("VLAA-Thinking-GRPO*.json")):
-            make_demo_data(d)
-        return d
+        return str(ensure_demo_data(common.data_dir(config, workdir), config.data.demo_tasks))
     raise ValueError("config key 'eval.data' is empty: give a benchmark file (.tsv / .json / .jsonl) or a "
                      "VLAA-Thinking dataset directory")
 

@@ -283,12 +283,20 @@ def _export_hf(model_dir: str, hf_dir: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- data
+def default_cache_dir() -> str:
+    """Where data shared by all runs lives: $VLAA_JAX_CACHE, else $XDG_CACHE_HOME/vlaa_jax (~/.cache/vlaa_jax)."""
+    if os.environ.get("VLAA_JAX_CACHE"):
+        return os.environ["VLAA_JAX_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlaa_jax")
+
+
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """data.dir, or workdir/demo_data for the demo set (written there on first use)."""
+    """data.dir, or for the demo set one directory per task set in the shared cache (default_cache_dir()/
+    demo_data/<data.demo_tasks>), written and built (TFDS) on first use, by whichever run comes first."""
     if config.data.dir:
         return config.data.dir
     if config.data.source == "demo":
-        return os.path.join(workdir, "demo_data")
+        return os.path.join(default_cache_dir(), "demo_data", config.data.demo_tasks)
     raise ValueError("config data.dir is empty (a TFDS data dir is needed for data.source='vlaa_thinking')")
 
 
@@ -304,7 +312,7 @@ def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, toke
     if batch_size % jax.process_count():
         raise ValueError(f"batch size {batch_size} is not divisible by {jax.process_count()} processes")
     cfg = dict(
-        source=d.source, dir=data_dir(config, workdir), manual_dir=d.manual_dir,
+        source=d.source, dir=data_dir(config, workdir), manual_dir=d.manual_dir, demo_tasks=d.demo_tasks,
         max_length=d.max_length, max_prompt_length=d.max_prompt_length,
         min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_records=d.skip_bad_records,
         batch_size=batch_size // jax.process_count(), seed=config.seed + seed_offset,
