@@ -118,8 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
     e.batch_size = 8       # decode slots of the rollout engine (answers generated at once; rounded up
     #                        to a multiple of the data-parallel size)
     e.max_new_tokens = 800           # response length limit in tokens (paper sec. 5)
-    e.min_pixels = 4 * 28 * 28       # image resize lower bound in pixels (Qwen2.5-VL processor default)
-    e.max_pixels = 256 * 32 * 32     # image resize upper bound in pixels (paper sec. 5)
+    e.min_pixels = 0       # image resize bounds in pixels; 0 = what the model directory's processor config
+    e.max_pixels = 0       # records (a trained model: its training bounds), else the paper's 4*28*28 and
+    #                        256*32*32 (sec. 5); one rule for mode=eval and tools (harness.pixel_limits)
     e.system_prompt = "vlaa"  # "vlaa": the VLAA-Thinker prompt (paper); "default": the chat template's own
     e.output_dir = ""      # predictions.jsonl, report.json, table.txt ("" = workdir/eval/<benchmark name>)
     e.length_bins = 4      # quantile bins of the accuracy-vs-length table

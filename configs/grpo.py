@@ -124,8 +124,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         g.max_new_tokens = 64            # the demo's answers fit in ~40 tokens
         g.init_kl_coef = 1e-3
         g.eval_prompts = 20              # the whole held-out split of the demo set (all five types)
-        c.eval.max_new_tokens = 64       # mode=eval on the demo's held-out records: answers are short
-        c.eval.max_pixels = 56 * 56      # as trained (the paper's 256*32*32 is for real checkpoints)
         c.optim.learning_rate = 5e-4
         c.optim.min_learning_rate = 5e-5
         c.optim.warmup_ratio = 0.0

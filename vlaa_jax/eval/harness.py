@@ -32,7 +32,7 @@ import numpy as np
 
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
 from data_pipeline.demo import ensure_demo_data
-from data_pipeline.image import decode_image, preprocess_image
+from data_pipeline.image import decode_image, preprocess_image, processor_pixels
 from data_pipeline.records import DataError, Record
 from vlaa_jax import sharding as shd
 from vlaa_jax.eval import behaviour
@@ -183,6 +183,18 @@ def _json_safe(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- mode=eval
+# The paper's evaluation settings (sec. 5): greedy, 800 new tokens, images within these pixel bounds.
+PAPER_MIN_PIXELS, PAPER_MAX_PIXELS = 4 * 28 * 28, 256 * 32 * 32
+
+
+def pixel_limits(model_dir: str, min_pixels: int = 0, max_pixels: int = 0) -> tuple[int, int]:
+    """Image bounds for generating with the model of `model_dir`, one rule for mode=eval, tools/evaluate.py
+    and tools/generate.py: a non-zero argument wins, else what the model's processor config records (a
+    trained model's: its training bounds), else the paper's evaluation bounds."""
+    lo, hi = processor_pixels(model_dir) or (PAPER_MIN_PIXELS, PAPER_MAX_PIXELS)
+    return min_pixels or lo, max_pixels or hi
+
+
 def default_data(config: Any, workdir: str) -> str:
     """eval.data, or for the demo set the demo data directory (written there first if missing)."""
     if config.eval.data:
@@ -201,7 +213,8 @@ def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     data = default_data(config, workdir)
     items = load_benchmark(data, images_root=e.images_root or None, ids_file=e.ids_file or None, limit=e.limit)
     run = loop.Run.setup(config, workdir)
-    prompts = PromptBuilder(run.tokenizer_dir, system_prompt_of(e.system_prompt), e.min_pixels, e.max_pixels)
+    min_pixels, max_pixels = pixel_limits(config.model.path, e.min_pixels, e.max_pixels)
+    prompts = PromptBuilder(run.tokenizer_dir, system_prompt_of(e.system_prompt), min_pixels, max_pixels)
     done = [0]
 
     def progress(k: int, n: int) -> None:
@@ -217,7 +230,7 @@ def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     out_dir = e.output_dir or os.path.join(workdir, "eval", name)
     settings = {"data": os.path.abspath(data), "model": config.model.path or f"{config.model.init} init",
                 "num_items": len(items), "greedy": True, "max_new_tokens": e.max_new_tokens,
-                "min_pixels": e.min_pixels, "max_pixels": e.max_pixels, "system_prompt": e.system_prompt,
+                "min_pixels": min_pixels, "max_pixels": max_pixels, "system_prompt": e.system_prompt,
                 "batch_size": e.batch_size}
     report = evaluate(items, gen, output_dir=out_dir, judge=Judge(reward_cfg), settings=settings,
                       length_bins=e.length_bins, write=jax.process_index() == 0)

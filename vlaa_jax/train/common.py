@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline.image import PROCESSOR_CONFIG, write_processor_pixels
 from data_pipeline.loader import make_loader
 from data_pipeline.model_inputs import grouped_vision_fields, round_up
 from data_pipeline.tokenizer import build_qwen25vl_tokenizer
@@ -253,9 +254,10 @@ def rng_key(data: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------- export
 def export_model(workdir: str, params: Any, mcfg: qwen.Qwen25VLConfig, tokenizer_dir: str, *,
-                 hf: bool = True) -> dict[str, str]:
+                 hf: bool = True, pixels: tuple[int, int] | None = None) -> dict[str, str]:
     """Writes the trained policy's parameters as a vlaa-jax model dir (workdir/model) and an HF dir
-    (workdir/hf) with tokenizer / processor files. Returns the paths written."""
+    (workdir/hf) with tokenizer / processor files; `pixels` = (min, max) the model was trained with, recorded
+    in their processor config (what generate / evaluate / mode=eval resize images with). Returns the paths."""
     out: dict[str, str] = {}
     if jax.process_index() != 0:
         return out
@@ -265,6 +267,8 @@ def export_model(workdir: str, params: Any, mcfg: qwen.Qwen25VLConfig, tokenizer
         shutil.rmtree(model_dir)
     qwen.loading.save_model_dir(model_dir, pure, qwen.to_hf_dict(mcfg), processor_dir=tokenizer_dir,
                               info={"source": "vlaa_jax.train"})
+    if pixels is not None and os.path.isfile(os.path.join(model_dir, PROCESSOR_CONFIG)):
+        write_processor_pixels(model_dir, *pixels)
     out["model_dir"] = model_dir
     if not hf:
         return out

@@ -100,8 +100,8 @@ RANGES: tuple[tuple[str, Rule], ...] = (
     ("eval.limit", _integer(0)),
     ("eval.batch_size", _integer(1)),
     ("eval.max_new_tokens", _integer(1)),
-    ("eval.min_pixels", _integer(1)),
-    ("eval.max_pixels", _integer(1)),
+    ("eval.min_pixels", _integer(0)),  # 0 = the model directory's (vlaa_jax.eval.harness.pixel_limits)
+    ("eval.max_pixels", _integer(0)),
     ("eval.length_bins", _integer(1)),
     *((f"model.tiny.{k}", _integer(1)) for k in _TINY_SIZES),
     ("model.tiny.rope_theta", _real(0, low_open=True)),
@@ -226,7 +226,7 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
             f"must lie in [0, optim.learning_rate={o.learning_rate}], got {o.min_learning_rate!r}")
     if mode == "eval":
         e = config.eval
-        require(e.min_pixels <= e.max_pixels, "eval.min_pixels",
+        require(not (e.min_pixels and e.max_pixels) or e.min_pixels <= e.max_pixels, "eval.min_pixels",
                 f"must lie in (0, eval.max_pixels={e.max_pixels}], got {e.min_pixels}")
     if mode in ("grpo", "eval", "generate"):
         g = config.grpo

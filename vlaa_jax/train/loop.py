@@ -153,7 +153,9 @@ class Run:
 
     # ------------------------------------------------------------------------------------ output
     def export(self, *, hf: bool = True) -> dict[str, str]:
-        return common.export_model(self.workdir, self.params, self.mcfg, self.tokenizer_dir, hf=hf)
+        d = self.config.data
+        return common.export_model(self.workdir, self.params, self.mcfg, self.tokenizer_dir, hf=hf,
+                                   pixels=(d.min_pixels, d.max_pixels))
 
     def message(self, text: str) -> None:
         if jax.process_index() == 0:
