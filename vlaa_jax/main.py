@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from data_pipeline.records import DataError
 from vlaa_jax import command_line, distributed
 from vlaa_jax.command_line import CommandLineError, load_preset
-from vlaa_jax.eval import harness
+from vlaa_jax.eval import harness, plots
 from vlaa_jax.rewards.open_ended import ScorerError
 from vlaa_jax.train import common, grpo_trainer, sft
 from vlaa_jax.train.checkpointer import CheckpointMismatchError, DamagedCheckpointsError
@@ -40,6 +40,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, TensorBoard events, metrics, exported model.")
 
+RUNS_PNG = "runs.png"  # a GRPO run's curves (vlaa_jax.eval.plots, as tools/plot_run.py draws them)
 WARM_START = "warm_start"  # the stage block of a GRPO config, and its sub-directory of the workdir
 
 
@@ -108,7 +109,12 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
         elif WARM_START in config and config.model.init == "pretrained" and jax.process_index() == 0:
             print(f"no warm start: GRPO starts from model.path={config.model.path} as given (the warm_start "
                   "stage only runs for a model.init='tiny' start)")
-        return grpo_trainer.train(config, workdir)
+        summary = grpo_trainer.train(config, workdir)
+        if jax.process_index() == 0:  # the run's curves, next to its table
+            summary["runs_png"] = plots.plot([workdir], os.path.join(workdir, RUNS_PNG))["png"]
+            print(f"  curves: {summary['runs_png']}  (overlay runs: python tools/plot_run.py --workdir A "
+                  "--workdir B)", flush=True)
+        return summary
     if config.mode == "eval":
         return harness.run_eval(config, workdir)
     return grpo_trainer.generate_samples(config, workdir)

@@ -64,6 +64,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     out = proc.stdout
     assert "grpo: 100%" in proc.stderr and "GRPO finished: 2 steps" in out
     assert "before" in out and "after" in out and "no answer" in out
+    assert f"curves: {tmp_path / 'runs.png'}" in out and os.path.getsize(tmp_path / "runs.png") > 0
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     for key in ("reward", "accuracy", "response_length", "clipfrac", "kl", "entropy", "lr", "tokens_per_s",
                 "time/rollout_s", "time/reward_s", "time/update_s", "compiles/rollout"):
