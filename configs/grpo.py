@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     #                                 rollout_micro_batch prompts, each decoding until its longest row ends
     g.rollout_slots = 0             # decode slots of the continuous engine (its KV cache rows); 0 = one
     #                                 static call's rows: (rollout_micro_batch or rollout_batch_prompts) *
-    #                                 num_samples. A multiple of the data-parallel size, >= num_samples x it
+    #                                 num_samples. A multiple of the data-parallel size
     g.num_samples = 4               # responses sampled per prompt, the GRPO group (paper appendix C)
     g.temperature = 0.8             # sampling temperature of rollouts (paper appendix C)
     g.top_p = 1.0                   # nucleus sampling; not given in the paper (1.0 = off)

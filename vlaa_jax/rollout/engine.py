@@ -12,16 +12,18 @@ Why: the static sampler (sampler.py) decodes a batch until its LAST row stops. R
 a long tail (a few rows run to the cap), so most of its slot-steps decode padding (about 43% are real
 tokens at the paper's lengths; benchmarks/rollout.py measures both).
 
-How: a host loop over two jitted programs on one `SlotState` (static shapes: S slots of `cache_len`
+How: a host loop over a few jitted programs on one `SlotState` (static shapes: S slots of `cache_len`
 cache slots and T output columns, one compiled decode program per pool shape):
-  * insert: while the waiting prompts fit in the free slots, a prefill program runs up to
-    `prefill_prompts` of them (with their images) into a cache of their own and scatters each prompt's
-    keys / values, last logits and M-RoPE start into n free slots (the n samples share one prefill).
+  * stage + place: when free slots outnumber the samples already prefilled, a prefill program runs the
+    next prompts (with their images, up to `prefill_prompts` at once) into a staged buffer; a place
+    program copies a staged prompt's keys / values, last logits and M-RoPE start into each free slot, one
+    slot per sample, as slots free up (the n samples of a prompt share its one prefill; a prompt leaves
+    the buffer when its last sample has a slot).
   * decode: a `lax.while_loop` of decode steps over all S slots. Each slot has its own cache write
     position (`KVCache.index` [S]), valid cache slots (segments), token count, limit (its request's
     `max_new_tokens`) and PRNG stream; a row ends at a stop id or at its limit. The loop hands back to
-    the host as soon as enough slots are free for the next prompt (or when every slot is idle); the
-    host copies the finished rows out and inserts new prompts.
+    the host as soon as a slot is free while samples wait (or when every slot is idle); the host copies
+    the finished rows out and places the next samples.
   * compact: once no prompt waits, the pool halves whenever at most half its slots still decode (the
     busy rows are gathered into a pool of S/2, S/4, ... slots), so the tail of long responses runs on
     few rows instead of beside idle ones.
@@ -55,8 +57,15 @@ from vlaa_jax.models.qwen2_5_vl.text import KVCache, init_cache
 from vlaa_jax.rollout import sampler as sampler_lib
 from vlaa_jax.rollout.sampling import SamplingConfig, choose
 
-LENGTH_MULTIPLE = 64       # prompt widths of `PromptSource.from_prompts` (compiled prefill shapes)
-PATCH_MULTIPLE = 256
+# Compiled prefill shapes of `PromptSource.from_prompts`: prompt widths and image-group patches rounded
+# up to these. Refills prefill few prompts at a time, so the patch rounding is finer than the static
+# sampler's 256 (one 56x56 image has 16 patches: 256 made a one-prompt prefill's vision tower 16x too big).
+LENGTH_MULTIPLE = 64
+PATCH_MULTIPLE = 64
+PREFILL_PROMPTS = 16       # default most prompts per prefill call
+PREFILL_AHEAD = 4          # fewest prompts per prefill call while that many wait: a prefill of one prompt
+                           # costs nearly what one of four does (weights read once), and the staged
+                           # samples then fill the next free slots with no prefill at all
 
 
 # ------------------------------------------------------------------------------------------ hand-offs
@@ -173,30 +182,54 @@ def _empty(slots: int, cache_len: int, new_tokens: int, *, config: Qwen25VLConfi
         active=jnp.zeros((slots,), bool), stopped=jnp.zeros((slots,), bool)))
 
 
-def _insert(state, slots: SlotState, prompts, target, source, limits, rows, rng, decode_weights, *, graphdef,
-            weight_major: bool) -> SlotState:
-    """Prefills `prompts` [P, Lp] and puts prefill row source[m] into slot target[m] (target = S: unused)
-    as request row rows[m] with limit limits[m]."""
+class Staged(NamedTuple):
+    """Prefilled prompts whose samples wait for free slots: what a slot starts from, Q rows."""
+    k: jax.Array             # [layers, Q, W, K, H] the prompt's keys / values (W: the source's width)
+    v: jax.Array
+    segments: jax.Array      # [Q, W] 0 beyond the prompt
+    length: jax.Array        # int32 [Q] cache slots the prompt fills (its prefill batch's width)
+    logits: jax.Array        # float32 [Q, V] logits of the first response token
+    start: jax.Array         # int32 [Q] M-RoPE position of the first response token
+
+
+def _empty_staged(rows: int, width: int, *, config: Qwen25VLConfig) -> Staged:
+    c = init_cache(config, rows, width)
+    zeros = jnp.zeros((rows,), jnp.int32)
+    return Staged(c.k, c.v, c.segments, zeros, jnp.zeros((rows, config.text.vocab_size), jnp.float32), zeros)
+
+
+def _stage(state, staged: Staged, prompts, rows, decode_weights, *, graphdef, weight_major: bool,
+           cache_len: int) -> Staged:
+    """Prefills `prompts` [P, Lp] (with their images) into the staged rows `rows` [P] (Q: unused)."""
     model = sampler_lib._merge(graphdef, state)
     head = model.decode_view(decode_weights) if weight_major else model
     Lp = prompts["input_ids"].shape[1]
     # Prefilled at the pool's cache length (masked beyond the prompt), as the static sampler prefills:
     # the same attention reductions, so the same numbers bit for bit.
-    cache, logits = sampler_lib.prefill(model, prompts, slots.cache.max_len, head=head)
-    cache = cache._replace(k=cache.k[:, :, :Lp], v=cache.v[:, :, :Lp], segments=cache.segments[:, :Lp])
-    start = layout_lib.response_start(prompts["attention_mask"], prompts["rope_deltas"])
+    cache, logits = sampler_lib.prefill(model, prompts, cache_len, head=head)
+    W = staged.segments.shape[1]
+    put = lambda buf, x: buf.at[rows].set(x.astype(buf.dtype), mode="drop")  # noqa: E731
+    return Staged(k=staged.k.at[:, rows, :Lp].set(cache.k[:, :, :Lp], mode="drop"),
+                  v=staged.v.at[:, rows, :Lp].set(cache.v[:, :, :Lp], mode="drop"),
+                  segments=put(staged.segments, jnp.pad(cache.segments[:, :Lp], ((0, 0), (0, W - Lp)))),
+                  length=put(staged.length, jnp.full(rows.shape, Lp, jnp.int32)), logits=put(staged.logits, logits),
+                  start=put(staged.start, layout_lib.response_start(prompts["attention_mask"], prompts["rope_deltas"])))
+
+
+def _place(slots: SlotState, staged: Staged, target, source, limits, rows, rng) -> SlotState:
+    """Starts request row rows[m] (limit limits[m]) in slot target[m] (S: unused) from staged row source[m]."""
     c = slots.cache
-    pad = ((0, 0), (0, c.max_len - Lp))
+    W = staged.segments.shape[1]
     put = lambda buf, x: buf.at[target].set(x.astype(buf.dtype), mode="drop")  # noqa: E731
-    new_cache = KVCache(k=c.k.at[:, target, :Lp].set(cache.k[:, source], mode="drop"),
-                        v=c.v.at[:, target, :Lp].set(cache.v[:, source], mode="drop"),
-                        segments=put(c.segments, jnp.pad(cache.segments[source], pad)),
-                        index=put(c.index, jnp.full(target.shape, Lp, jnp.int32)))
+    cache = KVCache(k=c.k.at[:, target, :W].set(staged.k[:, source], mode="drop"),
+                    v=c.v.at[:, target, :W].set(staged.v[:, source], mode="drop"),
+                    segments=put(c.segments, jnp.pad(staged.segments[source], ((0, 0), (0, c.max_len - W)))),
+                    index=put(c.index, staged.length[source]))
     keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(rows)
     zeros = jnp.zeros(target.shape, jnp.int32)
     return _constrain(SlotState(
-        cache=new_cache, logits=put(slots.logits, logits[source]), tokens=slots.tokens, logprobs=slots.logprobs,
-        count=put(slots.count, zeros), limit=put(slots.limit, limits), start=put(slots.start, start[source]),
+        cache=cache, logits=put(slots.logits, staged.logits[source]), tokens=slots.tokens, logprobs=slots.logprobs,
+        count=put(slots.count, zeros), limit=put(slots.limit, limits), start=put(slots.start, staged.start[source]),
         keys=slots.keys.at[target].set(keys, mode="drop"), active=put(slots.active, jnp.ones(target.shape, bool)),
         stopped=put(slots.stopped, jnp.zeros(target.shape, bool))))
 
@@ -249,12 +282,16 @@ def _take(slots: SlotState, keep: jax.Array) -> SlotState:
 
 @functools.lru_cache(maxsize=16)
 def _programs(graphdef, config: Qwen25VLConfig, **static):
-    """(empty, insert, decode, take) jitted for one graph and one set of sampling statics."""
+    """The engine's jitted programs for one graph and one set of sampling statics."""
     wm = static["weight_major"]
-    empty = jax.jit(functools.partial(_empty, config=config), static_argnums=(0, 1, 2))
-    insert = jax.jit(functools.partial(_insert, graphdef=graphdef, weight_major=wm), donate_argnums=(1,))
-    decode = jax.jit(functools.partial(_decode, graphdef=graphdef, **static), donate_argnums=(1,))
-    return empty, insert, decode, jax.jit(_take)
+    return dict(
+        empty=jax.jit(functools.partial(_empty, config=config), static_argnums=(0, 1, 2)),
+        empty_staged=jax.jit(functools.partial(_empty_staged, config=config), static_argnums=(0, 1)),
+        stage=jax.jit(functools.partial(_stage, graphdef=graphdef, weight_major=wm), donate_argnums=(1,),
+                      static_argnames=("cache_len",)),
+        place=jax.jit(_place, donate_argnums=(0,)),
+        decode=jax.jit(functools.partial(_decode, graphdef=graphdef, **static), donate_argnums=(1,)),
+        take=jax.jit(_take))
 
 
 # ----------------------------------------------------------------------------------------------- host
@@ -272,10 +309,11 @@ class Engine:
     """A pool of `slots` decode rows over one model graph (see the module docstring).
 
     slots: S rows decoded together (the KV cache holds S x cache_len slots); a multiple of the
-        data-parallel size and at least num_samples x that size.
+        data-parallel size.
     cache_len: cache slots per row (prompt + response); None: each call uses its prompts' width + its
         `max_new_tokens` bucket. A request that does not fit fails before anything runs.
-    prefill_prompts: most prompts prefilled in one insert (None: as many as fill the pool).
+    prefill_prompts: most prompts prefilled in one call (None: min(slots / num_samples, 16)); the staged
+        buffer of prefilled prompts holds that many plus PREFILL_AHEAD.
     compact: once no prompt waits, the pool halves (down to the data-parallel size) whenever at most
         half its slots are still decoding: the tail of long responses decodes on fewer rows instead of
         beside idle slots (one decode program per pool size: S, S/2, ...).
@@ -297,16 +335,16 @@ class Engine:
         self.new_token_buckets = tuple(new_token_buckets)
         self.compact = bool(compact)
         s = self.sampling
-        self._empty, self._insert, self._decode, self._take = _programs(
-            graphdef, config, greedy=s.greedy, top_k=int(s.top_k), use_top_p=s.top_p < 1.0,
-            pad_id=self.pad_id, weight_major=self.weight_major)
+        self._programs = _programs(graphdef, config, greedy=s.greedy, top_k=int(s.top_k), use_top_p=s.top_p < 1.0,
+                                   pad_id=self.pad_id, weight_major=self.weight_major)
         self._stops = jnp.asarray(self.stop_ids or (-1,), jnp.int32)
 
-    def _run(self, fn, *args):
+    def _run(self, name: str, *args, **kw):
+        fn = self._programs[name]
         if self.mesh is None:
-            return fn(*args)
+            return fn(*args, **kw)
         with shd.activate(self.mesh, self.rules):
-            return fn(*args)
+            return fn(*args, **kw)
 
     def _put(self, fields: dict, rows: int) -> dict:
         fields = {k: np.asarray(v, np.float32 if k == "pixel_values" else np.int32) for k, v in fields.items()
@@ -329,9 +367,6 @@ class Engine:
         if n < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         unit = self.dp
-        if n * unit > S:
-            raise ValueError(f"engine slots={S} cannot hold the {n} samples of one prompt on each of the "
-                             f"{unit} data-parallel devices: use at least {n * unit} slots")
         R = num_prompts * n
         limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (R,)).copy()
         if (limits < 1).any():
@@ -346,55 +381,77 @@ class Engine:
         key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
         weights = sampler_lib.decode_weights(self.graphdef, state) if self.weight_major else None
         temp, top_p = jnp.float32(self.sampling.temperature or 1.0), jnp.float32(self.sampling.top_p)
-        cap = self.prefill_prompts or S // n
+        cap = self.prefill_prompts or min(S // n, PREFILL_PROMPTS)
         cap = max(unit, cap // unit * unit)
 
-        slots = self._run(self._empty, S, C, T)
+        slots = self._run("empty", S, C, T)
+        ahead = min(cap, PREFILL_AHEAD * unit)
+        Q = cap + ahead                                   # staged prompts: one prefill batch + leftovers
+        staged = self._run("empty_staged", Q, source.width)
         pool = S                                          # slots in the current pool (compacting halves it)
         queue = collections.deque(range(num_prompts))
+        pending: collections.deque = collections.deque()  # [staged row, prompt, next sample] not yet placed
+        stage_free = list(range(Q))
         slot_row = np.full(S, -1, np.int64)               # request row held by each slot (-1: free)
         tokens = np.full((R, T), self.pad_id, np.int32)
         logprobs = np.zeros((R, T), np.float32)
         lengths, stopped = np.zeros(R, np.int32), np.zeros(R, bool)
         waits, prefill_s, decode_s, steps_run, slot_steps, prefills = [], 0.0, 0.0, 0, 0, 0
-        while queue or (slot_row >= 0).any():
+        while queue or pending or (slot_row >= 0).any():
             free = np.flatnonzero(slot_row < 0)
-            while queue and len(free) >= n * unit:
-                take = min(len(queue), len(free) // n, cap) // unit * unit or min(len(queue), unit)
+            t = time.perf_counter()
+            waiting = sum(n - j for _, _, j in pending)
+            if queue and len(free) > waiting and len(stage_free) >= unit:
+                # prefill the prompts for the free slots beyond the staged samples (at least `ahead`)
+                want = max(-(-(len(free) - waiting) // n), ahead)
+                take = min(len(queue), want, cap, len(stage_free))
                 P = _bucket(take, unit, cap)
                 idx = [queue.popleft() for _ in range(take)]
                 waits += [time.perf_counter() - t0] * take
-                src = np.asarray(idx + [idx[-1]] * (P - take))
-                target = np.full(P * n, S, np.int32)
-                target[:take * n] = free[:take * n]
-                row_ids = (src[:, None] * n + np.arange(n)[None]).reshape(-1)
-                slot_row[free[:take * n]] = row_ids[:take * n]
-                t = time.perf_counter()
-                fields = self._put(source.layout(src, unit if P % unit == 0 else 1), P)
-                slots = self._run(self._insert, state, slots, fields, jnp.asarray(target),
-                                  jnp.asarray(np.repeat(np.arange(P), n), jnp.int32),
-                                  jnp.asarray(limits[row_ids]), jnp.asarray(row_ids + row_offset, jnp.int32),
-                                  key, weights)
-                jax.block_until_ready(slots.count)
-                prefill_s += time.perf_counter() - t
+                rows = [stage_free.pop(0) for _ in range(take)]
+                pending.extend([r, i, 0] for r, i in zip(rows, idx))
+                fields = self._put(source.layout(np.asarray(idx + [idx[-1]] * (P - take)), unit), P)
+                staged = self._run("stage", state, staged, fields, jnp.asarray(rows + [Q] * (P - take), jnp.int32),
+                                   weights, cache_len=C)
                 prefills += 1
-                free = np.flatnonzero(slot_row < 0)
+            if pending and len(free):
+                # the staged samples into free slots, oldest prompt first
+                target, src, req = [], [], []
+                for slot in free:
+                    if not pending:
+                        break
+                    entry = pending[0]
+                    target.append(slot)
+                    src.append(entry[0])
+                    req.append(entry[1] * n + entry[2])
+                    entry[2] += 1
+                    if entry[2] == n:
+                        stage_free.append(pending.popleft()[0])
+                M = _bucket(len(target), 1, S)
+                pad = M - len(target)
+                slot_row[target] = req
+                req = np.asarray(req + [0] * pad)
+                slots = self._run("place", slots, staged, jnp.asarray(target + [S] * pad, jnp.int32),
+                                  jnp.asarray(src + [0] * pad, jnp.int32), jnp.asarray(limits[req]),
+                                  jnp.asarray(req + row_offset, jnp.int32), key)
+                jax.block_until_ready(slots.count)
+            prefill_s += time.perf_counter() - t
             t = time.perf_counter()
-            if not queue and self.compact:
+            if not queue and not pending and self.compact:
                 busy = int((slot_row >= 0).sum())
                 smaller = pool
                 while smaller // 2 >= max(busy, 1) and (smaller // 2) % unit == 0:
                     smaller //= 2
                 if smaller < pool:                        # keep the busy slots, in slot order
                     keep = np.argsort(slot_row < 0, kind="stable")[:smaller]
-                    slots = self._run(self._take, slots, jnp.asarray(keep, jnp.int32))
+                    slots = self._run("take", slots, jnp.asarray(keep, jnp.int32))
                     slot_row, pool = slot_row[keep], smaller
                 # back to the host once half the pool is free, to halve it again
                 can_halve = pool // 2 >= 1 and (pool // 2) % unit == 0
                 refill_at = pool - pool // 2 if can_halve else pool + 1
             else:
-                refill_at = n * unit if queue else pool + 1
-            steps, slots = self._run(self._decode, state, slots, jnp.int32(refill_at), self._stops, temp, top_p,
+                refill_at = 1 if queue or pending else pool + 1
+            steps, slots = self._run("decode", state, slots, jnp.int32(refill_at), self._stops, temp, top_p,
                                      weights)
             steps, active, count, hit = jax.device_get((steps, slots.active, slots.count, slots.stopped))
             steps_run += int(steps)

@@ -34,16 +34,14 @@ from vlaa_jax.train.grpo_step import (GRPOSettings, GRPOStep, RewardFn, make_grp
 def check_rollout_micro_batch(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> None:
     """A ConfigError unless the rollout splits evenly over the data-parallel devices: each static generate
     call (`grpo.rollout_micro_batch` prompts, or the whole `grpo.rollout_batch_prompts`), or the continuous
-    engine's `grpo.rollout_slots` (a multiple of the data-parallel size holding num_samples rows on each
-    device). Checked before any model is built, where the rollout would otherwise fail on the first step."""
+    engine's `grpo.rollout_slots` (a multiple of the data-parallel size). Checked before any model is built, where the rollout would otherwise fail on the first step."""
     g = config.grpo
     if g.rollout_engine == "continuous":
         slots = GRPOSettings.from_config(config).rollout_slots
         dp = shd.data_parallel_size(mesh, rules)
-        if slots % dp or slots < g.num_samples * dp:
+        if slots % dp:
             raise ConfigError(f"config key 'grpo.rollout_slots': {slots} decode slots must be a multiple of the "
-                              f"data-parallel size {dp} and hold grpo.num_samples={g.num_samples} rows per "
-                              f"device (at least {g.num_samples * dp})")
+                              f"data-parallel size {dp} (each device decodes its share)")
         return
     key = "grpo.rollout_micro_batch" if g.rollout_micro_batch else "grpo.rollout_batch_prompts"
     try:
