@@ -34,7 +34,8 @@ from vlaa_jax.train.grpo_step import (GRPOSettings, GRPOStep, RewardFn, make_grp
 def check_rollout_micro_batch(config: ml_collections.ConfigDict, mesh: Any, rules: Any) -> None:
     """A ConfigError unless the rollout splits evenly over the data-parallel devices: each static generate
     call (`grpo.rollout_micro_batch` prompts, or the whole `grpo.rollout_batch_prompts`), or the continuous
-    engine's `grpo.rollout_slots` (a multiple of the data-parallel size). Checked before any model is built, where the rollout would otherwise fail on the first step."""
+    engine's `grpo.rollout_slots` (a multiple of the data-parallel size). Checked before any model is
+    built, where the rollout would otherwise fail on the first step."""
     g = config.grpo
     if g.rollout_engine == "continuous":
         slots = GRPOSettings.from_config(config).rollout_slots
