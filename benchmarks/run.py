@@ -13,6 +13,8 @@ pair, ours and theirs alternate in one process after a warm-up of each, and medi
   generation       generation.py     greedy generation of 64 tokens at batch 8, vs HF `generate`
   grpo_step        grpo_step.py      one GRPO step (rollout n=4, reward, update), tiny model, vs TRL
                                      `GRPOTrainer` (`pip install -e '.[bench]'`)
+  rollout          rollout.py        a rollout of long-tailed response lengths: the continuous-batching
+                                     engine vs our static sampler (useful tokens/s, slot utilisation)
   data_pipeline    data_pipeline.py  SFT loader examples/s vs the HF processor loop
 
 Prints one JSON object (machine, versions, one row per pair with ours / theirs / ratio / target / met,
@@ -33,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PAIRS = {"sft_train_step": "train_step.py", "generation": "generation.py", "grpo_step": "grpo_step.py",
-         "data_pipeline": "data_pipeline.py"}
+         "rollout": "rollout.py", "data_pipeline": "data_pipeline.py"}
 
 
 def machine() -> dict:
