@@ -13,7 +13,6 @@ blocking read fails in seconds instead of hanging the suite:
 import contextlib
 import logging
 import math
-import signal
 import socket
 import threading
 import time
@@ -22,29 +21,10 @@ import pytest
 
 from vlaa_jax.rewards import (CallableScorer, HTTPScorer, MathResult, RewardConfig, ScoreRequest, ScorerError,
                               compute_rewards, digit_reward, extract_answer, iou_reward, last_boxed, mcq_reward)
+from tests.time_limit import within
 from vlaa_jax.rewards.extract import normalize_text
 
 
-class Overtime(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def within(seconds: float):
-    """Fails the test (instead of hanging it) when the block runs past `seconds`."""
-    def alarm(*_):
-        raise Overtime(f"still running after {seconds}s")
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    t0 = time.monotonic()
-    try:
-        yield
-    except Overtime:  # a fresh error: the interrupted frame may have no line number to report
-        raise AssertionError(f"still running after {seconds}s") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert time.monotonic() - t0 < seconds
 
 
 # ------------------------------------------------------------------ PATHOLOGICAL: linear parsing
