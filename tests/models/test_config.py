@@ -75,8 +75,11 @@ def test_config_errors(tmp_path):
     bad.write_text(json.dumps({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}))
     with pytest.raises(ValueError, match=f"{bad}.*model_type='qwen2_vl'"):
         cfg.load_config(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere' is not a directory \(a model directory holds config.json"):
         cfg.load_config(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        cfg.load_config(str(tmp_path / "empty"))
     no_vision = {k: v for k, v in RELEASED_3B.items() if k != "vision_config"}
     with pytest.raises(ValueError, match="'vision_config' is missing"):
         cfg.from_hf_dict(no_vision)
