@@ -542,7 +542,8 @@ def measure_grpo(ctx: dict) -> dict[str, Any]:
         t1 = time.perf_counter()
         rows = len(prompts) * n
         sampled = grpo_step.Rollout(prompts, np.repeat(np.arange(len(prompts)), n), gen.tokens, gen.mask,
-                                    gen.logprobs, ("",) * rows)   # texts: not decoded, the rewards are random
+                                    gen.logprobs, ("",) * rows,   # texts: not decoded, the rewards are random
+                                    rollout.static_stats(gen.lengths, [rows], t1 - t0))
         rewards = host_rng.integers(0, 2, rows).astype(np.float32)    # stand-in for the reward functions
         batch = step.train_batch(grpo_step.ScoredRollout(sampled, rewards, {}), params, ref_params,
                                  float(cfg.grpo.init_kl_coef))

@@ -45,7 +45,7 @@ from flax import nnx
 from data_pipeline.model_inputs import PromptBatch
 from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl import Qwen25VL, layout
-from vlaa_jax.rollout import sampler
+from vlaa_jax.rollout import sampler, static_stats
 from vlaa_jax.rollout.sampling import SamplingConfig
 from vlaa_jax.train import common, grpo_step, sft
 from vlaa_jax.train import step as step_lib
@@ -185,7 +185,7 @@ def grpo_host_batch(w: Workload, mesh, rules, *, forward: bool = False) -> dict[
     prompts = synthetic_prompts(w, rows)
     mask = np.ones((rows, T), np.int32)
     rollout = grpo_step.Rollout(prompts, np.arange(rows), np.full((rows, T), TEXT_ID, np.int32), mask,
-                                np.zeros((rows, T), f32), ("",) * rows)
+                                np.zeros((rows, T), f32), ("",) * rows, static_stats(mask.sum(axis=1), [rows], 0.0))
     zeros = np.zeros((rows, T), f32)
     batch = grpo_step.TrainBatch(grpo_step.ScoredRollout(rollout, np.zeros(rows, f32), {}), np.zeros(rows, f32),
                                  mask, None if w.old_logprobs == "update" else zeros, zeros if w.use_ref else None,
