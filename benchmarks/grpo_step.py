@@ -46,7 +46,8 @@ over the rest (default repeats: tiny 5, qwen3b_shaped 2). Our compile time is re
 policy forward (in the loss) and the rest (backward, clipping, AdamW, data).
 Sizes: 2 prompts x 4 samples; tiny 64 new tokens, qwen3b_shaped 32 (its TRL step is ~2-3 minutes on 2 busy
 cores). --quick: tiny only, 1 repeat and half the new tokens (about 2-3 minutes on 2 idle cores, most of it
-TRL). The full run: about 4 minutes for tiny and about 10 for qwen3b_shaped on 2 idle cores.
+TRL). The full run measured 6 minutes for tiny and 14 for qwen3b_shaped (8 of them TRL's 3 steps) on 2 cores
+at load average ~4; qwen3b_shaped needs ~16.5 GiB free (our side's peak; TRL's ~13.2 GiB).
 Prints intermediate JSON lines and, last, the pair's JSON object (benchmarks/ interface).
 """
 from __future__ import annotations
