@@ -23,8 +23,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from vlaa_jax.eval.plots import (KL_KEYS, LENGTH_KEYS, REFLECTION_KEY, panels_for, plot,  # noqa: E402,F401
-                                 read_metrics, reflection_from_samples)
+from vlaa_jax.eval.plots import plot  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tools import plot_run
+from vlaa_jax.eval import plots
 from vlaa_jax.eval.behaviour import behaviour_metrics
 from vlaa_jax.train.metrics import MetricsWriter
 
@@ -54,13 +55,13 @@ def test_logged_reflection_rate_wins_and_bad_workdir(tmp_path):
     for step, texts in ((1, ["<answer>1</answer>", "Wait, <answer>2</answer>"]), (2, ["hmm", "again"])):
         w.write_scalars(step, {"reward": 0.5, "kl": float("nan"), **behaviour_metrics(texts)})
     w.close()
-    series = plot_run.read_metrics(str(tmp_path / "run"))
+    series = plots.read_metrics(str(tmp_path / "run"))
     assert series["behaviour/reflection_rate"] == [(1, 0.5), (2, 1.0)]
     assert "kl" not in series  # non-finite values (logged as strings) are skipped
-    out = plot_run.plot([str(tmp_path / "run")], str(tmp_path / "p.png"))
+    out = plots.plot([str(tmp_path / "run")], str(tmp_path / "p.png"))
     assert out["panels"] == ["reward (all)", "response length (tokens)", "reflection-word rate"]
     with pytest.raises(FileNotFoundError, match="nowhere/metrics.jsonl"):
-        plot_run.read_metrics(str(tmp_path / "nowhere"))
+        plots.read_metrics(str(tmp_path / "nowhere"))
 
 
 def test_reflection_rate_from_samples_when_not_logged(tmp_path):
@@ -71,6 +72,6 @@ def test_reflection_rate_from_samples_when_not_logged(tmp_path):
     samples = [(1, "Wait, let me check. <answer>3</answer>"), (1, "<answer>4</answer>"),
                (2, "Hmm. <answer>5</answer>"), (2, "Alternatively <answer>6</answer>")]
     (run / "samples.jsonl").write_text("".join(json.dumps({"step": s, "response": r}) + "\n" for s, r in samples))
-    assert plot_run.reflection_from_samples(str(run)) == [(1, 0.5), (2, 1.0)]
-    out = plot_run.plot([str(run)], str(tmp_path / "p.png"))
+    assert plots.reflection_from_samples(str(run)) == [(1, 0.5), (2, 1.0)]
+    out = plots.plot([str(run)], str(tmp_path / "p.png"))
     assert out["panels"] == ["reward (all)", "reflection-word rate"] and out["lines"]["reflection-word rate"] == 1
