@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import tarfile
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipeline.records import HELDOUT_IDS_FILE, SPLIT_FILES, read_records
+from data_pipeline.release import write_release
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 40),
           "purple": (140, 60, 170)}
@@ -272,17 +272,8 @@ def make_demo_data(out: str | os.PathLike, n: int = 200, seed: int = 0, heldout_
             else:
                 row = {"image": name, "question": question, "answer": response, "gt": gt}
             rows[split].append(row)
-    sft_file = out / SPLIT_FILES["sft"][0]
-    grpo_file = out / SPLIT_FILES["grpo"][0]
-    sft_file.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows["sft"]) + "\n]\n",
-                        encoding="utf-8")
-    grpo_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows["grpo"]), encoding="utf-8")
-    for source, members in images.items():
-        with tarfile.open(out / "images" / f"{source}.tar.gz", "w:gz") as tf:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(data), 0
-                tf.addfile(info, io.BytesIO(data))
+    written = write_release(out, rows, images)
+    sft_file, grpo_file = written["sft"], written["grpo"]
     held = []
     for split, path in (("sft", sft_file), ("grpo", grpo_file)):
         # Every `heldout_every`-th record *of each source*, starting with its first, so the held-out set covers
