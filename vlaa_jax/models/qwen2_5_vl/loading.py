@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,8 @@ PROCESSOR_FILES = (
 # --------------------------------------------------------------------------------------------------
 
 def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: shd.RulesLike = None, dtype: Any = "float32",
-                    param_dtype: Any = None, **run_options: Any) -> Qwen25VL:
+                    param_dtype: Any = None, config: Qwen25VLConfig | None = None,
+                    ignore_tensors: Collection[str] = (), **run_options: Any) -> Qwen25VL:
     """Loads an HF Qwen2.5-VL directory (config.json + single or sharded safetensors) or a vlaa-jax model
     directory (config.json + Orbax params).
 
@@ -61,9 +62,13 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: shd.RulesLike
     device reads only its own shard: HF safetensors are memory-mapped and sliced, a model directory is
     restored with a sharded target, so the full model never sits on one device (nor, for HF, in host
     memory). `nnx.split(model)` gives the (graphdef, state) that jitted code takes.
+    config: the architecture to read the weights into (default: the directory's, with the options above);
+    ignore_tensors: HF tensors of the directory outside the model (e.g. a reward model's value head),
+    which the check for tensors without a place skips.
     """
-    config = load_config(path, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype,
-                         **run_options)
+    if config is None:
+        config = load_config(path, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype,
+                             **run_options)
     if mesh is None:
         graphdef, abstract = abstract_model(config)
     else:
@@ -71,9 +76,9 @@ def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: shd.RulesLike
     if is_model_dir(path):
         pure = _model_dir_params(path, abstract, sharded=mesh is not None)
     elif mesh is None:
-        pure = _hf_params(path, config)
+        pure = _hf_params(path, config, ignore_tensors)
     else:
-        pure = _hf_params_sharded(path, config, abstract)
+        pure = _hf_params_sharded(path, config, abstract, ignore_tensors)
     nnx.replace_by_pure_dict(abstract, pure)
     return nnx.merge(graphdef, abstract)
 
@@ -87,20 +92,21 @@ def _model_dir_params(path: str, abstract: nnx.State, *, sharded: bool) -> dict[
     return jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), pure, target)
 
 
-def _hf_params(path: str, config: Qwen25VLConfig) -> dict[str, Any]:
+def _hf_params(path: str, config: Qwen25VLConfig, ignore: Collection[str] = ()) -> dict[str, Any]:
     """The parameters of an HF directory on the default device, one tensor at a time."""
     pdtype = config.jnp_param_dtype
     ckpt = hf_params.HFCheckpoint(path)
-    hf_params.check_no_unexpected(config, ckpt.keys(), source=path)
+    hf_params.check_no_unexpected(config, set(ckpt.keys()) - set(ignore), source=path)
     return hf_params.hf_to_state(config, ckpt, source=path,
                                  put=lambda a, _: jnp.asarray(np.asarray(a).astype(pdtype, copy=False)))
 
 
-def _hf_params_sharded(path: str, config: Qwen25VLConfig, abstract: nnx.State) -> dict[str, Any]:
+def _hf_params_sharded(path: str, config: Qwen25VLConfig, abstract: nnx.State,
+                       ignore: Collection[str] = ()) -> dict[str, Any]:
     """The parameters of an HF directory placed like `abstract` (ShapeDtypeStructs with shardings): every
     device's shard is read from the memory-mapped safetensors on its own (`array_from_reader`)."""
     ckpt = hf_params.HFCheckpoint(path)
-    hf_params.check_no_unexpected(config, ckpt.keys(), source=path)
+    hf_params.check_no_unexpected(config, set(ckpt.keys()) - set(ignore), source=path)
     headers: dict[str, dict[str, Any]] = {}
     flat = abstract.to_pure_dict()
     pure: dict[str, Any] = {}
