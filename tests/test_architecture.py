@@ -13,6 +13,7 @@ FLOORS = (
     ("vlaa_jax.sharding", 1), ("vlaa_jax.distributed", 1),
     ("vlaa_jax.nn", 2), ("vlaa_jax.kernels", 2),
     ("vlaa_jax.models", 3), ("vlaa_jax.convert", 3),
+    ("data_pipeline.construct.__main__", 6),  # an entry point, as vlaa_jax.main
     ("data_pipeline", 4), ("vlaa_jax.rollout", 4), ("vlaa_jax.rl", 4), ("vlaa_jax.rewards", 4),
     ("vlaa_jax.eval.behaviour", 4), ("vlaa_jax.eval.plots", 4), ("vlaa_jax.eval.benchmarks", 4), ("vlaa_jax.eval.scoring", 4),
     ("vlaa_jax.train", 5),
