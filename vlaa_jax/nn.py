@@ -1,5 +1,5 @@
-"""Layers shared by the vision tower and the decoder: parameters with logical axes, linear, RMSNorm,
-SwiGLU, rotary embeddings (2D for vision, M-RoPE for text) and the ONE attention function.
+"""Layers shared by the vision towers and the decoder: parameters with logical axes, linear, RMSNorm,
+LayerNorm, SwiGLU, a two-layer MLP, rotary embeddings (2D for vision, M-RoPE for text) and the ONE attention function.
 
 Numerics follow HF Qwen2.5-VL: norms and softmax in float32, rotary angles in float32, matmuls in the
 compute dtype. Parameters carry logical axis names (vlaa_jax/sharding/) in their `out_sharding`
@@ -77,6 +77,22 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias, normalised in float32 (torch LayerNorm; Qwen2-VL's vision tower)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * xf.astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
 ACTIVATIONS: dict[str, Callable] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -105,6 +121,19 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = shd.constrain(self.act(self.gate_proj(x)) * self.up_proj(x), shd.MLP_AXES)
         return self.down_proj(h)
+
+
+class FeedForward(nnx.Module):
+    """fc2(act(fc1(x))), with biases (the ViT MLP of Qwen2-VL's vision tower)."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(dim, hidden, names=("embed", "mlp"), **kw)
+        self.fc2 = Linear(hidden, dim, names=("mlp", "embed"), **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(shd.constrain(self.act(self.fc1(x)), shd.MLP_AXES))
 
 
 # ------------------------------------------------------------------------------------------------ rotary

@@ -237,11 +237,13 @@ def vision_layout(
     full_rows: also lay out per-image full attention (`full_index`, `full_slot`): True picks the shape
     (`full_attention_rows`; none when dense is no dearer), (R, Lr) forces one (e.g. the largest over
     micro-batches that must stack), False leaves the full-attention blocks dense.
+    window_size 0 (Qwen2-VL, no window attention): one window per frame, the window order is the image
+    order (window_index the identity).
     """
     grids = valid_grids(image_grid_thw)
     m = spatial_merge_size
     unit = m * m
-    win = window_size // m // patch_size
+    win = window_size // m // patch_size     # 0: no windows (Qwen2-VL), one window per frame
     window_index, window_seg_units, full_seg_units, hw = [], [], [], []
     unit_offset = 0
     n_windows = 0
@@ -250,12 +252,13 @@ def vision_layout(
         if h % m or w % m:
             raise ValueError(f"image grid {(t, h, w)} is not a multiple of spatial_merge_size {m}")
         gh, gw = h // m, w // m
-        nwh, nww = -(-gh // win), -(-gw // win)
+        win_h, win_w = (win, win) if win else (gh, gw)
+        nwh, nww = -(-gh // win_h), -(-gw // win_w)
         # (row, col) window of every merged token, then sort units by (frame, window row, window col,
         # row, col) -- the order of HF's padded reshape/permute.
         uh, uw = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
         uh, uw = uh.ravel(), uw.ravel()
-        wid = (uh // win) * nww + (uw // win)
+        wid = (uh // win_h) * nww + (uw // win_w)
         order = np.lexsort((uw, uh, wid))       # within one frame
         for f in range(t):
             window_index.append(order + unit_offset + f * gh * gw)

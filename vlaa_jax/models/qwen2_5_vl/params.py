@@ -73,8 +73,10 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
         if bias:
             add(f"{hf}.bias", f"{path}.bias", (n_out,), "copy")
 
-    def norm(hf, path, dim):
+    def norm(hf, path, dim, bias=False):
         add(f"{hf}.weight", f"{path}.scale", (dim,), "copy")
+        if bias:                      # LayerNorm (Qwen2-VL's vision tower)
+            add(f"{hf}.bias", f"{path}.bias", (dim,), "copy")
 
     def mlp(hf, path, dim, hidden, bias):
         linear(f"{hf}.gate_proj", f"{path}.gate_proj", dim, hidden, bias)
@@ -100,17 +102,23 @@ def param_table(config: Qwen25VLConfig) -> list[ParamEntry]:
     add("model.visual.patch_embed.proj.weight", "visual.patch_embed.kernel",
         (D, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), "patch")
 
+    ln = v.norm == "layer"
+
     def vision_block(hf, p):
-        norm(f"{hf}.norm1", f"{p}.norm1", D)
-        norm(f"{hf}.norm2", f"{p}.norm2", D)
+        norm(f"{hf}.norm1", f"{p}.norm1", D, ln)
+        norm(f"{hf}.norm2", f"{p}.norm2", D, ln)
         add(f"{hf}.attn.qkv.weight", f"{p}.attn.qkv.kernel", (3 * D, D), "qkv_weight")
         add(f"{hf}.attn.qkv.bias", f"{p}.attn.qkv.bias", (3 * D,), "qkv_bias")
         linear(f"{hf}.attn.proj", f"{p}.attn.proj", D, D, True)
-        mlp(f"{hf}.mlp", f"{p}.mlp", D, v.intermediate_size, True)
+        if v.mlp == "fc":             # Qwen2-VL
+            linear(f"{hf}.mlp.fc1", f"{p}.mlp.fc1", D, v.intermediate_size, True)
+            linear(f"{hf}.mlp.fc2", f"{p}.mlp.fc2", v.intermediate_size, D, True)
+        else:
+            mlp(f"{hf}.mlp", f"{p}.mlp", D, v.intermediate_size, True)
 
     repeated("model.visual.blocks", "visual.blocks", v.depth, vision_block, stacked=True)
     wide = D * v.spatial_merge_size ** 2
-    norm("model.visual.merger.ln_q", "visual.merger.ln_q", D)
+    norm("model.visual.merger.ln_q", "visual.merger.ln_q", D, ln)
     linear("model.visual.merger.mlp.0", "visual.merger.fc1", wide, wide, True)
     linear("model.visual.merger.mlp.2", "visual.merger.fc2", wide, v.out_hidden_size, True)
 

@@ -1,4 +1,9 @@
-"""Qwen2.5-VL vision tower: patch embedding, ViT blocks with window / full attention, 2x2 patch merger.
+"""Qwen2.5-VL / Qwen2-VL vision tower: patch embedding, ViT blocks with window / full attention, 2x2 merger.
+
+The two families' towers differ in three config fields only (config.py `VisionConfig`): Qwen2.5-VL has
+RMSNorm, a SwiGLU MLP and window attention in all blocks but `fullatt_block_indexes`; Qwen2-VL has
+LayerNorm (`norm="layer"`, also the merger's `ln_q`), an fc1/fc2 MLP (`mlp="fc"`, QuickGELU) and full
+attention in every block (`window_size=0`, its layout is the identity window order).
 
 Works on image groups: pixel_values [G, P, patch_dim] holds in group g the patches of the images of the
 g-th group of batch rows (P a bucket), laid out per group by `layout.vision_layout` (stacked by
@@ -72,14 +77,23 @@ class VisionAttention(nnx.Module):
         return self.proj(out.reshape(G, P, -1))
 
 
+def _norm(config: Qwen25VLConfig, rngs: nnx.Rngs) -> nnx.Module:
+    v = config.vision
+    norm = nn.LayerNorm if v.norm == "layer" else nn.RMSNorm
+    return norm(v.hidden_size, eps=v.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+
+
 class VisionBlock(nnx.Module):
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         v = config.vision
         kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.norm1 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
+        self.norm1 = _norm(config, rngs)
         self.attn = VisionAttention(config, rngs=rngs)
-        self.norm2 = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
-        self.mlp = nn.SwiGLU(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True, **kw)
+        self.norm2 = _norm(config, rngs)
+        if v.mlp == "fc":
+            self.mlp = nn.FeedForward(v.hidden_size, v.intermediate_size, act=v.hidden_act, **kw)
+        else:
+            self.mlp = nn.SwiGLU(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True, **kw)
 
     def __call__(self, x, cos, sin, segments, mask, window_len=None, rows=None):
         x = x + self.attn(self.norm1(x), cos, sin, segments, mask, window_len, rows)
@@ -87,14 +101,15 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """RMSNorm, then each group of merge**2 consecutive patches -> one token via a GELU MLP."""
+    """RMSNorm (Qwen2-VL: LayerNorm), then each group of merge**2 consecutive patches -> one token via a
+    GELU MLP."""
 
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         v = config.vision
         kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
         self.unit = v.spatial_merge_size ** 2
         wide = v.hidden_size * self.unit
-        self.ln_q = nn.RMSNorm(v.hidden_size, eps=v.rms_norm_eps, **kw)
+        self.ln_q = _norm(config, rngs)
         self.fc1 = nn.Linear(wide, wide, names=("embed", "mlp"), use_bias=True, **kw)
         self.fc2 = nn.Linear(wide, v.out_hidden_size, names=("mlp", "embed"), use_bias=True, **kw)
 
@@ -146,13 +161,14 @@ class VisionTransformer(nnx.Module):
             full_mask = nn.attention_mask(full_segments, full_segments, causal=False)
         window_len = (v.window_size // v.patch_size) ** 2      # patches in the largest window
         graphdef, stacked = nnx.split(self.blocks)
+        all_full = set(range(v.depth)) <= set(v.fullatt_block_indexes)   # Qwen2-VL: no window blocks
 
         def body(x, xs):
             params, full = xs
             blk = nnx.merge(graphdef, params)
             window = lambda x: blk(x, cos, sin, window_segments, None, window_len)  # noqa: E731
             dense = lambda x: blk(x, cos, sin, full_segments, full_mask, None, rows)  # noqa: E731
-            return jax.lax.cond(full, dense, window, x), None
+            return (dense(x) if all_full else jax.lax.cond(full, dense, window, x)), None
 
         policy = self.config.remat_policy
         if policy != "none":          # remat inside the scan: one block's activations at a time
