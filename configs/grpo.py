@@ -16,6 +16,8 @@ its exported model, workdir/warm_start/model. Its length: --config.warm_start.tr
 --config.grpo.warm_start=False is GRPO alone from the random model. mode=eval / generate never run it.
   vlaa_thinker_3b  Qwen2.5-VL-3B-Instruct, the paper's recipe
   vlaa_thinker_7b  Qwen2.5-VL-7B-Instruct, the paper's recipe
+  qwen2_vl_2b      Qwen2-VL-2B-Instruct, the paper's recipe (the paper's other base models)
+  qwen2_vl_7b      Qwen2-VL-7B-Instruct, the paper's recipe
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import ml_collections
 
 from configs import base, sft
 
-PRESETS = ("demo", "vlaa_thinker_3b", "vlaa_thinker_7b")
+PRESETS = sft.PRESETS           # the same base models (sft.BASE_MODELS; Qwen2-VL values: see there)
+BASE_MODELS = sft.BASE_MODELS
 
 
 def warm_start_stage(c: ml_collections.ConfigDict, *, num_steps: int) -> ml_collections.ConfigDict:
@@ -142,9 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
 
     # The paper's GRPO recipe (appendix C, built on OpenRLHF).
-    size = {"vlaa_thinker_3b": "3B", "vlaa_thinker_7b": "7B"}[preset]
     c.model.init = "pretrained"
-    c.model.path = f"ckpt/qwen2_5_vl_{size.lower()}"  # converted Qwen/Qwen2.5-VL-{size}-Instruct
+    c.model.path = BASE_MODELS[preset][0]  # converted Qwen/<BASE_MODELS[preset][1]>-Instruct
     c.model.param_dtype = "float32"    # not given in the paper
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True

@@ -5,6 +5,8 @@ Presets:
   demo             tiny random model with the real Qwen vocabulary on the demo set (CPU, minutes)
   vlaa_thinker_3b  Qwen2.5-VL-3B-Instruct on VLAA-Thinking-SFT-126K, the paper's recipe
   vlaa_thinker_7b  Qwen2.5-VL-7B-Instruct, same recipe
+  qwen2_vl_2b      Qwen2-VL-2B-Instruct, same recipe (the paper's other base models)
+  qwen2_vl_7b      Qwen2-VL-7B-Instruct, same recipe
 """
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ import ml_collections
 
 from configs import base
 
-PRESETS = ("demo", "vlaa_thinker_3b", "vlaa_thinker_7b")
+PRESETS = ("demo", "vlaa_thinker_3b", "vlaa_thinker_7b", "qwen2_vl_2b", "qwen2_vl_7b")
+# The paper's base models: preset -> (converted model directory, HF repo). The model family (Qwen2.5-VL or
+# Qwen2-VL) comes from the directory's config.json, nothing here.
+# Qwen2-VL presets: the paper runs its SFT-vs-RL comparison on Qwen2-VL-2B/7B too, and its appendix C
+# recipe is stated once for all base models; so the values marked "paper" below (here and in
+# configs/grpo.py) are the paper's for Qwen2-VL as well, and every value marked "not given" (LR, max
+# length, pixel bounds, dtypes, accumulation, ...) is carried over from the Qwen2.5-VL presets.
+BASE_MODELS = {
+    "vlaa_thinker_3b": ("ckpt/qwen2_5_vl_3b", "Qwen2.5-VL-3B"),
+    "vlaa_thinker_7b": ("ckpt/qwen2_5_vl_7b", "Qwen2.5-VL-7B"),
+    "qwen2_vl_2b": ("ckpt/qwen2_vl_2b", "Qwen2-VL-2B"), "qwen2_vl_7b": ("ckpt/qwen2_vl_7b", "Qwen2-VL-7B"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,9 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
 
     # The paper's SFT recipe (appendix C): global batch 128, vision encoder frozen, ~1 epoch.
-    size = {"vlaa_thinker_3b": "3B", "vlaa_thinker_7b": "7B"}[preset]
     c.model.init = "pretrained"
-    c.model.path = f"ckpt/qwen2_5_vl_{size.lower()}"  # convert Qwen/Qwen2.5-VL-{size}-Instruct first
+    c.model.path = BASE_MODELS[preset][0]  # convert Qwen/<BASE_MODELS[preset][1]>-Instruct first
     c.model.param_dtype = "float32"    # not given in the paper (fp32 master weights, bf16 compute)
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True

@@ -20,9 +20,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("module", [sft_config, grpo_config])
-@pytest.mark.parametrize("preset", ["demo", "vlaa_thinker_3b", "vlaa_thinker_7b"])
+@pytest.mark.parametrize("preset", ["demo", "vlaa_thinker_3b", "vlaa_thinker_7b", "qwen2_vl_2b", "qwen2_vl_7b"])
 def test_presets_validate(module, preset):
     main.check(module.get_config(preset), module.get_config(preset))
+
+
+@pytest.mark.parametrize("module", [sft_config, grpo_config])
+def test_qwen2_vl_presets_are_the_paper_recipe_on_the_other_base_models(module):
+    """Qwen2-VL-2B/7B presets: the Qwen2.5-VL recipe (the paper states one for all base models), only the
+    model directory differs (its config.json names the family)."""
+    for qwen2, qwen25 in (("qwen2_vl_2b", "vlaa_thinker_3b"), ("qwen2_vl_7b", "vlaa_thinker_7b")):
+        a, b = module.get_config(qwen2).to_dict(), module.get_config(qwen25).to_dict()
+        assert a.pop("preset") == qwen2 and a["model"].pop("path") == f"ckpt/{qwen2}"
+        b.pop("preset"), b["model"].pop("path")
+        assert a == b
 
 
 def test_reference_is_the_preset_file_loaded_by_path():
