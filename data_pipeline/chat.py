@@ -283,3 +283,28 @@ class ChatFormatter:
         ids, p = self._expand_image(ids, num_image_tokens, where)
         mask = np.concatenate([mask[:p], np.zeros(num_image_tokens, np.int32), mask[p + 1:]])
         return ids, mask
+
+
+@functools.lru_cache(maxsize=8)
+def _template_files(tokenizer_dir: str) -> _TokenizerFiles:
+    return _TokenizerFiles(tokenizer_dir)
+
+
+def encode_messages(tokenizer_dir: str | os.PathLike, messages: list[dict], image_tokens: list[int]) -> np.ndarray:
+    """int32 prompt ids of a whole chat (HF messages: role system / user / assistant, content a string or
+    a list of {"type": "text", "text"} / {"type": "image"} parts), rendered with the directory's chat
+    template up to the assistant's turn; the i-th image's <|image_pad|> is expanded to image_tokens[i]."""
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    files = _template_files(tokenizer_dir)
+    text = files.render(messages, add_generation_prompt=True)
+    ids = np.asarray(_load_backend(tokenizer_dir).encode(text, add_special_tokens=False).ids, np.int32)
+    pad = token_id(files, "<|image_pad|>")
+    pos = np.flatnonzero(ids == pad)
+    if len(pos) != len(image_tokens):
+        raise ValueError(f"the chat renders {len(pos)} <|image_pad|> for {len(image_tokens)} images (is "
+                         "<|image_pad|> in a message's text?)")
+    pieces, last = [], 0
+    for p, n in zip(pos, image_tokens):
+        pieces += [ids[last:p], np.full(int(n), pad, np.int32)]
+        last = p + 1
+    return np.concatenate(pieces + [ids[last:]])

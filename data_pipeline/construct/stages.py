@@ -448,7 +448,7 @@ def split(ctx: Context, records: Sequence[dict]) -> StageResult:
             n_sft = min(sft_target, n - n_rl)
         else:
             sft_target = rl_target = None
-            n_rl = round(cfg.rl_fraction * n)
+            n_rl = int(cfg.rl_fraction * n + 0.5)  # half up: one record of a source at 0.5 goes to RL
             n_sft = n - n_rl
         per_source[source] = {"sft": n_sft, "grpo": n_rl, "unused": n - n_rl - n_sft,
                               **({"target_sft": sft_target, "target_grpo": rl_target} if sft_target is not None else {})}

@@ -84,17 +84,19 @@ def system_prompt_of(name: str) -> str | None:
 
 # --------------------------------------------------------------------------------- generation
 class ModelGenerator:
-    """`GenerateFn` over a Qwen2.5-VL (graphdef, state) with the continuous-batching engine, greedy.
+    """`GenerateFn` over a Qwen2.5-VL (graphdef, state) with the continuous-batching engine, greedy
+    unless `sampling` says otherwise.
 
     `batch_size` decode slots; items are streamed through them (a finished answer's slot takes the next
     item at once), `CALL_ITEMS` slots' worth of prompts per engine call so that only those items' images
-    are held in memory at a time."""
+    are held in memory at a time. `generate` is the same over prompts built elsewhere (tools/serve.py)."""
 
     CALL_ITEMS = 8    # prompts per engine call, in units of batch_size
 
-    def __init__(self, graphdef: Any, state: Any, *, model_config: Any, tokenizer: Any, prompts: PromptBuilder,
-                 batch_size: int, max_new_tokens: int, mesh: Any = None, rules: Any = None,
-                 progress: Callable[[int, int], None] | None = None):
+    def __init__(self, graphdef: Any, state: Any, *, model_config: Any, tokenizer: Any,
+                 prompts: PromptBuilder | None, batch_size: int, max_new_tokens: int, mesh: Any = None,
+                 rules: Any = None, progress: Callable[[int, int], None] | None = None,
+                 sampling: SamplingConfig | None = None):
         self.graphdef, self.state, self.mcfg = graphdef, state, model_config
         self.tokenizer, self.prompts = tokenizer, prompts
         self.max_new_tokens = int(max_new_tokens)
@@ -105,18 +107,27 @@ class ModelGenerator:
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.stop_ids = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id}))
         self.engine = Engine(graphdef, model_config, slots=self.batch_size, stop_ids=self.stop_ids,
-                             pad_id=self.pad_id, sampling=SamplingConfig(temperature=0.0), mesh=mesh, rules=rules)
+                             pad_id=self.pad_id, sampling=sampling or SamplingConfig(temperature=0.0), mesh=mesh,
+                             rules=rules)
+
+    def generate(self, prompts: Sequence[tuple[Any, Any, Any]], max_new_tokens: int | Sequence[int] | None = None,
+                 rng: int = 0) -> tuple[list[str], Any]:
+        """(texts, the engine's Generation) for prompts given as (token ids, pixel_values or None,
+        image_grid_thw or None); max_new_tokens: one limit or one per prompt (default the generator's)."""
+        source = PromptSource.from_prompts(self.mcfg, list(prompts), pad_id=self.pad_id)
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        gen, _ = self.engine.generate(self.state, source, max_new_tokens=limit, rng=rng)
+        texts = self.tokenizer.batch_decode([gen.tokens[i, :gen.lengths[i]] for i in range(len(prompts))],
+                                            skip_special_tokens=True)
+        return texts, gen
 
     def __call__(self, items: Sequence[EvalItem]) -> Responses:
         out = Responses([], [], [], [])
         step = self.batch_size * self.CALL_ITEMS
         for start in range(0, len(items), step):
             built = [self.prompts(it) for it in items[start:start + step]]
-            source = PromptSource.from_prompts(
-                self.mcfg, [(ids, f.pixel_values, f.image_grid_thw) for ids, f in built], pad_id=self.pad_id)
-            gen, _ = self.engine.generate(self.state, source, max_new_tokens=self.max_new_tokens)
-            out.texts.extend(self.tokenizer.batch_decode([gen.tokens[i, :gen.lengths[i]] for i in range(len(built))],
-                                                         skip_special_tokens=True))
+            texts, gen = self.generate([(ids, f.pixel_values, f.image_grid_thw) for ids, f in built])
+            out.texts.extend(texts)
             out.num_tokens.extend(int(n) for n in gen.lengths)
             out.truncated.extend(bool(t) for t in gen.truncated)
             out.image_hw.extend((f.original_hw, f.resized_hw) for _, f in built)
