@@ -61,8 +61,30 @@ LAYOUT_KEYS = ("window_index", "reverse_index", "window_segments", "full_segment
 # Model configs
 # --------------------------------------------------------------------------------------------------
 
+def _qwen2_vl(hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, tied: bool,
+              **run_options: Any):
+    """A Qwen2-VL-2B / 7B-Instruct architecture (released config.json values; the family from its
+    model_type, config.FAMILIES)."""
+    return from_hf_dict({
+        "model_type": "qwen2_vl", "tie_word_embeddings": tied,
+        "text_config": {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+                        "num_hidden_layers": 28, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                        "max_position_embeddings": 32768, "rope_parameters": {
+                            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+        "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": hidden, "mlp_ratio": 4, "num_heads": 16},
+    }, source=f"built-in Qwen2-VL ({hidden} wide)", **run_options)
+
+
+# name -> (hidden, intermediate, heads, KV heads, vocab, tied embeddings)
+BUILTIN_QWEN2_VL = {"qwen2_vl_2b": (1536, 8960, 12, 2, 151936, True),
+                    "qwen2_vl_7b": (3584, 18944, 28, 4, 152064, False)}
+
+
 def builtin_config(size: str, **run_options: Any):
-    """Qwen2.5-VL-3B / 7B-Instruct architectures (their released config.json values)."""
+    """Qwen2.5-VL-3B / 7B-Instruct (`3b`, `7b`) or Qwen2-VL-2B / 7B-Instruct (`qwen2_vl_2b`, `qwen2_vl_7b`)
+    architectures (their released config.json values)."""
+    if size.lower() in BUILTIN_QWEN2_VL:
+        return _qwen2_vl(*BUILTIN_QWEN2_VL[size.lower()], **run_options)
     size = size.lower().rstrip("b")
     if size == "3":
         return Qwen25VLConfig(text=TextConfig(), vision=VisionConfig(), tie_word_embeddings=True,
@@ -72,7 +94,8 @@ def builtin_config(size: str, **run_options: Any):
                           num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
         return Qwen25VLConfig(text=text, vision=VisionConfig(out_hidden_size=3584),
                               tie_word_embeddings=False, **run_options)
-    raise ValueError(f"--model {size!r}: built-in shapes are '3b' and '7b'")
+    raise ValueError(f"--model {size!r}: built-in shapes are '3b' and '7b' (Qwen2.5-VL), "
+                     f"{' and '.join(repr(k) for k in BUILTIN_QWEN2_VL)}")
 
 
 def _tiny_config(tiny: Any, **run_options: Any):
@@ -114,11 +137,11 @@ def model_from_trainer_config(c: Any, remat: str | None = None):
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return load_config(path, **run)
     hint = f"{path} {c.get('preset', '')}".lower()
-    for size in ("7b", "3b"):
+    for size in (*BUILTIN_QWEN2_VL, "7b", "3b"):
         if size in hint:
             return builtin_config(size, **run)
     raise ValueError(f"--config: model.path={path!r} has no config.json and names no known size "
-                     "(3b/7b); pass --hf_config or --model")
+                     "(3b/7b, qwen2_vl_2b/7b); pass --hf_config or --model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -813,7 +836,8 @@ def main(argv=None) -> int:
     src.add_argument("--config", help="trainer config file[:preset], e.g. configs/grpo.py:vlaa_thinker_3b: "
                                       "every phase of its step")
     src.add_argument("--hf_config", help="an HF Qwen2.5-VL config.json (one update micro-batch, by component)")
-    src.add_argument("--model", help="built-in shapes: 3b | 7b (one update micro-batch, by component)")
+    src.add_argument("--model", help="built-in shapes: 3b | 7b (Qwen2.5-VL) | qwen2_vl_2b | qwen2_vl_7b "
+                     "(one update micro-batch, by component)")
     ap.add_argument("--mesh", required=True, help="devices along data,fsdp,tensor, e.g. 1,8,1")
     ap.add_argument("--rules", default=None, help="fsdp_tp | fsdp | dp (default: config's or fsdp_tp)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
