@@ -97,7 +97,8 @@ def sft_step_flops(model_config: Any, *, batch: int, image_patches: int, text_to
         p = image_patches
         win_pairs, full_pairs = vision_attention_pairs(model_config, (h, w))
         n_full = sum(1 for i in range(v.depth) if i in v.fullatt_block_indexes)
-        block_mm = 2 * p * (3 * dv * dv + dv * dv + 3 * dv * v.intermediate_size)
+        mlp_mats = 2 if v.mlp == "fc" else 3       # Qwen2-VL fc1/fc2, Qwen2.5-VL gate/up/down
+        block_mm = 2 * p * (3 * dv * dv + dv * dv + mlp_mats * dv * v.intermediate_size)
         vis_fwd = (2 * p * v.patch_dim * dv + v.depth * block_mm
                    + 4 * dv * ((v.depth - n_full) * win_pairs + n_full * full_pairs))
         wide = dv * unit
