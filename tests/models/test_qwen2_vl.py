@@ -86,6 +86,36 @@ def test_released_config_reads_like_hf_and_round_trips():
     assert back.text_config.num_hidden_layers == 28
 
 
+# preprocessor_config.json of the released Qwen/Qwen2-VL-2B-Instruct (and 7B).
+RELEASED_2B_PROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
+
+
+def test_image_preprocessing_follows_the_model_config():
+    """The loader takes the patch geometry from the model's VisionConfig: for Qwen2-VL it is the
+    checkpoint's processor geometry, and our preprocessing equals HF's processor configured from that
+    preprocessor_config.json (its own min/max pixels: the same bounds as Qwen2.5-VL's release)."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from data_pipeline.image import preprocess_image
+    from data_pipeline.tokenizer import QWEN25VL_PREPROCESSOR_CONFIG
+    v = cfg.from_hf_dict(RELEASED_2B).vision
+    p = RELEASED_2B_PROCESSOR
+    assert (v.patch_size, v.spatial_merge_size, v.temporal_patch_size) == \
+        (p["patch_size"], p["merge_size"], p["temporal_patch_size"])
+    assert (p["min_pixels"], p["max_pixels"]) == (QWEN25VL_PREPROCESSOR_CONFIG["min_pixels"],
+                                                  QWEN25VL_PREPROCESSOR_CONFIG["max_pixels"])
+    hf = Qwen2VLImageProcessorPil(**{k: x for k, x in p.items() if not k.endswith(("_type", "_class"))})
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (90, 130, 3), dtype=np.uint8))
+    ours = preprocess_image(img, min_pixels=p["min_pixels"], max_pixels=p["max_pixels"], patch_size=v.patch_size,
+                            merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    ref = hf(images=[img], return_tensors="np")
+    np.testing.assert_array_equal(ours.image_grid_thw, ref["image_grid_thw"])
+    np.testing.assert_array_equal(ours.pixel_values, ref["pixel_values"])
+
+
 # ------------------------------------------------------------------------------------------- tiny
 
 @untied_only
