@@ -1,4 +1,5 @@
-"""Convert an HF Qwen2.5-VL checkpoint into a vlaa-jax model directory (Orbax weights + config + tokenizer).
+"""Convert an HF Qwen2.5-VL or Qwen2-VL checkpoint (the family from its config.json) into a vlaa-jax model
+directory (Orbax weights + config + tokenizer).
 
     python tools/convert_hf_to_orbax.py --hf_dir Qwen2.5-VL-3B-Instruct --out ckpt/qwen3b [--dtype bfloat16]
 """

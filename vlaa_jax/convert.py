@@ -1,4 +1,7 @@
-"""HF Qwen2.5-VL checkpoints <-> vlaa-jax model directories (Orbax), tensor by tensor.
+"""HF Qwen2.5-VL / Qwen2-VL checkpoints <-> vlaa-jax model directories (Orbax), tensor by tensor.
+
+The model family is config.json's `model_type` (models/qwen2_5_vl/config.py `FAMILIES`); nothing here
+branches on it.
 
 Both directions keep each tensor's dtype unless a dtype is asked for, so HF -> Orbax -> HF is bit-exact
 for float32 and bfloat16 weights. Peak host memory is about one copy of the weights: tensors are read
@@ -64,7 +67,7 @@ def _hf_config_with_dtype(hf_config: Mapping[str, Any], dtype_name: str) -> dict
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
-    """Converts an HF Qwen2.5-VL directory into a self-contained vlaa-jax model directory."""
+    """Converts an HF Qwen2.5-VL or Qwen2-VL directory into a self-contained vlaa-jax model directory."""
     loading.check_new_model_dir(out_dir)  # before reading gigabytes of weights
     hf_config = read_hf_config(hf_dir)
     config = from_hf_dict(hf_config, source=os.path.join(hf_dir, "config.json"))
@@ -89,7 +92,8 @@ def write_hf_dir(config: Qwen25VLConfig, state: Any, out_dir: str, *, max_shard_
                  dtype: str | None = None, hf_config: Mapping[str, Any] | None = None,
                  processor_dir: str | None = None) -> str:
     """Writes `state` (our nested pure dict or an nnx.State) as an HF directory that
-    `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads without missing/unexpected keys."""
+    its family's HF class (`Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration`)
+    `.from_pretrained` loads without missing/unexpected keys."""
     limit = parse_size(max_shard_size)
     cast = numpy_dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)

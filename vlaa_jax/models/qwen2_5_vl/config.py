@@ -10,8 +10,8 @@ Two HF layouts exist and both are read:
   * transformers 5: `text_config` / `vision_config` sub-dicts, rotary in `rope_parameters`;
   * the released Qwen2.5-VL-3B/7B-Instruct repos (transformers 4.4x): text fields at the top level,
     `rope_theta` and `rope_scaling: {"type": "mrope", "mrope_section": [...]}`, `vision_config` nested.
-(The released Qwen2-VL-2B/7B repos use the flat layout too.) `to_hf_dict` writes the transformers-5 layout. The configs are frozen (hashable) so they can be static
-arguments of jitted functions.
+(The released Qwen2-VL-2B/7B repos use the flat layout too.) `to_hf_dict` writes the transformers-5
+layout. The configs are frozen (hashable) so they can be static arguments of jitted functions.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Qwen2.5-VL weights in and out: `from_pretrained` (an HF or a vlaa-jax model directory, onto the
+"""Qwen2.5-VL / Qwen2-VL weights in and out: `from_pretrained` (an HF or a vlaa-jax model directory, onto the
 default device or straight onto a mesh) and vlaa-jax model directories.
 
 A vlaa-jax model directory is self-contained, like an HF one, so that `from_pretrained`, the sampler and
 the trainers need nothing else:
 
-    DIR/config.json       the HF Qwen2.5-VL config (architecture; also how tools recognise the model)
+    DIR/config.json       the HF config (architecture and family; also how tools recognise the model)
     DIR/params/           Orbax checkpoint of the parameters, a nested dict keyed by our NNX state paths
     DIR/vlaa_jax.json     format marker and provenance (source, dtype)
     DIR/tokenizer*.json, preprocessor_config.json, chat_template.* ...   copied from the source
@@ -53,7 +53,7 @@ PROCESSOR_FILES = (
 def from_pretrained(path: str, *, mesh: Mesh | None = None, rules: shd.RulesLike = None, dtype: Any = "float32",
                     param_dtype: Any = None, config: Qwen25VLConfig | None = None,
                     ignore_tensors: Collection[str] = (), **run_options: Any) -> Qwen25VL:
-    """Loads an HF Qwen2.5-VL directory (config.json + single or sharded safetensors) or a vlaa-jax model
+    """Loads an HF Qwen2.5-VL or Qwen2-VL directory (config.json + single or sharded safetensors) or a vlaa-jax model
     directory (config.json + Orbax params).
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype); run_options: remat_policy,

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: vision tower + decoder, image features scattered into the <|image_pad|> tokens.
+"""Qwen2.5-VL / Qwen2-VL: vision tower + decoder, image features scattered into the <|image_pad|> tokens.
 
 Two ways in:
   * `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)`: HF-shaped convenience
@@ -43,7 +43,8 @@ def scatter_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, featu
 
 
 class Qwen25VL(nnx.Module):
-    """Qwen2_5_VLForConditionalGeneration in Flax NNX (state paths: visual.*, language_model.*, lm_head)."""
+    """Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration (by `config.model_type`) in Flax
+    NNX (state paths: visual.*, language_model.*, lm_head)."""
 
     # Set on decode views only (`decode_view`): the output projection stored [vocab, hidden].
     _vocab_major_head: jax.Array | None = None
