@@ -103,7 +103,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.math_timeout_s = 5.0          # Math-Verify time limit per answer, seconds (timeout -> reward 0)
     r.num_workers = 2               # Math-Verify worker processes
     r.open_ended_beta = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not given in paper
-    r.reward_model_url = ""         # tools/reward_server.py endpoint for open-ended answers ("" = 0)
+    r.open_ended = ""               # open-ended scorer: "jax_rm" (a Qwen2.5-VL reward model in JAX on the
+    #                                 policy's mesh, reward_model_path) | "http" (reward_model_url) | "none"
+    #                                 (reward 0, counted); "" = not chosen: a reward_model_url means "http",
+    #                                 and a training split with open-ended records stops the run (docs/rewards.md)
+    r.reward_model_path = ""        # jax_rm: HF directory (Skywork-VL-Reward-7B layout, or a `score` head)
+    r.reward_model_dtype = "bfloat16"  # jax_rm: the frozen reward model's dtype (storage and compute)
+    r.reward_model_batch_size = 16  # jax_rm: rows per reward-model forward (memory knob)
+    r.reward_model_url = ""         # http: tools/reward_server.py endpoint for open-ended answers
     r.reward_model_timeout_s = 60.0  # per HTTP request to the reward model, seconds
     r.reward_model_retries = 3      # retries after the first attempt (exponential back-off)
     r.iou_pred_frame = "auto"       # frame of predicted boxes: auto | normalized | resized_pixels | ...
@@ -138,6 +145,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.checkpoint_every = 5
         c.train.keep_checkpoints = 2
         r.num_workers = 1
+        r.open_ended = "none"            # the demo's GRPO split has no open-ended records (data.demo_tasks=visual;
+        #                                  'reasoning' has some: they train at 0, counted); the JAX reward model
+        #                                  path is shown by tests/train/test_reward_model_grpo.py
         # SFT first: the random model learns (some of) the answer format.
         c.warm_start = warm_start_stage(c, num_steps=100)
         g.warm_start = True              # False: GRPO only, from the random model (the paper's "RL" arm);

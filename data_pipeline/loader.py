@@ -656,6 +656,21 @@ def make_dataset(source: Sequence, cfg: LoaderConfig, mode: str, tokenizer_dir: 
     return it_ds.map(functools.partial(finalize_batch, vision=model.vision))
 
 
+def count_verifier_types(cfg: Any, split: str) -> dict[str, int]:
+    """verifier_type -> number of records of a split ("<config>[:<tfds split>]", as `make_loader` takes;
+    "" for records without one), read from its TFDS source without decoding any image (building the
+    source first if needed). For checks before a run (e.g. the GRPO trainer's open-ended scorer check)."""
+    c = LoaderConfig.from_config(cfg)
+    name, _, tfds_split = split.partition(":")
+    source, _ = open_data_source(c, name, tfds_split or "train")
+    counts: dict[str, int] = {}
+    for start in range(0, len(source), 256):
+        for ex in source.__getitems__(range(start, min(start + 256, len(source)))):
+            kind = _text(ex["verifier_type"])
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def make_loader(cfg: Any, split: str, tokenizer_dir: str | os.PathLike, *,
                 model: Qwen25VLConfig = Qwen25VLConfig(), mode: str | None = None, **overrides: Any) -> Loader:
     """SFT or GRPO batches of a `vlaa_thinking` split, shaped for `model`.

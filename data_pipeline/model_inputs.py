@@ -142,5 +142,9 @@ class PromptBatch:
         return out
 
     def row_records(self, src: Sequence[int]) -> tuple[list[dict], list[tuple]]:
-        """(records, image sizes) of the rows `src`: what the rewards of their responses read."""
-        return [self.records[i] for i in src], [self.image_hw[i] for i in src]
+        """(records, image sizes) of the rows `src`: what the rewards of their responses read. Each record
+        also carries its prompt's image as the model saw it (`image_patches`, `image_grid`), for an
+        in-process reward model (vlaa_jax.rewards.jax_scorer)."""
+        records = [{**self.records[i], "image_patches": self.patches[i], "image_grid": tuple(self.grids[i])}
+                   for i in src]
+        return records, [self.image_hw[i] for i in src]

@@ -102,6 +102,7 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
     if config.mode == "sft":
         return sft.train(config, workdir)
     if config.mode == "grpo":
+        grpo_trainer.check_open_ended_scorer(config, workdir)  # before the warm start, not after it
         if runs_warm_start(config):  # eval / generate use the model as given
             # The GRPO run's own mesh check first: a bad rollout batch must not wait for the SFT stage.
             grpo_trainer.check_rollout_micro_batch(config, *common.run_mesh(config))

@@ -33,8 +33,9 @@ from jax.sharding import Mesh
 from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl import layout as layout_lib
 from vlaa_jax.models.qwen2_5_vl import params as hf_params
-from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig, load_config, read_hf_config
+from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig, load_config, read_hf_config, to_hf_dict
 from vlaa_jax.models.qwen2_5_vl.loading import from_pretrained, safetensors_header, safetensors_tensor
+from vlaa_jax.models.qwen2_5_vl.model import Qwen25VL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,3 +186,39 @@ def reward_model_info(path: str) -> dict[str, Any]:
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
     return {"config": load_config(path), "layout": find_head(path), "architectures": raw.get("architectures")}
+
+
+def save_reward_model(out_dir: str, config: Qwen25VLConfig, state: Any, head: RewardHead, *,
+                      layout: str = "score") -> str:
+    """Writes a reward model as an HF directory of `layout` ("score": `score.weight` beside the backbone
+    in model.safetensors; "value_head": `v_head.summary.*` in value_head.safetensors), without an output
+    layer. `state`: the backbone's nnx state or pure dict. Tokenizer files are the caller's to add."""
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = dict(hf_params.state_to_hf(config.replace(tie_word_embeddings=True), state))
+    weight, bias = (np.asarray(x, np.float32) for x in head)
+    head_tensors = {"score.weight": weight.reshape(1, -1)} if layout == "score" else {
+        "v_head.summary.weight": weight.reshape(1, -1), "v_head.summary.bias": bias.reshape(1)}
+    if layout == "score":
+        tensors.update(head_tensors)
+    else:
+        save_file(head_tensors, os.path.join(out_dir, HEAD_FILES[0]))
+    save_file(tensors, os.path.join(out_dir, hf_params.SAFETENSORS_SINGLE), metadata={"format": "pt"})
+    hf = to_hf_dict(config.replace(tie_word_embeddings=True))
+    hf["architectures"] = ["Qwen2_5_VLForSequenceClassification" if layout == "score" else
+                           "Qwen2_5_VLForConditionalGeneration"]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def random_reward_model(config: Qwen25VLConfig, seed: int = 0) -> RewardModel:
+    """A reward model with random weights (the backbone's init, a head of std 1/sqrt(hidden)): for demos,
+    benchmarks and tests of the scoring path, not for judging answers."""
+    model = Qwen25VL(config.replace(tie_word_embeddings=True), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    hidden = config.text.hidden_size
+    weight = np.random.default_rng(seed).standard_normal(hidden).astype(np.float32) / np.sqrt(hidden)
+    head = RewardHead(jnp.asarray(weight), jnp.zeros((), jnp.float32))
+    return RewardModel(path="(random)", config=config, graphdef=graphdef, state=state, head=head,
+                       layout=HEADS[-1])

@@ -17,8 +17,11 @@ Host side: `MixedReward(cfg)(responses, records)` keeps the Math-Verify process 
 reward-model client alive across steps; `compute_rewards(...)` is the one-call form.
 Failure policy: math timeouts / Math-Verify errors score 0 and are counted; a reward-model server
 that still fails after its retries, or answers anything but finite numbers, raises ScorerError
-(training on silently-zero open-ended rewards would be worse); with no scorer configured at all,
-open-ended answers score 0, counted as `open_ended_unscored`.
+(training on silently-zero open-ended rewards would be worse); with no scorer (`reward.open_ended`
+"none", or not chosen), open-ended answers score 0, counted as `open_ended_unscored` (the GRPO trainer
+refuses a training split with open-ended records and no choice made, before compiling anything).
+The open-ended scorer (`reward.open_ended`): "jax_rm", a Qwen2.5-VL reward model in this process
+(jax_scorer.py); "http", a server (open_ended.HTTPScorer, tools/reward_server.py); "none".
 
 Time bound: only the one `<answer>` part is scored, and an answer longer than
 `max_answer_chars` scores 0 (counted as `answer_too_long`) before any verifier sees it. Extraction
@@ -41,9 +44,13 @@ from vlaa_jax.rewards.extract import extract_answer
 from vlaa_jax.rewards.iou import GT_FRAMES, PRED_FRAMES, iou_reward
 from vlaa_jax.rewards.math import MathVerifyPool, shared_pool
 from vlaa_jax.rewards.mcq import mcq_reward
-from vlaa_jax.rewards.open_ended import HTTPScorer, Scorer, check_reward_model_url, open_ended_rewards
+from vlaa_jax.models.qwen2_5_vl.config import DTYPES
+from vlaa_jax.rewards.jax_scorer import RewardModelScorer
+from vlaa_jax.rewards.open_ended import (HTTPScorer, PromptImage, Scorer, check_reward_model_url,
+                                         open_ended_rewards)
 
 REWARD_TYPES = ("digit", "mcq", "math", "iou", "open_ended")
+OPEN_ENDED_SCORERS = ("", "jax_rm", "http", "none")  # reward.open_ended ("" = not chosen)
 # Counts of answers that scored 0 without being judged, per batch, in the stats (and metrics.jsonl).
 REWARD_COUNTERS = ("answer_too_long", "math_timeouts", "math_errors", "open_ended_unscored")
 _LOG = logging.getLogger("vlaa_jax.rewards")
@@ -56,7 +63,13 @@ class RewardConfig:
     math_timeout_s: float = 5.0          # hard Math-Verify limit per answer, seconds (timeout -> 0)
     num_workers: int = 2                 # Math-Verify worker processes
     open_ended_beta: float = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not in the paper
-    reward_model_url: str = ""           # tools/reward_server.py endpoint; "" and no scorer -> reward 0
+    open_ended: str = ""                 # the open-ended scorer: jax_rm | http | none; "" = not chosen (a
+    #                                      reward_model_url means http; the GRPO trainer stops on open-ended
+    #                                      records in its training split otherwise)
+    reward_model_path: str = ""          # jax_rm: HF directory of a Qwen2.5-VL reward model (docs/rewards.md)
+    reward_model_dtype: str = "bfloat16"  # jax_rm: storage and compute dtype of the frozen reward model
+    reward_model_batch_size: int = 16    # jax_rm: rows per reward-model forward (a multiple of the data-parallel size)
+    reward_model_url: str = ""           # http: tools/reward_server.py endpoint
     reward_model_timeout_s: float = 60.0  # per HTTP request, seconds
     reward_model_retries: int = 3        # retries after the first attempt (exponential back-off)
     iou_pred_frame: str = "auto"         # auto | normalized | resized_pixels | original_pixels (iou.py)
@@ -85,11 +98,28 @@ class RewardConfig:
         integer("num_workers", 1)
         integer("reward_model_retries", 0)
         integer("max_answer_chars", 1)
+        integer("reward_model_batch_size", 1)
+        require(self.open_ended in OPEN_ENDED_SCORERS, "open_ended",
+                f"one of {OPEN_ENDED_SCORERS[1:]} (or empty: not chosen)")
+        require(self.reward_model_dtype in DTYPES, "reward_model_dtype", f"one of {DTYPES}")
+        require(self.open_ended != "jax_rm" or bool(self.reward_model_path), "reward_model_path",
+                "an HF reward-model directory for reward.open_ended='jax_rm'")
+        require(self.open_ended != "http" or bool(self.reward_model_url), "reward_model_url",
+                "a server URL for reward.open_ended='http'")
+        require(not self.reward_model_path or self.open_ended == "jax_rm", "reward_model_path",
+                f"empty unless reward.open_ended='jax_rm' (it is {self.open_ended!r})")
+        require(not self.reward_model_url or self.open_ended in ("", "http"), "reward_model_url",
+                f"empty unless reward.open_ended='http' (it is {self.open_ended!r})")
         require(isinstance(self.answer_fallback_boxed, bool), "answer_fallback_boxed", "True or False")
         try:
             check_reward_model_url(self.reward_model_url, allow_empty=True)
         except ValueError as e:
             raise ValueError(f"reward.reward_model_url {e}") from None
+
+    @property
+    def open_ended_scorer(self) -> str:
+        """The scorer of open-ended answers: "jax_rm", "http", "none" or "" (none chosen)."""
+        return "http" if self.open_ended == "" and self.reward_model_url else self.open_ended
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RewardConfig":
@@ -109,6 +139,12 @@ def _get(record: Any, *names: str, default: Any = None) -> Any:
         elif getattr(record, name, None) is not None:
             return getattr(record, name)
     return default
+
+
+def _prompt_image(record: Any) -> PromptImage | None:
+    """The prompt's image as the policy saw it, where the record carries it (GRPO: PromptBatch.row_records)."""
+    patches, grid = _get(record, "image_patches"), _get(record, "image_grid")
+    return None if patches is None or grid is None else PromptImage(patches, tuple(int(g) for g in grid))
 
 
 def _describe(record: Any, index: int) -> str:
@@ -132,10 +168,14 @@ class MixedReward:
                  scorer: Scorer | None = None, math_pool: MathVerifyPool | None = None):
         cfg = cfg if isinstance(cfg, RewardConfig) else RewardConfig.from_config(cfg or {})
         self.cfg = cfg
-        if scorer is None and cfg.reward_model_url:
+        kind = cfg.open_ended_scorer
+        if scorer is None and kind == "http":
             scorer = HTTPScorer(cfg.reward_model_url, timeout_s=cfg.reward_model_timeout_s,
                                 retries=cfg.reward_model_retries)
-        self.scorer = scorer
+        elif scorer is None and kind == "jax_rm":  # on the default device; the GRPO trainer passes one on its mesh
+            scorer = RewardModelScorer(cfg.reward_model_path, dtype=cfg.reward_model_dtype,
+                                       batch_size=cfg.reward_model_batch_size)
+        self.scorer = None if kind == "none" else scorer
         self._math_pool = math_pool
 
     @property
@@ -207,7 +247,9 @@ class MixedReward:
                 got = open_ended_rewards([answers[i] for i in open_items], [str(gts[i]) for i in open_items],
                                          [str(_get(records[i], "question", default="")) for i in open_items],
                                          [_get(records[i], "image") for i in open_items],
-                                         self.scorer, cfg.open_ended_beta)
+                                         self.scorer, cfg.open_ended_beta,
+                                         prompt_ids=[_get(records[i], "id") for i in open_items],
+                                         pixels=[_prompt_image(records[i]) for i in open_items])
                 rewards[open_items] = got
 
         stats: dict[str, float] = {}

@@ -24,16 +24,28 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 MAX_ANSWER_BYTES = 1 << 20  # a reply of 32 scores is < 1 KiB; more is not a scores reply
+
+
+class PromptImage(NamedTuple):
+    """A prompt's image as the policy saw it (the loader's patches): what an in-process reward model reads."""
+    patches: Any            # float32 [p, patch_dim], normalised like the Qwen2.5-VL processor's
+    grid: tuple             # (t, h, w) patches
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoreRequest:
     question: str
     answer: str
-    image: str | None = None  # image path relative to the images root (text-only scorers ignore it)
+    image: str | None = None      # image path relative to the images root (text-only scorers ignore it)
+    prompt_id: str | None = None  # the prompt's record id: a reference is scored once per prompt
+    pixels: PromptImage | None = dataclasses.field(default=None, compare=False, repr=False)  # in-process scorers
+
+    def to_json(self) -> dict:
+        """The request as the HTTP protocol sends it."""
+        return {"image": self.image, "question": self.question, "answer": self.answer}
 
 
 class Scorer(Protocol):
@@ -141,7 +153,7 @@ class HTTPScorer:
         return out
 
     def _post(self, items: Sequence[ScoreRequest]) -> list[float]:
-        body = json.dumps({"items": [dataclasses.asdict(it) for it in items]}).encode()
+        body = json.dumps({"items": [it.to_json() for it in items]}).encode()
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -220,17 +232,26 @@ class HTTPScorer:
 
 
 def open_ended_rewards(answers: Sequence[str], references: Sequence[str], questions: Sequence[str],
-                       images: Sequence[str | None], scorer: Scorer, beta: float = 1.0) -> list[float]:
-    """Rewards for a batch; each distinct (image, question, reference) is scored once (the n rollouts
-    of a prompt share it), all in one scorer call."""
+                       images: Sequence[str | None], scorer: Scorer, beta: float = 1.0, *,
+                       prompt_ids: Sequence[str | None] | None = None,
+                       pixels: Sequence[PromptImage | None] | None = None) -> list[float]:
+    """Rewards for a batch; the reference of each prompt (each distinct (image, question, reference), the
+    image named by its path or, without one, by `prompt_ids`) is scored once, not once per sample, all in
+    one scorer call. `pixels`: each answer's prompt image for in-process scorers (RewardModelScorer)."""
     n = len(answers)
-    if not (len(references) == len(questions) == len(images) == n):
-        raise ValueError("open_ended_rewards: answers, references, questions, images differ in length")
-    preds = [ScoreRequest(str(q), str(a), i) for a, q, i in zip(answers, questions, images)]
-    refs = list(dict.fromkeys(ScoreRequest(str(q), str(r), i)
-                              for r, q, i in zip(references, questions, images)))
+    # A prompt is its image path where there is one (two records of one image and question share their
+    # reference's score), else its record id (the loader's records carry patches, not a path).
+    prompt_ids = [None] * n if prompt_ids is None else [p if i is None else None for p, i in zip(prompt_ids, images)]
+    pixels = [None] * n if pixels is None else list(pixels)
+    if not (len(references) == len(questions) == len(images) == len(prompt_ids) == len(pixels) == n):
+        raise ValueError("open_ended_rewards: answers, references, questions, images, prompt ids, pixels differ "
+                         "in length")
+    preds = [ScoreRequest(str(q), str(a), i, p, x) for a, q, i, p, x in zip(answers, questions, images, prompt_ids,
+                                                                             pixels)]
+    ref_of = [ScoreRequest(str(q), str(r), i, p, x) for r, q, i, p, x in zip(references, questions, images,
+                                                                              prompt_ids, pixels)]
+    refs = list(dict.fromkeys(ref_of))
     name = getattr(scorer, "name", None) or f"scorer {type(scorer).__name__}"
     scores = check_scores(scorer.score(preds + refs), n + len(refs), name) if n else []
     ref_score = dict(zip(refs, scores[n:]))
-    return [open_ended_reward(scores[k], ref_score[ScoreRequest(str(q), str(r), i)], beta)
-            for k, (r, q, i) in enumerate(zip(references, questions, images))]
+    return [open_ended_reward(scores[k], ref_score[ref], beta) for k, ref in enumerate(ref_of)]

@@ -304,6 +304,13 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError("config data.dir is empty (a TFDS data dir is needed for data.source='vlaa_thinking')")
 
 
+def data_source_fields(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The loader fields that name the data source (what `data_pipeline.loader.count_verifier_types` needs)."""
+    d = config.data
+    return dict(source=d.source, dir=data_dir(config, workdir), manual_dir=d.manual_dir, demo_tasks=d.demo_tasks,
+                skip_bad_records=d.skip_bad_records)
+
+
 def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, tokenizer_dir: str,
                mcfg: qwen.Qwen25VLConfig, *, batch_size: int, shuffle: bool | None = None,
                num_epochs: int | None = -1, seed_offset: int = 0):
@@ -316,9 +323,8 @@ def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, toke
     if batch_size % jax.process_count():
         raise ValueError(f"batch size {batch_size} is not divisible by {jax.process_count()} processes")
     cfg = dict(
-        source=d.source, dir=data_dir(config, workdir), manual_dir=d.manual_dir, demo_tasks=d.demo_tasks,
-        max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_records=d.skip_bad_records,
+        **data_source_fields(config, workdir), max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels,
         batch_size=batch_size // jax.process_count(), seed=config.seed + seed_offset,
         shuffle=d.shuffle if shuffle is None else shuffle,
         num_epochs=d.num_epochs if num_epochs == -1 else num_epochs,

@@ -23,6 +23,8 @@ from data_pipeline import tokenizer as tokenizer_lib
 from data_pipeline.model_inputs import PromptBatch
 from vlaa_jax import sharding as shd
 from vlaa_jax.eval.behaviour import behaviour_metrics
+from data_pipeline.loader import count_verifier_types
+from vlaa_jax.rewards.jax_scorer import RewardModelScorer
 from vlaa_jax.rewards.mixed import REWARD_COUNTERS, MixedReward, RewardConfig
 from vlaa_jax.rl.kl import KLController, make_kl_controller
 from vlaa_jax.train import common, loop
@@ -52,6 +54,35 @@ def check_rollout_micro_batch(config: ml_collections.ConfigDict, mesh: Any, rule
         raise ConfigError(f"config key {key!r}: {e}") from e
 
 
+def check_open_ended_scorer(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A ConfigError when the training split holds open-ended records and `reward.open_ended` chooses no
+    scorer: they would all train at reward 0 without anyone having decided so. Reads only the records'
+    verifier types (no image, no model): called before anything is built or compiled."""
+    if RewardConfig.from_config(config.reward).open_ended_scorer:
+        return
+    split = config.data.train_split
+    counts = count_verifier_types(common.data_source_fields(config, workdir), split)
+    n = counts.get("open_ended", 0)
+    if n:
+        raise ConfigError(
+            f"config key 'reward.open_ended': {n} of {sum(counts.values())} records of the training split {split!r} "
+            "are open-ended and no scorer is chosen, so every one of them would score 0. Choose: "
+            "reward.open_ended='jax_rm' with reward.reward_model_path=DIR (a Qwen2.5-VL reward model, "
+            "docs/rewards.md); reward.open_ended='http' with reward.reward_model_url=URL (tools/reward_server.py); "
+            "reward.open_ended='none' to train them at reward 0 (counted as reward_counts/open_ended_unscored); "
+            "or leave them out of the split's data files")
+
+
+def open_ended_scorer(cfg: RewardConfig, run: loop.Run) -> RewardModelScorer | None:
+    """reward.open_ended='jax_rm': the reward model, frozen, sharded on the policy's mesh (reading the
+    policy's image patches); None otherwise (MixedReward makes the HTTP client itself)."""
+    if cfg.open_ended_scorer != "jax_rm":
+        return None
+    return RewardModelScorer(cfg.reward_model_path, mesh=run.mesh, rules=run.rules, dtype=cfg.reward_model_dtype,
+                             batch_size=cfg.reward_model_batch_size, vision=run.mcfg.vision,
+                             attention_impl=run.mcfg.attention_impl)
+
+
 class GRPOTrainer:
     """Holds a run's pieces between steps; `train()` is the loop."""
 
@@ -61,11 +92,14 @@ class GRPOTrainer:
         check_rollout_micro_batch(config, *common.run_mesh(config))
         self.run = run = loop.Run.setup(config, self.workdir)
         tok = run.tokenizer
+        if reward_fn is None:
+            reward_cfg = RewardConfig.from_config(config.reward)
+            reward_fn = MixedReward(reward_cfg, scorer=open_ended_scorer(reward_cfg, run))
         self.step_fn = GRPOStep(
             self.settings, run.graphdef, run.rest, run.mcfg, run.mesh, run.rules,
             stop_ids=tokenizer_lib.stop_ids(tok), pad_id=tokenizer_lib.pad_id(tok),
             detokenize=lambda seqs: tok.batch_decode(seqs, skip_special_tokens=True),
-            reward_fn=reward_fn or MixedReward(RewardConfig.from_config(config.reward)))
+            reward_fn=reward_fn)
         # The reference is the initial policy (a copy: the trained params are donated each update).
         self.ref_params = reference_params(run.params, config.grpo.ref_dtype) if self.settings.use_ref else None
         g = config.grpo
@@ -77,6 +111,7 @@ class GRPOTrainer:
         controller's coefficient with it). Returns the step to continue after (0 for a fresh run)."""
         config, run, s = self.config, self.run, self.settings
         g = config.grpo
+        check_open_ended_scorer(config, self.workdir)
         self.loader = run.loader(config.data.train_split, batch_size=g.rollout_batch_prompts, mode="grpo")
         self.num_steps = config.train.num_steps or max(
             1, self.loader.num_records * config.data.num_epochs // g.rollout_batch_prompts)
@@ -108,6 +143,8 @@ class GRPOTrainer:
             **{f"reward/{k[:-5]}": v for k, v in stats.items() if k.endswith("/mean") and k != "all/mean"},
             "extract_fail": stats.get("extract_fail", 0) / max(len(rewards), 1),
             **{f"reward_counts/{k}": stats[k] for k in REWARD_COUNTERS if k in stats},
+            **{f"reward_counts/extract_fail_{k[:-13]}": v for k, v in stats.items()
+               if k.endswith("/extract_fail") and stats.get(f"{k[:-13]}/count")},
             "response_length": float(mask.sum(axis=1).mean()),
             "lr": float(run.schedule(max((step - 1) * s.updates_per_step, 0))),
             "kl_coef_next": float(self.kl_ctl.value), "kl_rollout": result.kl,
@@ -132,7 +169,8 @@ class GRPOTrainer:
                 prompts = next(loader)
                 writer.write_data_ids(step, [r["id"] for r in prompts.records])
                 row, scored = self.step(step, prompts)
-                history.append({"step": step, "reward": row["reward"]})
+                history.append({"step": step, "reward": row["reward"], "samples": len(scored.rewards),
+                                **{k: int(scored.stats.get(k, 0)) for k in REWARD_COUNTERS}})
                 if step % t.log_every == 0 or step == steps:
                     writer.write_scalars(step, row)
                     writer.write_samples(step, sample_rows(scored, g.log_samples))
@@ -147,7 +185,7 @@ class GRPOTrainer:
                    "eval_before": before, "eval_after": after, "eval_prompts": g.eval_prompts,
                    "eval_split": config.data.eval_split or config.data.train_split, "skipped_nonfinite": run.skipped,
                    "kl_coef": float(self.kl_ctl.value), "old_logprobs": old_logprob_source(self.settings),
-                   "data": loader.summary()}
+                   "data": loader.summary(), "not_scored": not_scored(history)}
         if t.export_hf:
             summary.update(run.export())
         run.print_summary(summary_lines(summary))
@@ -195,6 +233,13 @@ def sample_rows(scored: Any, limit: int) -> list[dict]:
     return rows
 
 
+def not_scored(history: list[dict]) -> dict[str, int]:
+    """Rewards of the run's steps that are not a verifier's or reward model's judgement (REWARD_COUNTERS:
+    zeros given unjudged), per counter, with their total and the number of rewards."""
+    out = {k: sum(h.get(k, 0) for h in history) for k in REWARD_COUNTERS}
+    return {**out, "total": sum(out.values()), "rewards": sum(h.get("samples", 0) for h in history)}
+
+
 def _defined(metrics: Mapping[str, float]) -> dict[str, float]:
     """Drops NaN metrics (undefined this step, e.g. the accuracy of reflective responses when there are
     none): TensorBoard would warn on every step and the plots would show gaps anyway."""
@@ -218,6 +263,11 @@ def summary_lines(s: Mapping[str, Any]) -> list[str]:
         lines.append(f"    {'no answer':<12}{b.get('extract_fail', 0):>8.2f}{a.get('extract_fail', 0):>8.2f}"
                      "   (fraction without an extractable <answer>)")
     lines.append(f"  KL coefficient now {s['kl_coef']:.3g}; skipped non-finite updates: {s['skipped_nonfinite']}")
+    if "not_scored" in s:
+        ns = s["not_scored"]
+        parts = ", ".join(f"{k} {ns[k]}" for k in REWARD_COUNTERS)
+        lines.append(f"  rewards that were not real scores (0 given unjudged): {ns['total']} of {ns['rewards']} "
+                     f"({parts})")
     for key in ("model_dir", "hf_dir"):
         if key in s:
             lines.append(f"  {key}: {s[key]}")
