@@ -9,6 +9,7 @@ against HF `generate`, HF -> ours -> HF bit-exact, and an export HF loads withou
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,3 +249,21 @@ def test_2b_shaped_logits_and_greedy_match_hf(qwen2vl_2b_shaped_hf):
     ours, hf_tokens = _greedy(ref, model, 16, eos=151645, pad=151643)
     _check_greedy(ours, hf_tokens, 151645)
     print(f"[qwen2-vl 2B-shaped greedy] {ours.lengths.tolist()} tokens per row identical to HF generate")
+
+
+@untied_only
+def test_sharded_load_matches_hf(tiny_qwen2_vl_hf):
+    """Read straight onto a 2x2x2 mesh (each device its shards of the memory-mapped safetensors): the
+    LayerNorm biases and fc1/fc2 land like the other parameters and the logits stay HF's."""
+    from vlaa_jax import sharding as shd
+    ref = tiny_qwen2_vl_hf
+    mesh = shd.make_mesh((2, 2, 2))
+    model = q.from_pretrained(ref.hf_dir, mesh=mesh, rules="fsdp_tp")
+    fc1 = model.visual.blocks.mlp.fc1.kernel[...]
+    assert len(fc1.sharding.device_set) == 8 and fc1.shape == (2, 32, 128)
+    b = ref.batches["left"]
+    with jax.set_mesh(mesh):
+        logits = model(b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                       image_grid_thw=b.image_grid_thw)
+    _, rel = _rel_diff(logits, ref.logits["left"], b.attention_mask.astype(bool))
+    assert rel <= REL_TOL

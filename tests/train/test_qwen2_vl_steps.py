@@ -1,6 +1,7 @@
 """One SFT and one GRPO step of a tiny Qwen2-VL through the trainers (a subprocess each, one CPU device):
 the family comes from the model directory's config.json alone, and the trainer's HF export loads in
-`Qwen2VLForConditionalGeneration` with no missing or unexpected keys."""
+`Qwen2VLForConditionalGeneration` with no missing or unexpected keys; the export records the pixel bounds
+it was trained with, as for Qwen2.5-VL."""
 import json
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.train.helpers import run_trainer
+from vlaa_jax.eval import harness
 
 
 @pytest.mark.parametrize("mode,extra", [("sft", []), ("grpo", ["--toy_reward"])])
@@ -25,6 +27,8 @@ def test_one_step_of_a_tiny_qwen2_vl(mode, extra, tiny_qwen2_vl_train_dir, demo_
         with open(os.path.join(s[key], "config.json")) as f:
             conf = json.load(f)
         assert conf["model_type"] == "qwen2_vl" and conf["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    # generate / evaluate / mode=eval resize images as this run trained (the demo's 56*56 bounds)
+    assert harness.pixel_limits(s["model_dir"]) == (56 * 56, 56 * 56)
     model, info = Qwen2VLForConditionalGeneration.from_pretrained(s["hf_dir"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert model.config.vision_config.embed_dim == 32
