@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
@@ -65,7 +65,7 @@ class Pending:
 
 
 def _number(body: dict, key: str, default: Any, kind: type, low: float, high: float) -> Any:
-    value = body.get(key, default)
+    value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
@@ -76,25 +76,39 @@ def _number(body: dict, key: str, default: Any, kind: type, low: float, high: fl
 
 
 class Model:
-    """The served model: its prompt building (chat template, image preprocessing) and one ModelGenerator
-    (engine) per sampling setting."""
+    """The served model: one ModelGenerator (engine) per sampling setting, and its request parser."""
 
     def __init__(self, model_dir: str, *, served_name: str, slots: int, dtype: str, attention_impl: str,
                  min_pixels: int, max_pixels: int, max_tokens_cap: int):
-        self.dir, self.name, self.slots, self.cap = model_dir, served_name, slots, max_tokens_cap
+        self.slots, self.cap = slots, max_tokens_cap
         model = q.from_pretrained(model_dir, dtype=dtype, attention_impl=attention_impl)
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = load_tokenizer(model_dir)
-        self.min_pixels, self.max_pixels = pixel_limits(model_dir, min_pixels, max_pixels)
+        self.parser = RequestParser(model_dir, served_name, self.config.vision,
+                                    *pixel_limits(model_dir, min_pixels, max_pixels), max_tokens_cap)
         self._generators: dict[SamplingConfig, ModelGenerator] = {}
 
-    def generator(self, sampling: SamplingConfig) -> ModelGenerator:
+    def generate(self, sampling: SamplingConfig, prompts: list, limits: list[int], seed: int
+                 ) -> tuple[list[str], list[int], list[bool]]:
+        """(texts, generated token counts, truncated) of one batch of equal sampling settings."""
         if sampling not in self._generators:
             self._generators[sampling] = ModelGenerator(
                 self.graphdef, self.state, model_config=self.config, tokenizer=self.tokenizer, prompts=None,
                 batch_size=self.slots, max_new_tokens=self.cap, sampling=sampling)
-        return self._generators[sampling]
+        texts, gen = self._generators[sampling].generate(prompts, limits, rng=seed)
+        return texts, [int(n) for n in gen.lengths[:len(prompts)]], [bool(t) for t in gen.truncated[:len(prompts)]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParser:
+    """An OpenAI chat request -> `Pending`: the model directory's chat template and image settings."""
+    tokenizer_dir: str
+    name: str        # the served model name
+    vision: Any      # the model's VisionConfig (patch, merge and temporal patch sizes)
+    min_pixels: int
+    max_pixels: int
+    cap: int         # largest max_tokens
 
     def _image(self, part: dict) -> bytes:
         url = part.get("image_url")
@@ -117,7 +131,7 @@ class Model:
         with open(path, "rb") as f:
             return f.read()
 
-    def parse(self, body: Any) -> Pending:
+    def __call__(self, body: Any) -> Pending:
         """An OpenAI chat-completions request -> a prompt and its generation settings (RequestError if bad)."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
@@ -152,7 +166,7 @@ class Model:
                 else:
                     raise RequestError(f"messages[{i}].content[{j}]: type must be text or image_url, got {kind!r}")
             hf_messages.append({"role": m["role"], "content": parts})
-        v = self.config.vision
+        v = self.vision
         pixels, grids, counts = [], [], []
         for k, data in enumerate(images):
             try:
@@ -165,28 +179,30 @@ class Model:
             grids.append(np.asarray(f.image_grid_thw).reshape(-1, 3))
             counts.append(int(np.prod(f.image_grid_thw)) // v.spatial_merge_size ** 2)
         try:
-            ids = encode_messages(self.dir, hf_messages, counts)
+            ids = encode_messages(self.tokenizer_dir, hf_messages, counts)
         except ValueError as e:
             raise RequestError(str(e)) from None
         prompt = (ids, np.concatenate(pixels) if pixels else None, np.concatenate(grids) if grids else None)
         temperature = _number(body, "temperature", 0.0, float, 0.0, 100.0)
         top_p = _number(body, "top_p", 1.0, float, 1e-6, 1.0)
-        max_tokens = _number(body, "max_tokens", _number(body, "max_completion_tokens", 1024, int, 1, self.cap),
-                             int, 1, self.cap)
+        max_tokens = _number(body, "max_tokens", _number(body, "max_completion_tokens", min(1024, self.cap), int, 1,
+                                                         self.cap), int, 1, self.cap)
         seed = _number(body, "seed", 0, int, 0, 2 ** 31 - 1)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
         return Pending(prompt, max_tokens, sampling, seed if temperature > 0 else 0)
 
 
 class Batcher(threading.Thread):
-    """Takes the waiting requests together and runs each group of equal sampling settings in one
-    engine call (the only thread that runs the model)."""
+    """Takes the waiting requests together and runs each group of equal sampling settings in one call of
+    `generate(sampling, prompts, max_tokens, seed) -> (texts, token counts, truncated)` (Model.generate;
+    the only thread that runs the model)."""
 
-    def __init__(self, model: Model, wait_s: float, max_batch: int):
+    def __init__(self, generate: Callable[..., tuple[list[str], list[int], list[bool]]], wait_s: float,
+                 max_batch: int):
         super().__init__(daemon=True, name="batcher")
-        self.model, self.wait_s, self.max_batch = model, wait_s, max_batch
+        self.generate, self.wait_s, self.max_batch = generate, wait_s, max_batch
         self.queue: queue.Queue[Pending] = queue.Queue()
-        self.calls = 0  # engine calls made (tests read the batching off it via /health)
+        self.calls = 0  # generate calls made (GET /health shows it: the batching, seen from outside)
 
     def run(self) -> None:
         while True:
@@ -202,19 +218,18 @@ class Batcher(threading.Thread):
                 groups.setdefault((p.sampling, p.seed), []).append(p)
             for (sampling, seed), group in groups.items():
                 try:
-                    texts, gen = self.model.generator(sampling).generate(
-                        [p.prompt for p in group], [p.max_tokens for p in group], rng=seed)
+                    texts, counts, truncated = self.generate(sampling, [p.prompt for p in group],
+                                                             [p.max_tokens for p in group], seed)
                     self.calls += 1
                 except Exception as e:  # noqa: BLE001 - the requests' answer is a 500 naming it
                     for p in group:
                         p.future.set_exception(e)
                     continue
                 for i, p in enumerate(group):
-                    p.future.set_result((texts[i], int(len(p.prompt[0])), int(gen.lengths[i]),
-                                         bool(gen.truncated[i])))
+                    p.future.set_result((texts[i], int(len(p.prompt[0])), counts[i], truncated[i]))
 
 
-def make_handler(model: Model, batcher: Batcher, verbose: bool):
+def make_handler(parser: RequestParser, batcher: Batcher, verbose: bool):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -236,10 +251,10 @@ def make_handler(model: Model, batcher: Batcher, verbose: bool):
 
         def do_GET(self):
             if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self._send(200, {"object": "list", "data": [{"id": model.name, "object": "model",
+                self._send(200, {"object": "list", "data": [{"id": parser.name, "object": "model",
                                                              "created": 0, "owned_by": "vlaa-jax"}]})
             elif self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", "model": model.name, "engine_calls": batcher.calls})
+                self._send(200, {"status": "ok", "model": parser.name, "generate_calls": batcher.calls})
             else:
                 self._error(404, f"no route {self.path}: POST /v1/chat/completions, GET /v1/models")
 
@@ -253,7 +268,7 @@ def make_handler(model: Model, batcher: Batcher, verbose: bool):
                     body = json.loads(self.rfile.read(length))
                 except (ValueError, UnicodeDecodeError) as e:
                     raise RequestError(f"the request body is not JSON: {e}") from None
-                pending = model.parse(body)
+                pending = parser(body)
             except RequestError as e:
                 self._error(e.status, str(e))
                 return
@@ -265,7 +280,7 @@ def make_handler(model: Model, batcher: Batcher, verbose: bool):
                 return
             self._send(200, {
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model.name,
+                "model": parser.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": "length" if truncated else "stop"}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
@@ -298,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         model = Model(a.model, served_name=a.served_name, slots=a.slots, dtype=a.dtype,
                       attention_impl=a.attention_impl, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
                       max_tokens_cap=a.max_tokens_cap)
-        batcher = Batcher(model, a.batch_wait_ms / 1000.0, a.slots * ModelGenerator.CALL_ITEMS)
+        batcher = Batcher(model.generate, a.batch_wait_ms / 1000.0, a.slots * ModelGenerator.CALL_ITEMS)
         batcher.start()
-        server = ThreadingHTTPServer((a.host, a.port), make_handler(model, batcher, a.verbose))
+        server = ThreadingHTTPServer((a.host, a.port), make_handler(model.parser, batcher, a.verbose))
     server.daemon_threads = True
     host, port = server.server_address[:2]
     print(f"serving {a.served_name} ({a.model}) on http://{host}:{port}/v1", flush=True)

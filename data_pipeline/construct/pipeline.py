@@ -78,7 +78,8 @@ def run(config: Any, out: str | os.PathLike, stages: str | Sequence[str] | None 
                 records = _read_jsonl(prev)
             t0 = time.time()
             result: StageResult = RUNNERS[stage](ctx, records)
-            report = {**result.report(len(records)), "wall_s": time.time() - t0}
+            n_in = len(records) if i else len(result.kept) + len(result.dropped)  # metadata: the source rows
+            report = {**result.report(n_in), "wall_s": time.time() - t0}
             _write_jsonl(out / "work" / f"{stage}.jsonl", result.kept)
             _write_jsonl(out / "work" / f"{stage}.dropped.jsonl", result.dropped)
             (out / "reports" / f"{stage}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -59,11 +59,10 @@ def main() -> None:
             with lock:
                 state["n"] += 1
                 n = state["n"]
-                key = (body["model"], text)
+                key = hashlib.sha1(json.dumps([body["model"], body["messages"]]).encode()).hexdigest()
                 state["attempts"][key] = attempt = state["attempts"].get(key, 0) + 1
                 with open(a.log, "a") as f:
-                    f.write(json.dumps({"n": n, "model": body["model"], "text": text[-300:],
-                                        "key": hashlib.sha1(json.dumps(body["messages"]).encode()).hexdigest()}) + "\n")
+                    f.write(json.dumps({"n": n, "model": body["model"], "text": text[-300:], "key": key}) + "\n")
             if a.die_after and n > a.die_after:
                 os._exit(1)
             if a.mode == "hang":

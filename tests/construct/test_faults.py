@@ -1,0 +1,68 @@
+"""The client against failing server processes: a server killed mid-run (the rerun takes the finished
+replies from the cache and asks the server only for the rest), 500s and malformed JSON (retried, then a
+per-record error counted in the report), a hung server (timeout), a flaky one (retries succeed)."""
+from __future__ import annotations
+
+import time
+
+from data_pipeline.construct import pipeline
+from tests.construct.conftest import construct_config, requests_logged, stub, write_sources
+
+STAGES = ("caption", "distill", "rewrite", "verify")
+
+
+def _sources(tmp_path, n: int):
+    return write_sources(tmp_path / "src", [{"image": f"clevr_math/{i}.png", "question": f"[q{i:02d}] How many?",
+                                             "gt": "3"} for i in range(n)])
+
+
+def test_server_killed_mid_run_resumes_from_the_cache(tmp_path, servers):
+    first, log1 = stub(tmp_path, "first", die_after=3)
+    servers.append(first)
+    config = construct_config(_sources(tmp_path, 6), dict.fromkeys(STAGES, first.url),
+                              caption={"concurrency": 1, "retries": 1})
+    out = tmp_path / "out"
+    report = pipeline.run(config, out, stages="metadata,caption", progress=False)["caption"]
+    assert first.proc.wait(timeout=10) != 0  # it died on its 4th request
+    assert report["kept"] == 3 and report["dropped"] == {"request_failed:connection": 3}
+    assert report["usage"]["failed"] == 3 and "cannot connect" in report["examples"]["request_failed:connection"][0]
+    served = {r["key"] for r in requests_logged(log1)[:3]}
+
+    second, log2 = stub(tmp_path, "second")  # a fresh process on another port: the cache keys name no URL
+    servers.append(second)
+    config.caption.base_url = second.url
+    report = pipeline.run(config, out, stages="caption", progress=False)["caption"]
+    asked = requests_logged(log2)
+    assert report["kept"] == 6 and report["usage"]["cached"] == 3 and report["usage"]["sent"] == 3
+    assert len(asked) == 3 and not served & {r["key"] for r in asked}
+
+
+def test_500s_and_malformed_json_are_retried_then_counted(tmp_path, servers):
+    for mode, kind in (("500", "http_500"), ("malformed", "malformed_reply")):
+        server, log = stub(tmp_path, mode, mode=mode)
+        servers.append(server)
+        config = construct_config(_sources(tmp_path, 3), dict.fromkeys(STAGES, server.url))
+        report = pipeline.run(config, tmp_path / mode, stages="metadata,caption", progress=False)["caption"]
+        assert report["kept"] == 0 and report["dropped"] == {f"request_failed:{kind}": 3}
+        assert (report["usage"]["failed"], report["usage"]["retries"]) == (3, 6)  # 2 retries each
+        assert len(requests_logged(log)) == 9 and "after 3 attempts" in report["examples"][f"request_failed:{kind}"][0]
+
+
+def test_hung_server_times_out(tmp_path, servers):
+    server, _ = stub(tmp_path, mode="hang")
+    servers.append(server)
+    config = construct_config(_sources(tmp_path, 2), dict.fromkeys(STAGES, server.url),
+                              caption={"timeout_s": 0.5, "retries": 1})
+    t0 = time.time()
+    report = pipeline.run(config, tmp_path / "out", stages="metadata,caption", progress=False)["caption"]
+    assert report["dropped"] == {"request_failed:timeout": 2} and time.time() - t0 < 10
+    assert "timeout_s=0.5" in report["examples"]["request_failed:timeout"][0]
+
+
+def test_flaky_server_succeeds_after_retries(tmp_path, servers):
+    server, log = stub(tmp_path, mode="flaky")  # each request: a 500, then malformed JSON, then the reply
+    servers.append(server)
+    config = construct_config(_sources(tmp_path, 3), dict.fromkeys(STAGES, server.url))
+    report = pipeline.run(config, tmp_path / "out", stages="metadata,caption", progress=False)["caption"]
+    assert report["kept"] == 3 and (report["usage"]["sent"], report["usage"]["retries"]) == (3, 6)
+    assert len(requests_logged(log)) == 9
