@@ -1,9 +1,14 @@
 """iou reward (LLaVA-CoT COCO / VG grounding): IoU in [0, 1] of the predicted and ground-truth boxes.
 
-Boxes are [x1, y1, x2, y2]. The predicted box is read from the answer: the single bracketed group of
-four numbers ("[x1, y1, x2, y2]", "(x1, y1, x2, y2)", also inside Qwen's JSON
-`{"bbox_2d": [...], "label": ...}`), or, when there is no bracket, an answer that is nothing but four
-numbers. Two different boxes, or none, give 0.
+Boxes are [x1, y1, x2, y2]. The predicted box is read from the answer, in any of the forms models write
+(docs/rewards.md lists them, and the ones rejected):
+  * a bracketed group of four numbers: "[x1, y1, x2, y2]", "(x1, y1, x2, y2)", also inside Qwen2.5-VL's
+    JSON `{"bbox_2d": [...], "label": ...}` (in a ```json fence or not);
+  * two corner points: "(x1, y1), (x2, y2)", "[[x1, y1], [x2, y2]]", "[(x1, y1), (x2, y2)]",
+    "(x1, y1) to (x2, y2)", Qwen2-VL's "<|box_start|>(x1,y1),(x2,y2)<|box_end|>";
+  * named corners: `{"x1": .., "y1": .., "x2": .., "y2": ..}`, "x1=.., y1=.., x2=.., y2=..";
+  * without any bracket, an answer that is nothing but four numbers.
+All the boxes an answer states are collected: two different ones (e.g. two objects), or none, give 0.
 
 Coordinate frames (the rule for deciding them, "auto"):
   * a box whose four values all lie in [0, 1] is normalised to the image ([0, 1] x [0, 1]);
@@ -25,19 +30,31 @@ from typing import Sequence
 
 from vlaa_jax.rewards.extract import normalize_text
 
-PRED_FRAMES = ("auto", "normalized", "resized_pixels", "original_pixels")
+PRED_FRAMES = ("auto", "normalized", "resized_pixels", "original_pixels", "normalized_1000")
 GT_FRAMES = ("auto", "normalized", "original_pixels")
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _SEP = r"\s*[,;\s]\s*"
 _BRACKETED = re.compile(rf"[\[(]\s*({_NUM}){_SEP}({_NUM}){_SEP}({_NUM}){_SEP}({_NUM})\s*[\])]")
 _BARE = re.compile(rf"^\s*({_NUM}){_SEP}({_NUM}){_SEP}({_NUM}){_SEP}({_NUM})\s*\.?\s*$")
+_POINT = rf"[\[(]\s*({_NUM})\s*[,;]\s*({_NUM})\s*[\])]"
+_POINT_ONE = re.compile(_POINT)
+_POINTS = re.compile(rf"{_POINT}\s*(?:[,;]|to|-|and)?\s*{_POINT}")
+_NAMED = re.compile(rf"\b([xy][12])[\"']?\s*[:=]\s*({_NUM})")
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """The one [x1, y1, x2, y2] box stated in text, or None (no box, several boxes, non-finite)."""
     norm = normalize_text(str(text))
     boxes = {tuple(float(v) for v in m.groups()) for m in _BRACKETED.finditer(norm)}
+    pairs = [tuple(float(v) for v in m.groups()) for m in _POINTS.finditer(norm)]
+    if len(_POINT_ONE.findall(norm)) != 2 * len(pairs):  # a point left over: which two are the corners?
+        return None
+    boxes |= set(pairs)
+    named = [(m.group(1), float(m.group(2))) for m in _NAMED.finditer(norm)]
+    if sorted(k for k, _ in named) == ["x1", "x2", "y1", "y2"]:
+        values = dict(named)
+        boxes.add((values["x1"], values["y1"], values["x2"], values["y2"]))
     if not boxes:
         m = _BARE.match(norm)
         boxes = {tuple(float(v) for v in m.groups())} if m else set()
@@ -122,7 +139,9 @@ def iou_reward(answer: str | None, gt, *, original_hw: tuple[int, int] | None = 
         return 0.0
     if box[2] <= box[0] or box[3] <= box[1]:  # swapped or empty: invalid whatever the frame
         return 0.0
-    if pred_frame == "original_pixels":
+    if pred_frame == "normalized_1000":  # Qwen2-VL's frame: [0, 1000) of the image on each axis
+        box = tuple(v / 1000.0 for v in box)
+    elif pred_frame == "original_pixels":
         box = to_normalized(box, original_hw, "predicted (original pixels)")
     elif pred_frame == "resized_pixels" or (pred_frame == "auto" and not _is_normalized(box)):
         box = to_normalized(box, resized_hw, "predicted (resized-image pixels)")

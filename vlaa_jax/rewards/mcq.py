@@ -4,6 +4,8 @@ The chosen letter is read from the answer after normalisation (unicode, markdown
   "A", "a", "(a)", "A)", "A.", "A:"                       -> the whole answer is one option label
   "Option A", "Answer: (B)", "The answer is C"           -> a label after answer/option/choice words
   "A. text", "A) text", "(A) text", "A: text"            -> a label followed by the option text
+  "b) text", "b. text", "b: text", "[C]"                 -> lower case before text after ")", ".", ":";
+                                                           a bracketed label ("e.g. ..." is no label)
   "30°" (the text of option A)                           -> matched against the options' texts
 Labels win over text; an answer naming several labels ("A or B", "A, C") or none gives 0.
 Options come from `options` (a list, in label order, or a dict label -> text) or are parsed from
@@ -24,6 +26,9 @@ _PREFIXED = re.compile(
     r"\(?([A-Za-z])\)?(?=$|[\s.:),;])", re.IGNORECASE)
 _PAREN = re.compile(r"^\(([A-Za-z])\)")
 _LABEL_TEXT = re.compile(r"^([A-Z])\s*[.:)：]")
+# lower case followed by text only after ")", "." or ":" (not "e.g." / "i.e."): "b) text", "c. text"
+_LOWER_LABEL_TEXT = re.compile(r"^([a-z])(?:\)\s*|\s*[.:：]\s+)(?![a-z]\.)\S")
+_BRACKET_LABEL = re.compile(r"^\[([A-Za-z])\][.:)]?(?=$|\s)")
 _OPTION_LINE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])\s*[.:)：])\s*(.+?)\s*$")
 
 
@@ -61,7 +66,7 @@ def _options_dict(options) -> dict[str, str]:
 def read_choice(text: str, options: Mapping[str, str] | None = None) -> str | None:
     """The option label an answer (or ground truth) names, upper-case, or None."""
     norm = normalize_text(str(text))
-    for pattern in (_WHOLE, _PREFIXED, _PAREN, _LABEL_TEXT):
+    for pattern in (_WHOLE, _PREFIXED, _PAREN, _LABEL_TEXT, _LOWER_LABEL_TEXT, _BRACKET_LABEL):
         m = pattern.match(norm)
         if m:
             label = m.group(1).upper()
