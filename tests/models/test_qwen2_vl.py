@@ -127,7 +127,8 @@ def test_vision_tower_matches_hf(tiny, tiny_qwen2_vl_hf, full_rows):
     pad = 40
     lay = layout.vision_layout(b.image_grid_thw, window_size=0, num_patches_padded=b.pixel_values.shape[0] + pad,
                                full_rows=full_rows)
-    np.testing.assert_array_equal(lay.window_index, np.arange(len(lay.window_index)))   # no windows
+    np.testing.assert_array_equal(lay.window_index, np.arange(len(lay.window_index)))   # no windows:
+    np.testing.assert_array_equal(lay.window_segments, lay.full_segments)                # one per image
     pv = np.concatenate([b.pixel_values, np.full((pad, b.pixel_values.shape[1]), 3.0, np.float32)])
     feats = np.asarray(nnx.jit(lambda m, p, v: m.encode_images(p, v))(tiny, jnp.asarray(pv), lay.map(jnp.asarray)))
     ref = tiny_qwen2_vl_hf.vision
@@ -267,3 +268,20 @@ def test_sharded_load_matches_hf(tiny_qwen2_vl_hf):
                        image_grid_thw=b.image_grid_thw)
     _, rel = _rel_diff(logits, ref.logits["left"], b.attention_mask.astype(bool))
     assert rel <= REL_TOL
+
+
+def test_memory_planner_knows_the_qwen2_vl_presets():
+    """tools/plan_memory.py: the built-in Qwen2-VL shapes have the released models' parameter counts, and a
+    qwen2_vl preset without a converted model is planned as Qwen2-VL (not as the Qwen2.5-VL 7B)."""
+    import jax
+    from tools import plan_memory
+    counts = {}
+    for name in ("qwen2_vl_2b", "qwen2_vl_7b"):
+        c = plan_memory.builtin_config(name)
+        assert c.model_type == "qwen2_vl"
+        counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(q.abstract_model(c)[1]))
+    assert counts == {"qwen2_vl_2b": 2_208_985_600, "qwen2_vl_7b": 8_291_375_616}   # HF's 2.21B / 8.29B
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    c = plan_memory.model_from_trainer_config(plan_memory.load_trainer_config(
+        os.path.join(root, "configs", "grpo.py:qwen2_vl_7b")))
+    assert (c.model_type, c.text.hidden_size, c.vision.norm) == ("qwen2_vl", 3584, "layer")
