@@ -11,4 +11,6 @@ Modules:
   loader        make_loader / LoaderConfig: Grain pipelines producing the model's batches
   model_inputs  PromptBatch: a loader GRPO batch kept per row, laid out for any subset of its rows
   demo          make_demo_data: a small dataset in the released layout with all five reward types
+  release       write_release: the released layout (split files + images/<source>.tar.gz), one writer
+  construct     the six-step construction pipeline over OpenAI-compatible servers (python -m data_pipeline.construct)
 """

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -60,7 +61,7 @@ class Pending:
     prompt: tuple[np.ndarray, Any, Any]   # (ids, pixel_values or None, image_grid_thw or None)
     max_tokens: int
     sampling: SamplingConfig
-    seed: int
+    seed: int | None      # None: sampled without a seed, a fresh random one per generate call
     future: Future = dataclasses.field(default_factory=Future)
 
 
@@ -187,7 +188,7 @@ class RequestParser:
         top_p = _number(body, "top_p", 1.0, float, 1e-6, 1.0)
         max_tokens = _number(body, "max_tokens", _number(body, "max_completion_tokens", min(1024, self.cap), int, 1,
                                                          self.cap), int, 1, self.cap)
-        seed = _number(body, "seed", 0, int, 0, 2 ** 31 - 1)
+        seed = _number(body, "seed", None, int, 0, 2 ** 31 - 1)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
         return Pending(prompt, max_tokens, sampling, seed if temperature > 0 else 0)
 
@@ -218,8 +219,9 @@ class Batcher(threading.Thread):
                 groups.setdefault((p.sampling, p.seed), []).append(p)
             for (sampling, seed), group in groups.items():
                 try:
-                    texts, counts, truncated = self.generate(sampling, [p.prompt for p in group],
-                                                             [p.max_tokens for p in group], seed)
+                    texts, counts, truncated = self.generate(
+                        sampling, [p.prompt for p in group], [p.max_tokens for p in group],
+                        random.getrandbits(31) if seed is None else seed)
                     self.calls += 1
                 except Exception as e:  # noqa: BLE001 - the requests' answer is a 500 naming it
                     for p in group:
