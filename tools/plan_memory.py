@@ -49,6 +49,7 @@ from tools import phase_programs as pp  # noqa: E402
 from vlaa_jax import sharding as shd  # noqa: E402
 from vlaa_jax.models.qwen2_5_vl import (  # noqa: E402
     Qwen25VL, Qwen25VLConfig, TextConfig, VisionConfig, from_hf_dict, layout, load_config)
+from vlaa_jax.rewards.mixed import RewardConfig  # noqa: E402
 from vlaa_jax.train import common  # noqa: E402
 from vlaa_jax.train import optim as optim_lib  # noqa: E402
 
@@ -439,6 +440,7 @@ class DeviceSizes:
                 if not tied:
                     self.decode_weights += self.bytes(a.shape, names, self.m.dtype)
         self.rest = tree_bytes(rest, self.mesh, self.rules)[2]
+        self.reward_model = reward_model_bytes(w.config, self.mesh, self.rules)
         tx, _ = common.run_optimizer(w.config, params, total_updates=1000)
         self.optimizer = tree_bytes(jax.eval_shape(tx.init, params), self.mesh, self.rules)[2]
         t, v = self.m.text, self.m.vision
@@ -482,7 +484,24 @@ class DeviceSizes:
         """What a run keeps on every device between phases."""
         out = {"params": self.params, "rest": self.rest, "optimizer": self.optimizer}
         out["reference"] = self.ref if self.w.use_ref else 0
+        out["reward_model"] = self.reward_model
         return out
+
+
+def reward_model_bytes(config: Any, mesh: Any, rules: Any) -> int:
+    """Per-device bytes of the frozen reward model of reward.open_ended='jax_rm' (0 otherwise): the
+    backbone of reward.reward_model_path (its config.json) in reward.reward_model_dtype, sharded like the
+    policy, without an output layer. Resident through every phase; its forwards (reward_model_batch_size
+    rows, no vocabulary projection) are smaller than the update's and are not a phase of their own."""
+    block = config.get("reward") if hasattr(config, "get") else None
+    if block is None:
+        return 0
+    r = RewardConfig.from_config(block)
+    if r.open_ended_scorer != "jax_rm":
+        return 0
+    rm = load_config(r.reward_model_path, dtype=r.reward_model_dtype, param_dtype=r.reward_model_dtype)
+    _, params, rest = abstract_model(rm.replace(tie_word_embeddings=True))
+    return tree_bytes(params, mesh, rules)[2] + tree_bytes(rest, mesh, rules)[2]
 
 
 def _vision_parts(d: DeviceSizes, host: dict, *, backward: bool) -> dict[str, int]:
