@@ -147,6 +147,18 @@ def test_logits_match_hf(tiny, tiny_qwen2_vl_hf, padding):
     assert rel <= REL_TOL
 
 
+@untied_only
+def test_bfloat16_runs_close_to_float32(tiny_qwen2_vl_hf):
+    """bf16 compute and storage (the presets' compute dtype) through the LayerNorms and fc1/fc2."""
+    b = tiny_qwen2_vl_hf.batches["left"]
+    m16 = q.from_pretrained(tiny_qwen2_vl_hf.hf_dir, dtype="bfloat16")
+    assert m16.visual.blocks.norm1.bias[...].dtype == jnp.bfloat16
+    lo = np.asarray(m16(b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                        image_grid_thw=b.image_grid_thw))
+    assert np.isfinite(lo).all()
+    assert _rel_diff(lo, tiny_qwen2_vl_hf.logits["left"], b.attention_mask.astype(bool))[1] < 0.1
+
+
 def test_state_to_hf_is_bit_exact(tiny, tiny_qwen2_vl_hf):
     hf_state = {k: v.numpy() for k, v in tiny_qwen2_vl_hf.model.state_dict().items()}
     exported = dict(params.state_to_hf(tiny.config, nnx.state(tiny, nnx.Param)))
