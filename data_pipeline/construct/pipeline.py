@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.construct.client import Cache
+from data_pipeline.construct.client import Cache, EndpointConfig
 from data_pipeline.construct.stages import RUNNERS, STAGES, Context, StageResult
 
 
@@ -61,6 +61,9 @@ def run(config: Any, out: str | os.PathLike, stages: str | Sequence[str] | None 
     {stage: report}. A stage's input is its predecessor's output in `out/work`."""
     out = Path(out)
     chosen = parse_stages(stages)
+    for stage in chosen:  # every endpoint (and its API key) checked before any request is paid for
+        if stage in ("caption", "distill", "rewrite") or (stage == "verify" and config.verify.open_ended == "judge"):
+            EndpointConfig.from_config(config[stage], stage).api_key()
     (out / "work").mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(exist_ok=True)
     cache = Cache(out / "cache.sqlite")

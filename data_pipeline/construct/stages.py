@@ -12,6 +12,7 @@ report (`reports/<stage>.json`). A record is a dict that gains fields stage by s
 """
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import hashlib
@@ -19,7 +20,6 @@ import json
 import mimetypes
 import os
 import re
-import base64
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path

@@ -62,7 +62,8 @@ def main() -> None:
                 key = hashlib.sha1(json.dumps([body["model"], body["messages"]]).encode()).hexdigest()
                 state["attempts"][key] = attempt = state["attempts"].get(key, 0) + 1
                 with open(a.log, "a") as f:
-                    f.write(json.dumps({"n": n, "model": body["model"], "text": text[-300:], "key": key}) + "\n")
+                    f.write(json.dumps({"n": n, "model": body["model"], "text": text[-300:], "key": key,
+                                        "auth": self.headers.get("Authorization", "")}) + "\n")
             if a.die_after and n > a.die_after:
                 os._exit(1)
             if a.mode == "hang":

@@ -59,10 +59,12 @@ def test_hung_server_times_out(tmp_path, servers):
     assert "timeout_s=0.5" in report["examples"]["request_failed:timeout"][0]
 
 
-def test_flaky_server_succeeds_after_retries(tmp_path, servers):
+def test_flaky_server_succeeds_after_retries(tmp_path, servers, monkeypatch):
     server, log = stub(tmp_path, mode="flaky")  # each request: a 500, then malformed JSON, then the reply
     servers.append(server)
-    config = construct_config(_sources(tmp_path, 3), dict.fromkeys(STAGES, server.url))
+    monkeypatch.setenv("STUB_API_KEY", "sk-test")
+    config = construct_config(_sources(tmp_path, 3), dict.fromkeys(STAGES, server.url),
+                              caption={"api_key_env": "STUB_API_KEY"})
     report = pipeline.run(config, tmp_path / "out", stages="metadata,caption", progress=False)["caption"]
     assert report["kept"] == 3 and (report["usage"]["sent"], report["usage"]["retries"]) == (3, 6)
-    assert len(requests_logged(log)) == 9
+    assert len(requests_logged(log)) == 9 and {r["auth"] for r in requests_logged(log)} == {"Bearer sk-test"}

@@ -1,10 +1,12 @@
 """tools/serve.py hosting a tiny Qwen2.5-VL (real vocabulary, random weights) on 127.0.0.1 as the back end
 of the construction pipeline: all six stages run, captions / rewrites / the judge from the served model
 (batched: fewer engine calls than requests), the reasoning from the scripted stub (the tiny model's
-text is nonsense), and the result loads with our loader; plus the server's answers to bad requests."""
+text is nonsense), and the result loads with our loader; then every stage on the served model (its
+distillations are dropped with their reasons); plus the server's answers to bad requests."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -74,6 +76,19 @@ def test_pipeline_on_served_tiny_model(served, tmp_path, servers):
         b = build_vlaa_thinking(split, manual_dir=out, data_dir=tmp_path / "tfds")
         assert sum(len(b.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()}))
                    for s in b.info.splits) == len(want)
+
+    # every stage on the served model, the distiller too (in a copy of the run's cache: the captions come
+    # from it): its nonsense has no <think> trace, so each record is dropped there with its reason
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    shutil.copyfile(out / "cache.sqlite", out2 / "cache.sqlite")
+    config.distill.base_url = served.url
+    config.distill.update(SAMPLED)
+    again = pipeline.run(config, out2, progress=False)
+    assert again["caption"]["usage"]["cached"] == len(rows) and again["caption"]["usage"]["sent"] == 0
+    assert again["distill"]["usage"]["sent"] == len(rows) and again["distill"]["usage"]["completion_tokens"] > 0
+    assert again["distill"]["kept"] + sum(again["distill"]["dropped"].values()) == len(rows)
+    assert set(again["distill"]["dropped"]) <= {"no_reasoning", "no_answer", "truncated"}
 
     # bad requests: named, with OpenAI-style error bodies; the model list
     status, body = _post(served.url, {"model": "other", "messages": [{"role": "user", "content": "hi"}]})

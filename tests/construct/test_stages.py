@@ -128,3 +128,16 @@ def test_bad_source_records_are_named(tmp_path):
     assert reports["metadata"]["dropped"] == {"missing_image": 1, "unknown_verifier_type": 1}
     with pytest.raises(ValueError, match="stage caption reads the output of stage metadata"):
         pipeline.run(config, tmp_path / "empty", stages="caption", progress=False)
+
+
+def test_endpoints_are_checked_before_any_request(tmp_path, monkeypatch):
+    records = write_sources(tmp_path / "src", [{"image": "clevr_math/a.png", "question": "How many?", "gt": "3"}])
+    config = construct_config(records, dict.fromkeys(("caption", "distill", "rewrite", "verify"), "http://127.0.0.1:9/v1"))
+    monkeypatch.delenv("MY_R1_KEY", raising=False)
+    config.distill.api_key_env = "MY_R1_KEY"
+    with pytest.raises(ValueError, match="the environment variable MY_R1_KEY .* is not set"):
+        pipeline.run(config, tmp_path / "out", progress=False)
+    config.distill.api_key_env, config.rewrite.base_url = "", "127.0.0.1:8000"
+    with pytest.raises(ValueError, match="config rewrite: base_url must be an http:// or https:// URL"):
+        pipeline.run(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
