@@ -48,6 +48,9 @@ Sizes: 2 prompts x 4 samples; tiny 64 new tokens, qwen3b_shaped 32 (its TRL step
 cores). --quick: tiny only, 1 repeat and half the new tokens (about 2-3 minutes on 2 idle cores, most of it
 TRL). The full run measured 6 minutes for tiny and 14 for qwen3b_shaped (8 of them TRL's 3 steps) on 2 cores
 at load average ~4; qwen3b_shaped needs ~16.5 GiB free (our side's peak; TRL's ~13.2 GiB).
+--reward_model: each case's `ours_detail.reward_model` adds the JAX reward model's time for scoring one step
+of that case with every prompt open-ended (benchmarks/reward_model.py: a random reward model of the case's
+architecture; a random policy writes no <answer>, so inside the step it would score nothing) and its share.
 Prints intermediate JSON lines and, last, the pair's JSON object (benchmarks/ interface).
 """
 from __future__ import annotations
@@ -452,8 +455,11 @@ def _child(side: str, setup: Setup, case: str) -> dict:
     return out
 
 
-def run_case(name: str, quick: bool, repeats: int | None, prompts: int, new_tokens: int | None) -> dict:
-    """One model case: both sides on the same prompts, rewards and lengths; its row of `details.cases`."""
+def run_case(name: str, quick: bool, repeats: int | None, prompts: int, new_tokens: int | None,
+             reward_model: bool = False) -> dict:
+    """One model case: both sides on the same prompts, rewards and lengths; its row of `details.cases`.
+    reward_model: also the JAX reward model's scoring time for one step of this case with every prompt
+    open-ended (benchmarks/reward_model.py, the case's architecture) and its share of our step."""
     import numpy as np
     case = CASES[name]
     t0 = time.perf_counter()
@@ -485,6 +491,9 @@ def run_case(name: str, quick: bool, repeats: int | None, prompts: int, new_toke
     load += theirs.pop("loadavg")
     load.append(os.getloadavg())
     tmp.cleanup()
+    if reward_model:
+        from benchmarks import reward_model as rm_bench
+        ours["reward_model"] = rm_bench.measure(name, prompts, NUM_SAMPLES, step_s=ours["median_s"])
     ratio = ours["median_s"] / theirs["median_s"]
     return {
         "model": name, "ours": round(ours["median_s"], 4), "theirs": round(theirs["median_s"], 4),
@@ -498,7 +507,7 @@ def run_case(name: str, quick: bool, repeats: int | None, prompts: int, new_toke
 
 
 def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, new_tokens: int | None = None,
-             models: tuple[str, ...] | None = None) -> dict:
+             models: tuple[str, ...] | None = None, reward_model: bool = False) -> dict:
     """Every case of `models` (default: tiny and qwen3b_shaped; --quick: tiny); the first is the headline."""
     import jax
     models = tuple(models or (("tiny",) if quick else tuple(CASES)))
@@ -508,7 +517,7 @@ def run_pair(quick: bool = False, repeats: int | None = None, prompts: int = 2, 
     done = {}
     # The cases with a child process per side first, while this process holds no model memory yet.
     for name in sorted(models, key=lambda m: not CASES[m].sequential):
-        done[name] = run_case(name, quick, repeats, prompts, new_tokens)
+        done[name] = run_case(name, quick, repeats, prompts, new_tokens, reward_model=reward_model)
         print(json.dumps({"case": name, **{k: done[name][k] for k in ("ours", "theirs", "ratio", "met", "wall_s")}}),
               flush=True)
     cases = [done[name] for name in models]
@@ -535,6 +544,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--new_tokens", type=int, default=None, help="default: the case's (tiny 64, qwen3b_shaped 32; "
                                                                   "half with --quick)")
+    p.add_argument("--reward_model", action="store_true", help="also time the JAX reward model scoring one step "
+                   "of open-ended prompts (benchmarks/reward_model.py) and its share of our step")
     p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)   # a sequential case's child
     p.add_argument("--dir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -542,7 +553,7 @@ def main(argv=None) -> None:
     if a.side:
         print(json.dumps(run_side(a.side, Setup(a.dir, a.prompts, a.new_tokens, a.repeats))), flush=True)
         return
-    print(json.dumps(run_pair(a.quick, a.repeats, a.prompts, a.new_tokens, models)), flush=True)
+    print(json.dumps(run_pair(a.quick, a.repeats, a.prompts, a.new_tokens, models, a.reward_model)), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from benchmarks import grpo_step
 
 
 def _fake_case(calls):
-    def run_case(name, quick, repeats, prompts, new_tokens):
+    def run_case(name, quick, repeats, prompts, new_tokens, reward_model=False):
         calls.append((name, quick, repeats, prompts, new_tokens))
         ratio = {"tiny": 0.2, "qwen3b_shaped": 0.5}[name]
         return {"model": name, "ours": ratio, "theirs": 1.0, "ratio": ratio, "target": "<= 0.33",
