@@ -157,6 +157,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper's GRPO recipe (appendix C, built on OpenRLHF).
     c.model.init = "pretrained"
     c.model.path = BASE_MODELS[preset][0]  # converted Qwen/<BASE_MODELS[preset][1]>-Instruct
+    # qwen2_vl_*: Qwen2-VL-Instruct grounds boxes in a 0..1000 frame of the image; reward.iou_pred_frame
+    # stays "auto" (boxes in [0, 1], the SFT data's form, as normalised; larger ones as resized-image
+    # pixels), as for Qwen2.5-VL. GRPO straight from the Instruct model may want
+    # --config.reward.iou_pred_frame=normalized_1000 (the paper does not say).
     c.model.param_dtype = "float32"    # not given in the paper
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
