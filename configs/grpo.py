@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.open_ended_beta = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not given in paper
     r.open_ended = ""               # open-ended scorer: "jax_rm" (a Qwen2.5-VL reward model in JAX on the
     #                                 policy's mesh, reward_model_path) | "http" (reward_model_url) | "none"
-    #                                 (reward 0, counted); "" = not chosen: a reward_model_url means "http",
+    #                                 (reward 0, counted); "" = not chosen; a reward_model_url means "http" (unless jax_rm),
     #                                 and a training split with open-ended records stops the run (docs/rewards.md)
     r.reward_model_path = ""        # jax_rm: HF directory (Skywork-VL-Reward-7B layout, or a `score` head)
     r.reward_model_dtype = "bfloat16"  # jax_rm: the frozen reward model's dtype (storage and compute)

@@ -95,7 +95,8 @@ def test_none_is_explicit_zero_and_counted():
     (dict(open_ended="jax"), "reward.open_ended must be one of"),
     (dict(open_ended="jax_rm"), "reward.reward_model_path must be an HF reward-model directory"),
     (dict(open_ended="http"), "reward.reward_model_url must be a server URL"),
-    (dict(open_ended="none", reward_model_url="http://127.0.0.1:8000"), "reward.reward_model_url must be empty"),
+    (dict(open_ended="jax_rm", reward_model_path="rm", reward_model_url="http://127.0.0.1:8000"),
+     "reward.reward_model_url must be empty"),
     (dict(reward_model_path="rm"), "reward.reward_model_path must be empty"),
     (dict(open_ended="jax_rm", reward_model_path="rm", reward_model_dtype="int8"), "reward_model_dtype"),
 ])
@@ -107,3 +108,4 @@ def test_open_ended_config_checked(fields, message):
 def test_reward_model_url_alone_still_means_http():
     assert RewardConfig(reward_model_url="http://127.0.0.1:8000/score").open_ended_scorer == "http"
     assert RewardConfig().open_ended_scorer == ""
+    assert RewardConfig(open_ended="none", reward_model_url="http://h:1/score").open_ended_scorer == "http"

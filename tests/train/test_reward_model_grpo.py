@@ -86,3 +86,11 @@ def test_open_ended_records_without_a_scorer_stop_the_run(demo_data_dir, qwen_to
     grpo_trainer.check_open_ended_scorer(c, str(tmp_path))
     c.reward.open_ended, c.reward.reward_model_url = "", "http://127.0.0.1:9/score"   # the old key still works
     grpo_trainer.check_open_ended_scorer(c, str(tmp_path))
+
+
+def test_a_missing_reward_model_directory_is_a_config_error(demo_data_dir, qwen_tokenizer_dir, tmp_path):
+    c = _config(demo_data_dir, qwen_tokenizer_dir, open_ended="jax_rm", reward_model_path=str(tmp_path / "nope"))
+    reference = grpo_config.get_config("demo")
+    del reference.warm_start
+    with pytest.raises(config_check.ConfigError, match="'reward.reward_model_path': must be an HF reward-model"):
+        config_check.validate(c, reference)

@@ -63,9 +63,9 @@ class RewardConfig:
     math_timeout_s: float = 5.0          # hard Math-Verify limit per answer, seconds (timeout -> 0)
     num_workers: int = 2                 # Math-Verify worker processes
     open_ended_beta: float = 1.0         # beta in R = 1 - exp(-(S(pred)-S(ref)) * beta); not in the paper
-    open_ended: str = ""                 # the open-ended scorer: jax_rm | http | none; "" = not chosen (a
-    #                                      reward_model_url means http; the GRPO trainer stops on open-ended
-    #                                      records in its training split otherwise)
+    open_ended: str = ""                 # the open-ended scorer: jax_rm | http | none; "" = not chosen (the
+    #                                      GRPO trainer stops on open-ended records in its training split);
+    #                                      a reward_model_url means http unless jax_rm is chosen
     reward_model_path: str = ""          # jax_rm: HF directory of a Qwen2.5-VL reward model (docs/rewards.md)
     reward_model_dtype: str = "bfloat16"  # jax_rm: storage and compute dtype of the frozen reward model
     reward_model_batch_size: int = 16    # jax_rm: rows per reward-model forward (a multiple of the data-parallel size)
@@ -108,18 +108,20 @@ class RewardConfig:
                 "a server URL for reward.open_ended='http'")
         require(not self.reward_model_path or self.open_ended == "jax_rm", "reward_model_path",
                 f"empty unless reward.open_ended='jax_rm' (it is {self.open_ended!r})")
-        require(not self.reward_model_url or self.open_ended in ("", "http"), "reward_model_url",
-                f"empty unless reward.open_ended='http' (it is {self.open_ended!r})")
         require(isinstance(self.answer_fallback_boxed, bool), "answer_fallback_boxed", "True or False")
         try:
             check_reward_model_url(self.reward_model_url, allow_empty=True)
         except ValueError as e:
             raise ValueError(f"reward.reward_model_url {e}") from None
+        require(not self.reward_model_url or self.open_ended != "jax_rm", "reward_model_url",
+                "empty for reward.open_ended='jax_rm' (the reward model runs in this process)")
 
     @property
     def open_ended_scorer(self) -> str:
-        """The scorer of open-ended answers: "jax_rm", "http", "none" or "" (none chosen)."""
-        return "http" if self.open_ended == "" and self.reward_model_url else self.open_ended
+        """The scorer of open-ended answers: "jax_rm", "http", "none" or "" (none chosen). A
+        reward_model_url means "http" unless "jax_rm" is chosen (the key of earlier versions keeps working,
+        also on a preset that says "none")."""
+        return "http" if self.reward_model_url and self.open_ended != "jax_rm" else self.open_ended
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RewardConfig":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import ml_collections
@@ -258,6 +259,10 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
         except (TypeError, ValueError) as e:
             raise _block_error(prefix, "grpo.loss", GRPOConfig, e) from e
         try:
-            RewardConfig.from_config(config.reward)
+            reward = RewardConfig.from_config(config.reward)
         except (TypeError, ValueError) as e:
             raise _block_error(prefix, "reward", RewardConfig, e) from e
+        path = reward.reward_model_path
+        require(reward.open_ended_scorer != "jax_rm" or os.path.isfile(os.path.join(path, "config.json")),
+                "reward.reward_model_path", f"must be an HF reward-model directory (with config.json) for "
+                f"reward.open_ended='jax_rm', got {path!r}")

@@ -78,9 +78,12 @@ def open_ended_scorer(cfg: RewardConfig, run: loop.Run) -> RewardModelScorer | N
     policy's image patches); None otherwise (MixedReward makes the HTTP client itself)."""
     if cfg.open_ended_scorer != "jax_rm":
         return None
-    return RewardModelScorer(cfg.reward_model_path, mesh=run.mesh, rules=run.rules, dtype=cfg.reward_model_dtype,
-                             batch_size=cfg.reward_model_batch_size, vision=run.mcfg.vision,
-                             attention_impl=run.mcfg.attention_impl)
+    try:
+        return RewardModelScorer(cfg.reward_model_path, mesh=run.mesh, rules=run.rules, dtype=cfg.reward_model_dtype,
+                                 batch_size=cfg.reward_model_batch_size, vision=run.mcfg.vision,
+                                 attention_impl=run.mcfg.attention_impl)
+    except (OSError, ValueError, KeyError) as e:  # not a reward model directory, no head, wrong shapes, ...
+        raise ConfigError(f"config key 'reward.reward_model_path': {e}") from e
 
 
 class GRPOTrainer:
