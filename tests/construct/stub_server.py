@@ -3,7 +3,7 @@ answers by model name (captioner, reasoner, rewriter, judge) from a script, logs
 receives (one JSON line each, so a test counts them after the process is gone), and fails on demand.
 
     python tests/construct/stub_server.py --log FILE [--script FILE.json] [--mode ok|500|malformed|hang|flaky]
-                                          [--die_after N]
+                                          [--die_after N] [--delay S]
 script: {"answers": {question: answer given by the reasoner}, "verdicts": {question: judge reply}}.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--script", default="")
     p.add_argument("--mode", default="ok", choices=("ok", "500", "malformed", "hang", "flaky"))
     p.add_argument("--die_after", type=int, default=0, help="exit (no reply) on request N+1")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each reply")
     a = p.parse_args()
     script = json.load(open(a.script)) if a.script else {}
     lock = threading.Lock()
@@ -66,6 +67,7 @@ def main() -> None:
                                         "auth": self.headers.get("Authorization", "")}) + "\n")
             if a.die_after and n > a.die_after:
                 os._exit(1)
+            time.sleep(a.delay)
             if a.mode == "hang":
                 time.sleep(3600)
             if a.mode == "500" or (a.mode == "flaky" and attempt == 1):

@@ -1,12 +1,17 @@
 """The client against failing server processes: a server killed mid-run (the rerun takes the finished
-replies from the cache and asks the server only for the rest), 500s and malformed JSON (retried, then a
-per-record error counted in the report), a hung server (timeout), a flaky one (retries succeed)."""
+replies from the cache and asks the server only for the rest), the pipeline process killed mid-stage
+(the same), 500s and malformed JSON (retried, then a per-record error counted in the report), a hung
+server (timeout), a flaky one (retries succeed)."""
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 
 from data_pipeline.construct import pipeline
-from tests.construct.conftest import construct_config, requests_logged, stub, write_sources
+from tests.construct.conftest import REPO, construct_config, requests_logged, stub, write_sources
 
 STAGES = ("caption", "distill", "rewrite", "verify")
 
@@ -35,6 +40,35 @@ def test_server_killed_mid_run_resumes_from_the_cache(tmp_path, servers):
     asked = requests_logged(log2)
     assert report["kept"] == 6 and report["usage"]["cached"] == 3 and report["usage"]["sent"] == 3
     assert len(asked) == 3 and not served & {r["key"] for r in asked}
+
+
+def test_killed_run_resumes_without_asking_twice(tmp_path, servers):
+    """The pipeline process killed mid-stage (SIGKILL): the rerun asks only for what no reply was kept."""
+    server, log = stub(tmp_path, delay=0.3)
+    servers.append(server)
+    records = _sources(tmp_path, 6)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "data_pipeline.construct", "--config", "configs/construct.py:local", "--out",
+            str(out), "--stages", "metadata,caption", f"--config.input.path={records}",
+            f"--config.caption.base_url={server.url}", "--config.caption.model=captioner",
+            "--config.caption.concurrency=1"]
+    run = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(requests_logged(log)) < 3 and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    first = [r["key"] for r in requests_logged(log)]
+    assert 3 <= len(first) < 6 and not (out / "work" / "caption.jsonl").exists()
+
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "reports" / "caption.json").read_text())
+    second = [r["key"] for r in requests_logged(log)][len(first):]
+    assert report["kept"] == 6 and report["usage"]["cached"] >= 2
+    assert report["usage"]["sent"] == len(second) == 6 - report["usage"]["cached"]
+    assert len(set(first + second)) == 6
+    assert len(set(first) & set(second)) <= 1  # at most the request in flight when it was killed
 
 
 def test_500s_and_malformed_json_are_retried_then_counted(tmp_path, servers):
