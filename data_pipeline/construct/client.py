@@ -102,8 +102,9 @@ class EndpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-    """A chat completion: the text, the reasoning a reasoning parser split off (vLLM / DeepSeek
-    `reasoning_content`, "" without one), the finish reason and the `usage` token counts."""
+    """A chat completion: the text, the reasoning a reasoning parser split off (DeepSeek's and vLLM's
+    `reasoning_content`, newer vLLM's `reasoning`; "" without one), the finish reason and the `usage`
+    token counts."""
     content: str
     reasoning: str = ""
     finish_reason: str = ""
@@ -138,7 +139,8 @@ def parse_reply(body: bytes) -> Reply:
         if not isinstance(content, str):
             raise TypeError(f"content is {type(content).__name__}")
         usage = data.get("usage") or {}
-        return Reply(content=content, reasoning=str(message.get("reasoning_content") or ""),
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""  # servers name it either way
+        return Reply(content=content, reasoning=str(reasoning),
                      finish_reason=str(choice.get("finish_reason") or ""),
                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
                      completion_tokens=int(usage.get("completion_tokens") or 0))
