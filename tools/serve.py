@@ -4,8 +4,8 @@
 
 Endpoints: `POST /v1/chat/completions` (messages with text and images: `image_url` parts holding a
 base64 `data:` URL, a `file://` URL or a local path; `max_tokens`, `temperature` (0 = greedy, the
-default), `top_p`, `seed`; the reply carries `usage` token counts and finish_reason "stop" / "length"),
-`GET /v1/models`, `GET /health`. Streaming and n > 1 are refused (HTTP 400).
+default), `top_p`, `top_k` (vLLM's extension), `seed`; the reply carries `usage` token counts and finish_reason "stop" / "length"),
+`GET /v1/models`, `GET /health`. Streaming, n > 1 and stop sequences are refused (HTTP 400).
 
 Requests that arrive together are batched: a queue thread takes what waits (up to --slots x 8 requests,
 after at most --batch_wait_ms) and hands each group of equal sampling settings to one call of the
@@ -143,6 +143,9 @@ class RequestParser:
             raise RequestError("stream=true is not supported")
         if body.get("n", 1) != 1:
             raise RequestError("only n=1 is supported")
+        if body.get("stop"):
+            raise RequestError("stop sequences are not supported (generation stops at the chat template's end "
+                               "of turn, or at max_tokens)")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list")
@@ -189,7 +192,9 @@ class RequestParser:
         max_tokens = _number(body, "max_tokens", _number(body, "max_completion_tokens", min(1024, self.cap), int, 1,
                                                          self.cap), int, 1, self.cap)
         seed = _number(body, "seed", None, int, 0, 2 ** 31 - 1)
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
+        top_k = max(0, _number(body, "top_k", 0, int, -1, 1 << 30))  # vLLM's extension; -1 or 0 = off
+        sampling = (SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0
+                    else SamplingConfig(temperature=0.0))
         return Pending(prompt, max_tokens, sampling, seed if temperature > 0 else 0)
 
 

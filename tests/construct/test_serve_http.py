@@ -65,14 +65,15 @@ def test_requests_are_batched_and_prompts_are_the_pipelines(server):
         {"role": "system", "content": VLAA_SYSTEM_PROMPT},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}},
                                      {"type": "text", "text": question}]}]}
-    sampled = {**body, "temperature": 0.8, "top_p": 0.9, "seed": 7}
+    sampled = {**body, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7}
     assert _post(url, body)[0] == 200  # loads the tokenizer: the requests below then arrive together
     calls.clear()
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: _post(url, b), [body] * 4 + [sampled] * 2))
     assert all(status == 200 for status, _ in answers)
     # one call per sampling setting, not per request
-    assert sorted((s.temperature, n, seed) for s, n, seed in calls) == [(0.0, 4, 0), (0.8, 2, 7)]
+    assert sorted((s.temperature, s.top_p, s.top_k, n, seed) for s, n, seed in calls) == [
+        (0.0, 1.0, 0, 4, 0), (0.8, 0.9, 50, 2, 7)]
     # the prompt is the data pipeline's GRPO prompt: 112x84 -> 8x6 patches -> 12 image tokens
     ids = ChatFormatter.create(tok_dir, VLAA_SYSTEM_PROMPT).encode_prompt(
         Record(id="x", source="", image="", question=question, response="", ground_truth="", verifier_type=None), 12)
@@ -88,6 +89,8 @@ def test_requests_are_batched_and_prompts_are_the_pipelines(server):
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "serves 'tiny'"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "stream=true"),
     ({"messages": []}, 400, "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 1.5}, 400, "top_k must be an integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "max_tokens must be in [1, 64]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
      400, "not valid base64"),
