@@ -245,6 +245,23 @@ def metadata(ctx: Context, _records: Sequence[dict]) -> StageResult:
             if not cfg.skip_bad_records:
                 raise
             result.drop({"id": e.record_id, "origin": f"{path}:{line}"}, e.kind, str(e))
+    # A ground truth that fails its own verifier would drop its record at verify whatever the models say:
+    # caught here, before any request is paid for.
+    rule = [r for r in result.kept if r["verifier_type"] != "open_ended"]
+    bad = {}
+    for r, score in zip(rule, rule_scores(rule, [format_response("", r["gt"]) for r in rule])):
+        if isinstance(score, str) or score < 1.0 - 1e-6:
+            why = score if isinstance(score, str) else f"scores {score:.3f} against itself"
+            e = DataError(f"the ground truth does not pass its own {r['verifier_type']} verifier ({why}); fix it or "
+                          "the record's verifier_type", kind="unverifiable_gt", file=path,
+                          line=int(r["origin"].rpartition(":")[2]), field="gt", record_id=r["id"])
+            if not cfg.skip_bad_records:
+                raise e
+            bad[r["id"]] = e
+    if bad:
+        result.kept = [r for r in result.kept if r["id"] not in bad]
+        for rid, e in bad.items():
+            result.drop({"id": rid, "origin": f"{e.file}:{e.line}"}, e.kind, str(e))
     return result
 
 
@@ -381,7 +398,31 @@ def judge_verdict(text: str) -> bool | None:
     return {"yes": True, "no": False}.get(word)
 
 
-def verify(ctx: Context, records: Sequence[dict], reward: MixedReward | None = None) -> StageResult:
+def rule_scores(records: Sequence[dict], responses: Sequence[str]) -> list[float | str]:
+    """The GRPO reward's rule verifier (vlaa_jax.rewards.MixedReward, by each record's verifier_type) of
+    each response; for a record the verifier refuses (a ground truth that is not one number, not a box,
+    ...) its message instead. Boxes in pixels are read in the image's own frame."""
+    if not records:
+        return []
+    reward = MixedReward(RewardConfig(num_workers=1))
+
+    def score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
+        hw = [((r["height"], r["width"]), (r["height"], r["width"])) for r in rows]
+        return [float(x) for x in reward(list(texts), list(rows), image_hw=hw)[0]]
+
+    try:
+        return list(score(records, responses))
+    except ValueError:  # find the records it refuses, one by one
+        out: list[float | str] = []
+        for r, text in zip(records, responses):
+            try:
+                out += score([r], [text])
+            except ValueError as e:
+                out.append(str(e).partition("): ")[2] or str(e))
+        return out
+
+
+def verify(ctx: Context, records: Sequence[dict]) -> StageResult:
     """Rule verifiers (vlaa_jax.rewards, the GRPO reward's) for digit / mcq / math / iou; the LLM judge (or
     nothing, verify.open_ended='keep') for open-ended answers."""
     cfg: VerifyConfig = _typed(VerifyConfig, ctx.config.verify, "verify", ("iou_threshold", "open_ended"))
@@ -389,18 +430,17 @@ def verify(ctx: Context, records: Sequence[dict], reward: MixedReward | None = N
     rule = [r for r in records if r["verifier_type"] != "open_ended"]
     opened = [r for r in records if r["verifier_type"] == "open_ended"]
     if rule:
-        reward = reward or MixedReward(RewardConfig(num_workers=1))
-        hw = [((r["height"], r["width"]), (r["height"], r["width"])) for r in rule]
-        scores, _ = reward([r["response"] for r in rule], rule, image_hw=hw)
-        for r, s in zip(rule, scores):
+        for r, s in zip(rule, rule_scores(rule, [r["response"] for r in rule])):
             need = cfg.iou_threshold if r["verifier_type"] == "iou" else 1.0
             if extract_answer(r["response"]) is None:
                 result.drop(r, "no_answer", r["response"][-200:])
-            elif float(s) >= need - 1e-9:
+            elif isinstance(s, str):
+                result.drop(r, "unverifiable_gt", s)
+            elif s >= need - 1e-9:
                 result.kept.append({**r, "verified_by": r["verifier_type"]})
             else:
                 result.drop(r, f"wrong_answer:{r['verifier_type']}",
-                            f"answer {r['answer']!r} vs ground truth {r['gt']!r} (score {float(s):.3f})")
+                            f"answer {r['answer']!r} vs ground truth {r['gt']!r} (score {s:.3f})")
     if opened and cfg.open_ended == "keep":
         result.kept += [{**r, "verified_by": "unjudged"} for r in opened]
     elif opened:

@@ -126,6 +126,19 @@ def test_bad_source_records_are_named(tmp_path):
     reports = pipeline.run(config, tmp_path / "out", stages="metadata", progress=False)
     assert reports["metadata"]["kept"] == 1
     assert reports["metadata"]["dropped"] == {"missing_image": 1, "unknown_verifier_type": 1}
+    # a ground truth its own verifier refuses, before any request is paid for
+    rows = [{"image": "clevr_math/a.png", "question": "How many?", "gt": "many"},
+            {"image": "coco/a.png", "question": "Box?", "gt": "the left one"},
+            {"image": "coco/b.png", "question": "Box?", "gt": [0.1, 0.2, 0.3, 0.4]}]
+    config.input.path, config.input.images_root = str(write_sources(tmp_path / "src2", rows)), ""
+    config.input.skip_bad_records = False
+    with pytest.raises(DataError, match=r"records.jsonl:1, record 'clevr_math-\w+', field 'gt': the ground truth "
+                                        r"does not pass its own digit verifier \(digit ground truth must be one "
+                                        r"number, got 'many'\)"):
+        pipeline.run(config, tmp_path / "out", stages="metadata", progress=False)
+    config.input.skip_bad_records = True
+    reports = pipeline.run(config, tmp_path / "out", stages="metadata", progress=False)
+    assert reports["metadata"]["kept"] == 1 and reports["metadata"]["dropped"] == {"unverifiable_gt": 2}
     with pytest.raises(ValueError, match="stage caption reads the output of stage metadata"):
         pipeline.run(config, tmp_path / "empty", stages="caption", progress=False)
 
