@@ -14,7 +14,7 @@ from vlaa_jax.models.qwen2_5_vl.loading import copy_processor_files
 from vlaa_jax.rewards.mixed import REWARD_COUNTERS
 from vlaa_jax.train import common, config_check, grpo_trainer
 
-PROMPTS = 10  # the demo's five sources in turn: two open-ended prompts per batch of ten
+PROMPTS = 6  # the demo's five sources in turn, in file order: the fifth prompt is open-ended
 
 
 def _config(demo_data_dir, tokenizer_dir, **reward):
@@ -26,7 +26,7 @@ def _config(demo_data_dir, tokenizer_dir, **reward):
     c.sharding.mesh_shape, c.sharding.rules = (2, 1, 4), "fsdp"
     c.grpo.rollout_batch_prompts, c.grpo.num_samples, c.grpo.max_new_tokens = PROMPTS, 2, 4
     c.grpo.eval_prompts = 0
-    c.train.num_steps, c.train.batch_size, c.train.checkpoint_every = 1, 20, 0
+    c.train.num_steps, c.train.batch_size, c.train.checkpoint_every = 1, 2 * PROMPTS, 0
     c.train.progress_bar, c.train.export_hf = False, False
     for k, v in reward.items():
         c.reward[k] = v
@@ -94,3 +94,31 @@ def test_a_missing_reward_model_directory_is_a_config_error(demo_data_dir, qwen_
     del reference.warm_start
     with pytest.raises(config_check.ConfigError, match="'reward.reward_model_path': must be an HF reward-model"):
         config_check.validate(c, reference)
+
+
+def test_sharded_batched_scorer_equals_one_row_at_a_time(tiny_rm_dir):
+    """RewardModelScorer on the (2, 1, 4) mesh (rows padded to its batch, left-padded, lengths and patches
+    bucketed, two image groups) gives each request the score of the reward model called on that row alone."""
+    import jax
+    import numpy as np
+    from vlaa_jax import sharding as shd
+    from vlaa_jax.rewards.jax_scorer import RewardModelScorer
+    from vlaa_jax.rewards.open_ended import PromptImage, ScoreRequest
+    mesh = shd.make_mesh((2, 1, 4))
+    scorer = RewardModelScorer(tiny_rm_dir, mesh=mesh, rules="fsdp", dtype="float32", batch_size=4)
+    rng = np.random.default_rng(0)
+    images = [PromptImage(rng.standard_normal((h * w, 1176)).astype(np.float32), (1, h, w))
+              for h, w in ((4, 4), (4, 8), (8, 4))]
+    items = [ScoreRequest("Describe the image.", answer, None, f"p{k % 3}", images[k % 3])
+             for k, answer in enumerate(["a red square", "two blue circles in the top left corner", "grey", "no",
+                                         "a shape", "a very long answer " * 6])]
+    got = scorer.score(items)
+    assert scorer.calls == 2 and len(got) == len(items)
+    alone = rm_lib.load_reward_model(tiny_rm_dir, dtype="float32")
+    with jax.default_device(jax.devices()[0]):
+        want = []
+        for k, it in enumerate(items):
+            ids, patches, grid = scorer._row(k, it)
+            want.append(float(alone(ids[None], attention_mask=np.ones((1, len(ids)), np.int32), pixel_values=patches,
+                                    image_grid_thw=grid[None])[0]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

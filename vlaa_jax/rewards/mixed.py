@@ -8,6 +8,8 @@ Records are dicts or objects (e.g. data_pipeline.records.Record) with
   gt / ground_truth
   question       (mcq options are parsed from it; open-ended scorer input)
   image          (open-ended scorer input, a path)
+  image_patches, image_grid   open-ended, in-process reward model: the prompt's image as the policy saw
+                 it (the GRPO loader's records carry them: PromptBatch.row_records)
   options        optional, mcq: list or dict of option texts
   original_hw, resized_hw   iou: (height, width) of the image before / after smart_resize; may
                  instead be passed per sample as `image_hw=[(original_hw, resized_hw), ...]`.

@@ -4,6 +4,8 @@ Paper sec. 4.1: with S(image, question, answer) the reward model's score,
     R = 1 - exp(-(S(pred) - S(ref)) * beta)   if S(pred) > S(ref)   else 0,
 so R in [0, 1): 0 unless the policy's answer beats the reference answer. beta is not given in the
 paper (config, default 1.0). The paper's S is InternLM-XComposer2.5-Reward; any scorer works here:
+  * RewardModelScorer (jax_scorer.py): a Qwen2.5-VL reward model in JAX, in this process, reading the
+    prompts' image patches (`ScoreRequest.pixels`);
   * CallableScorer: a Python function (tests, in-process models);
   * HTTPScorer: a JSON client for tools/reward_server.py (or anything speaking the same protocol):
       POST <url>  {"items": [{"image": str|null, "question": str, "answer": str}, ...]}
