@@ -21,15 +21,21 @@ import jax.numpy as jnp
 
 
 def _logp_and_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits float32 [..., V], targets int [...] -> (log p(target), entropy), both [...]."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    """logits float32 [..., V], targets int [...] -> (log p(target), entropy), both [...].
+
+    One exp pass over the vocabulary serves the log-normaliser and the entropy (softmax = e / sum e);
+    logsumexp followed by exp(logits - lse) would take two, and on CPU these elementwise passes over
+    [..., V] cost more than the vocabulary matmul (tiny demo model: 2.5 s vs 4.1 s a forward)."""
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - peak)
+    total = jnp.sum(e, axis=-1)
+    lse = peak[..., 0] + jnp.log(total)
     # The target's logit by a one-hot select-and-sum (exact: one term plus zeros) rather than
     # take_along_axis: its gradient is then an elementwise select that fuses into the softmax
     # gradient, where a gather's gradient is a scatter into a zeroed [..., V] buffer.
     one_hot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
     target_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    entropy = lse - jnp.sum(probs * logits, axis=-1)
+    entropy = lse - jnp.sum(e * logits, axis=-1) / total
     return target_logit - lse, entropy
 
 
