@@ -58,7 +58,7 @@ from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image import decode_image, normalize_patches, preprocess_image
 from data_pipeline.model_inputs import PromptBatch
-from data_pipeline.records import SPLIT_FILES, BadRecordSummary, DataError, Record
+from data_pipeline.records import BadRecordSummary, DataError, Record
 from data_pipeline.vlaa_thinking import VlaaThinking, build_vlaa_thinking
 from vlaa_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, mrope_positions
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from configs import base as base_config
