@@ -12,9 +12,11 @@ import difflib
 import glob
 import importlib.util
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, NoReturn, Sequence
 
 import ml_collections
+from absl import flags
 
 from vlaa_jax.train.config_check import MODES
 
@@ -176,3 +178,30 @@ def help_text() -> str:
               "--workdir DIR: checkpoints, metrics, TensorBoard events, the exported model (a rerun resumes)",
               "", f"example: python -m vlaa_jax.main {EXAMPLE} --workdir workdir/grpo_demo"]
     return "\n".join(lines)
+
+
+def fail(error: object) -> NoReturn:
+    """The user's mistake: one `error:` line on stderr, exit code 2."""
+    print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_config_flags(argv: list[str], *, usage: Callable[[], str], example: str) -> list[str]:
+    """An entry point's absl flag parsing (vlaa_jax.main, python -m data_pipeline.construct) after the
+    checks of `checked_argv` (config file, preset, override keys): --help prints `usage()` and exits 0; a
+    command-line mistake is `fail` (one `error:` line, exit code 2). Returns what absl's parser returns."""
+    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+        print(usage())
+        sys.exit(0)
+    reference = None
+    try:
+        argv, reference = checked_argv(argv)
+        if reference is None:
+            raise CommandLineError(f"--config is required, e.g. {example} (--help lists the presets)")
+        return flags.FLAGS(argv)
+    except CommandLineError as e:
+        fail(e)
+    except flags.IllegalFlagValueError as e:
+        fail(illegal_value_message(str(e), reference))
+    except Exception as e:  # noqa: BLE001 - any other parse error ends here, as one line
+        fail(f"{type(e).__name__}: {e}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -123,43 +122,24 @@ def run(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
 
 def main(argv) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; give flags only ({command_line.EXAMPLE} --workdir DIR; --help)")
+        command_line.fail(f"unexpected arguments {argv[1:]}; give flags only ({command_line.EXAMPLE} --workdir DIR; "
+                          "--help)")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     reference = load_preset(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
         summary = run(_CONFIG.value, reference, _WORKDIR.value)
     except USER_ERRORS as e:
-        _fail(e)
+        command_line.fail(e)
     print(json.dumps({"summary": summary}, default=str))
-
-
-def _fail(error: object) -> None:
-    """The user's mistake: one `error:` line on stderr, exit code 2."""
-    print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing after vlaa_jax.command_line's checks (config file, preset, override keys):
     a command-line mistake is one `error:` line and exit code 2; --help prints the usage and exits 0."""
-    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
-        print(command_line.help_text())
-        sys.exit(0)
-    reference = None
-    try:
-        argv, reference = command_line.checked_argv(argv)
-        if reference is None:
-            raise CommandLineError(f"--config is required, e.g. {command_line.EXAMPLE} (--help lists the presets)")
-        parsed = flags.FLAGS(argv)
-    except CommandLineError as e:
-        _fail(e)
-    except flags.IllegalFlagValueError as e:
-        _fail(command_line.illegal_value_message(str(e), reference))
-    except Exception as e:  # noqa: BLE001 - any other parse error ends here, as one line
-        _fail(f"{type(e).__name__}: {e}")
+    parsed = command_line.parse_config_flags(argv, usage=command_line.help_text, example=command_line.EXAMPLE)
     if not flags.FLAGS["workdir"].value:
-        _fail("--workdir is required: the run directory (checkpoints, metrics, the exported model)")
+        command_line.fail("--workdir is required: the run directory (checkpoints, metrics, the exported model)")
     return parsed
 
 

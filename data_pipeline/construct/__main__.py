@@ -6,8 +6,6 @@ the main job does; a user's mistake is one `error:` line and exit code 2.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,33 +24,21 @@ _OUT = flags.DEFINE_string("out", None, "Output directory: stage outputs, report
 _STAGES = flags.DEFINE_string("stages", "", f"Comma-separated subset of {','.join(STAGES)} (default: all).")
 
 
-def _fail(error: object) -> None:
-    print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
-    sys.exit(2)
+def _usage() -> str:
+    presets = ", ".join(command_line.presets(command_line.resolve_config_file("configs/construct.py")))
+    return (f"usage: python -m data_pipeline.construct --config FILE.py:PRESET --out DIR [--stages {','.join(STAGES)}] "
+            f"[--config.KEY=VALUE ...]\npresets: configs/construct.py: {presets}\n"
+            f"example: python -m data_pipeline.construct {EXAMPLE}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
-        print(f"usage: python -m data_pipeline.construct --config FILE.py:PRESET --out DIR [--stages "
-              f"{','.join(STAGES)}] [--config.KEY=VALUE ...]\npresets: configs/construct.py: "
-              f"{', '.join(command_line.presets(command_line.resolve_config_file('configs/construct.py')))}\n"
-              f"example: python -m data_pipeline.construct {EXAMPLE}")
-        sys.exit(0)
-    reference = None
+    parsed = command_line.parse_config_flags(argv, usage=_usage, example=EXAMPLE)
     try:
-        argv, reference = command_line.checked_argv(argv)
-        if reference is None:
-            raise CommandLineError(f"--config is required, e.g. {EXAMPLE}")
-        parsed = flags.FLAGS(argv)
-        pipeline.parse_stages(flags.FLAGS["stages"].value)
-    except (CommandLineError, ValueError) as e:
-        _fail(e)
-    except flags.IllegalFlagValueError as e:
-        _fail(command_line.illegal_value_message(str(e), reference))
-    except Exception as e:  # noqa: BLE001 - any other parse error ends here, as one line
-        _fail(f"{type(e).__name__}: {e}")
-    if not flags.FLAGS["out"].value:
-        _fail(f"--out is required: the output directory, e.g. {EXAMPLE}")
+        pipeline.parse_stages(_STAGES.value)
+    except ValueError as e:
+        command_line.fail(e)
+    if not _OUT.value:
+        command_line.fail(f"--out is required: the output directory, e.g. {EXAMPLE}")
     return parsed
 
 
@@ -61,7 +47,7 @@ def main(argv: list[str]) -> None:
     try:
         pipeline.run(_CONFIG.value, _OUT.value, _STAGES.value)
     except USER_ERRORS as e:
-        _fail(e)
+        command_line.fail(e)
 
 
 if __name__ == "__main__":
