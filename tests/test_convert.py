@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from tests.fixtures.hf_models import hf_tensors
 from vlaa_jax import convert
 from vlaa_jax.models import qwen2_5_vl
 
@@ -21,15 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True,
                           text=True, timeout=600)
-
-
-def _hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, name), framework="numpy") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _our_logits(model_dir: str, batch) -> np.ndarray:
@@ -64,7 +55,7 @@ def test_round_trip_through_both_tools_is_bit_exact_and_loads_in_transformers(ti
 
     r = _tool("export_to_hf.py", "--ckpt", ckpt, "--out", out)
     assert r.returncode == 0, r.stderr
-    original, exported = _hf_tensors(tiny_hf.hf_dir), _hf_tensors(out)
+    original, exported = hf_tensors(tiny_hf.hf_dir), hf_tensors(out)
     expected_names = {k for k in original if not (tiny_hf.config["tie_word_embeddings"] and k == "lm_head.weight")}
     assert set(exported) == expected_names
     for k in expected_names:
@@ -88,7 +79,7 @@ def test_bfloat16_round_trip_is_bit_exact(tiny_hf, tmp_path):
     convert.convert_hf_to_orbax(src, ckpt)
     assert json.load(open(os.path.join(ckpt, qwen2_5_vl.loading.MARKER_FILE)))["dtype"] == "bfloat16"
     convert.export_to_hf(ckpt, out)
-    original, exported = _hf_tensors(src), _hf_tensors(out)
+    original, exported = hf_tensors(src), hf_tensors(out)
     assert set(exported) <= set(original) and len(exported) >= len(original) - 1
     for k, v in exported.items():
         assert str(v.dtype) == "bfloat16", k
@@ -109,7 +100,7 @@ def test_convert_with_dtype_cast_and_sharded_export(tiny_hf, tmp_path):
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all(os.path.getsize(os.path.join(out, s)) < 200_000 for s in shards)
-    original, exported = _hf_tensors(tiny_hf.hf_dir), _hf_tensors(out)
+    original, exported = hf_tensors(tiny_hf.hf_dir), hf_tensors(out)
     for k, v in exported.items():
         np.testing.assert_array_equal(v, original[k].astype(ml_dtypes.bfloat16), err_msg=k)
     _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
@@ -182,7 +173,7 @@ def test_3b_shaped_round_trip_and_peak_memory(qwen3b_shaped_hf, tmp_path):
           f"({(peak - base) / 2**30:.2f} GiB above the {base / 2**30:.2f} GiB of imports)")
     assert peak - base < 1.75 * weights
     convert.export_to_hf(ckpt, out, max_shard_size="1GB")
-    original, exported = _hf_tensors(qwen3b_shaped_hf.hf_dir), _hf_tensors(out)
+    original, exported = hf_tensors(qwen3b_shaped_hf.hf_dir), hf_tensors(out)
     assert set(exported) == set(original) - {"lm_head.weight"}
     for k, v in exported.items():
         np.testing.assert_array_equal(v, original[k], err_msg=k)

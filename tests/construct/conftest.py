@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,17 @@ from vlaa_jax.command_line import load_preset
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).with_name("stub_server.py")
 STAGE_MODELS = {"caption": "captioner", "distill": "reasoner", "rewrite": "rewriter", "verify": "judge"}
+
+
+def post_chat(url: str, body: dict, timeout_s: float = 300.0) -> tuple[int, dict]:
+    """(HTTP status, JSON reply) of POST <url>/chat/completions, error statuses included."""
+    req = urllib.request.Request(url + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 class Server:

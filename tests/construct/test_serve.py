@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import urllib.error
 import urllib.request
 
 import pytest
@@ -17,19 +16,9 @@ import tensorflow_datasets as tfds
 from data_pipeline.construct import pipeline
 from data_pipeline.records import SPLIT_FILES, read_records
 from data_pipeline.vlaa_thinking import build_vlaa_thinking
-from tests.construct.conftest import REPO, Server, construct_config, stub, write_sources
+from tests.construct.conftest import REPO, Server, construct_config, post_chat, stub, write_sources
 
 SAMPLED = {"model": "tiny", "temperature": 1.0, "seed": 0, "max_tokens": 8, "timeout_s": 300.0}
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture
@@ -91,14 +80,14 @@ def test_pipeline_on_served_tiny_model(served, tmp_path, servers):
     assert set(again["distill"]["dropped"]) <= {"no_reasoning", "no_answer", "truncated"}
 
     # bad requests: named, with OpenAI-style error bodies; the model list
-    status, body = _post(served.url, {"model": "other", "messages": [{"role": "user", "content": "hi"}]})
+    status, body = post_chat(served.url, {"model": "other", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 404 and "serves 'tiny'" in body["error"]["message"]
-    status, body = _post(served.url, {"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    status, body = post_chat(served.url, {"messages": [{"role": "user", "content": "hi"}], "stream": True})
     assert status == 400 and "stream" in body["error"]["message"]
-    status, body = _post(served.url, {"messages": [{"role": "user", "content": [
+    status, body = post_chat(served.url, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]})
     assert status == 400 and "base64" in body["error"]["message"]
-    status, body = _post(served.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **{
+    status, body = post_chat(served.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **{
         k: SAMPLED[k] for k in ("temperature", "seed")}})  # the sampling settings served above: compiled
     assert status == 200 and body["usage"]["completion_tokens"] <= 4 and body["choices"][0]["finish_reason"]
     with urllib.request.urlopen(served.url + "/models") as r:

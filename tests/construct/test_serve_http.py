@@ -8,7 +8,6 @@ import io
 import json
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
@@ -18,6 +17,7 @@ from PIL import Image
 
 from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
 from data_pipeline.records import Record
+from tests.construct.conftest import post_chat
 from tools import serve
 from vlaa_jax.models.qwen2_5_vl.config import VisionConfig
 
@@ -48,16 +48,6 @@ def server(qwen_tokenizer_dir):
     httpd.shutdown()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_requests_are_batched_and_prompts_are_the_pipelines(server):
     url, calls, tok_dir = server
     question = "How many objects are left?"
@@ -66,10 +56,10 @@ def test_requests_are_batched_and_prompts_are_the_pipelines(server):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}},
                                      {"type": "text", "text": question}]}]}
     sampled = {**body, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7}
-    assert _post(url, body)[0] == 200  # loads the tokenizer: the requests below then arrive together
+    assert post_chat(url, body, 30)[0] == 200  # loads the tokenizer: the requests below then arrive together
     calls.clear()
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda b: _post(url, b), [body] * 4 + [sampled] * 2))
+        answers = list(pool.map(lambda b: post_chat(url, b, 30), [body] * 4 + [sampled] * 2))
     assert all(status == 200 for status, _ in answers)
     # one call per sampling setting, not per request
     assert sorted((s.temperature, s.top_p, s.top_k, n, seed) for s, n, seed in calls) == [
@@ -101,5 +91,5 @@ def test_requests_are_batched_and_prompts_are_the_pipelines(server):
     ({"messages": [{"role": "user", "content": "x " * 20000}]}, 500, "scripted engine failure"),
 ])
 def test_bad_requests_are_named(server, body, status, says):
-    got, reply = _post(server[0], body)
+    got, reply = post_chat(server[0], body, 30)
     assert got == status and says in reply["error"]["message"]

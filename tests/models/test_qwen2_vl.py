@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors import safe_open
 
-from tests.fixtures.hf_models import hf_classes, qwen2vl_2b_shaped_hf_config_dict
+from tests.fixtures.hf_models import hf_classes, hf_tensors, qwen2vl_2b_shaped_hf_config_dict
 from vlaa_jax import convert, rollout
 from vlaa_jax.models import qwen2_5_vl as q
 from vlaa_jax.models.qwen2_5_vl import config as cfg, layout, params
@@ -50,15 +49,6 @@ def tiny(tiny_qwen2_vl_hf):
 def _rel_diff(ours, ref, mask):
     diff = np.abs(np.asarray(ours, np.float64) - ref)[mask].max()
     return diff, diff / np.abs(ref[mask]).max()
-
-
-def _hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, name), framework="numpy") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -188,7 +178,7 @@ def test_convert_and_export_round_trip_loads_in_transformers(tiny, tiny_qwen2_vl
     with open(os.path.join(ckpt, "config.json")) as f:
         assert json.load(f)["model_type"] == "qwen2_vl"
     out = convert.export_to_hf(ckpt, str(tmp_path / "hf"))
-    original, exported = _hf_tensors(ref.hf_dir), _hf_tensors(out)
+    original, exported = hf_tensors(ref.hf_dir), hf_tensors(out)
     assert set(exported) == set(original) - ({"lm_head.weight"} if ref.config["tie_word_embeddings"] else set())
     for k, x in exported.items():
         assert x.dtype == original[k].dtype, k
