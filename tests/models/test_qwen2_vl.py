@@ -18,6 +18,7 @@ from flax import nnx
 
 from tests.fixtures.hf_models import hf_classes, hf_tensors, qwen2vl_2b_shaped_hf_config_dict
 from vlaa_jax import convert, rollout
+from vlaa_jax import sharding as shd
 from vlaa_jax.models import qwen2_5_vl as q
 from vlaa_jax.models.qwen2_5_vl import config as cfg, layout, params
 
@@ -258,7 +259,6 @@ def test_2b_shaped_logits_and_greedy_match_hf(qwen2vl_2b_shaped_hf):
 def test_sharded_load_matches_hf(tiny_qwen2_vl_hf):
     """Read straight onto a 2x2x2 mesh (each device its shards of the memory-mapped safetensors): the
     LayerNorm biases and fc1/fc2 land like the other parameters and the logits stay HF's."""
-    from vlaa_jax import sharding as shd
     ref = tiny_qwen2_vl_hf
     mesh = shd.make_mesh((2, 2, 2))
     model = q.from_pretrained(ref.hf_dir, mesh=mesh, rules="fsdp_tp")
@@ -275,7 +275,6 @@ def test_sharded_load_matches_hf(tiny_qwen2_vl_hf):
 def test_memory_planner_knows_the_qwen2_vl_presets():
     """tools/plan_memory.py: the built-in Qwen2-VL shapes have the released models' parameter counts, and a
     qwen2_vl preset without a converted model is planned as Qwen2-VL (not as the Qwen2.5-VL 7B)."""
-    import jax
     from tools import plan_memory
     counts = {}
     for name in ("qwen2_vl_2b", "qwen2_vl_7b"):

@@ -5,13 +5,18 @@ import glob
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from configs import grpo as grpo_config
 from data_pipeline.chat import load_tokenizer
+from vlaa_jax import sharding as shd
 from vlaa_jax.models import reward_model as rm_lib
 from vlaa_jax.models.qwen2_5_vl.loading import copy_processor_files
+from vlaa_jax.rewards.jax_scorer import RewardModelScorer
 from vlaa_jax.rewards.mixed import REWARD_COUNTERS
+from vlaa_jax.rewards.open_ended import PromptImage, ScoreRequest
 from vlaa_jax.train import common, config_check, grpo_trainer
 
 PROMPTS = 6  # the demo's five sources in turn, in file order: the fifth prompt is open-ended
@@ -99,11 +104,6 @@ def test_a_missing_reward_model_directory_is_a_config_error(demo_data_dir, qwen_
 def test_sharded_batched_scorer_equals_one_row_at_a_time(tiny_rm_dir):
     """RewardModelScorer on the (2, 1, 4) mesh (rows padded to its batch, left-padded, lengths and patches
     bucketed, two image groups) gives each request the score of the reward model called on that row alone."""
-    import jax
-    import numpy as np
-    from vlaa_jax import sharding as shd
-    from vlaa_jax.rewards.jax_scorer import RewardModelScorer
-    from vlaa_jax.rewards.open_ended import PromptImage, ScoreRequest
     mesh = shd.make_mesh((2, 1, 4))
     scorer = RewardModelScorer(tiny_rm_dir, mesh=mesh, rules="fsdp", dtype="float32", batch_size=4)
     rng = np.random.default_rng(0)

@@ -122,6 +122,9 @@ class ModelGenerator:
         return texts, gen
 
     def __call__(self, items: Sequence[EvalItem]) -> Responses:
+        if self.prompts is None:
+            raise ValueError("this ModelGenerator was built without a PromptBuilder (prompts=None): it answers "
+                             "prompts built elsewhere through generate(), not evaluation items")
         out = Responses([], [], [], [])
         step = self.batch_size * self.CALL_ITEMS
         for start in range(0, len(items), step):
