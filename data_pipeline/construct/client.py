@@ -4,9 +4,12 @@ retries with back-off, an on-disk cache of replies, token accounting.
 Any server that speaks `POST {base_url}/chat/completions` works (vLLM, SGLang, hosted APIs,
 tools/serve.py). What is retried: HTTP 429 and 5xx (a `Retry-After` header is honoured, capped at
 `backoff_max_s`), timeouts, refused / dropped connections, and a 200 whose body is not a chat
-completion (malformed JSON, no `choices[0].message.content`). Other 4xx answers are the request's
-fault and fail at once. A request that still fails after `retries` retries is a `RequestError` whose
-`kind` (`http_500`, `timeout`, `connection`, `malformed_reply`, ...) the stage report counts.
+completion (malformed JSON, no `choices[0].message.content`). 401, 403 and 404 are the endpoint's
+fault (a missing or wrong API key, a wrong base_url or model), the same for every record: the run stops
+with an `EndpointError` naming the stage's endpoint, rather than dropping every record. Other 4xx
+answers are the request's fault and fail at once. A request that still fails after `retries` retries is
+a `RequestError` whose `kind` (`http_500`, `timeout`, `connection`, `malformed_reply`, ...) the stage
+report counts.
 
 The cache (`Cache`, one sqlite file in the output directory) keys a reply by (stage, record id, prompt
 hash, model); the prompt hash covers the messages and the sampling settings, so an edited template or
@@ -123,6 +126,15 @@ class RequestError(Exception):
         self.kind = kind
 
 
+class EndpointError(ValueError):
+    """An answer no request to this endpoint gets past (ENDPOINT_ERRORS): the run stops."""
+
+
+# HTTP statuses that say the endpoint is misconfigured, not the record: what to check.
+ENDPOINT_ERRORS = {401: "the API key is missing or wrong (api_key_env)", 403: "the API key may not use it",
+                   404: "no such base_url or model"}
+
+
 class _Retry(Exception):
     def __init__(self, kind: str, message: str, wait_s: float | None = None):
         super().__init__(message)
@@ -192,6 +204,9 @@ class ChatClient:
                 after = e.headers.get("Retry-After")
                 wait = float(after) if after and after.strip().replace(".", "", 1).isdigit() else None
                 raise _Retry(f"http_{e.code}", f"HTTP {e.code}: {detail}", wait) from None
+            if e.code in ENDPOINT_ERRORS:
+                raise EndpointError(f"{self.url} (model {self.endpoint.model!r}): HTTP {e.code}, "
+                                    f"{ENDPOINT_ERRORS[e.code]}: {detail}") from None
             raise RequestError(f"http_{e.code}", f"{self.url} (model {self.endpoint.model!r}): HTTP {e.code}: "
                                                  f"{detail}") from None
         except (TimeoutError, socket.timeout) as e:
@@ -295,8 +310,13 @@ def run_requests(stage: str, requests: Sequence[tuple[str, list[dict]]], client:
                  leave=False, dynamic_ncols=True) as bar:
         futures = {pool.submit(one, item): i for i, item in enumerate(requests)}
         results: list[Reply | RequestError] = [None] * len(requests)  # type: ignore[list-item]
-        for f in as_completed(futures):
-            results[futures[f]] = f.result()
-            bar.update(1)
+        try:
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(1)
+        except EndpointError:
+            for f in futures:  # no more requests to an endpoint that refuses them all
+                f.cancel()
+            raise
     usage.retries += client.retried - retried0
     return results

@@ -2,7 +2,7 @@
 answers by model name (captioner, reasoner, rewriter, judge) from a script, logs every request it
 receives (one JSON line each, so a test counts them after the process is gone), and fails on demand.
 
-    python tests/construct/stub_server.py --log FILE [--script FILE.json] [--mode ok|500|malformed|hang|flaky]
+    python tests/construct/stub_server.py --log FILE [--script FILE.json] [--mode ok|500|401|malformed|hang|flaky]
                                           [--die_after N] [--delay S]
 script: {"answers": {question: answer given by the reasoner}, "verdicts": {question: judge reply}}.
 """
@@ -33,7 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--log", required=True)
     p.add_argument("--script", default="")
-    p.add_argument("--mode", default="ok", choices=("ok", "500", "malformed", "hang", "flaky"))
+    p.add_argument("--mode", default="ok", choices=("ok", "500", "401", "malformed", "hang", "flaky"))
     p.add_argument("--die_after", type=int, default=0, help="exit (no reply) on request N+1")
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each reply")
     a = p.parse_args()
@@ -70,6 +70,8 @@ def main() -> None:
             time.sleep(a.delay)
             if a.mode == "hang":
                 time.sleep(3600)
+            if a.mode == "401":
+                return self._send(401, b'{"error": {"message": "Incorrect API key provided"}}')
             if a.mode == "500" or (a.mode == "flaky" and attempt == 1):
                 return self._send(500, b'{"error": {"message": "scripted failure"}}')
             if a.mode == "malformed" or (a.mode == "flaky" and attempt == 2):

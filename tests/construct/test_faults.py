@@ -1,7 +1,7 @@
 """The client against failing server processes: a server killed mid-run (the rerun takes the finished
 replies from the cache and asks the server only for the rest), the pipeline process killed mid-stage
 (the same), 500s and malformed JSON (retried, then a per-record error counted in the report), a hung
-server (timeout), a flaky one (retries succeed)."""
+server (timeout), a flaky one (retries succeed), a refused API key (the run stops)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from data_pipeline.construct import pipeline
+from data_pipeline.construct.client import EndpointError
 from tests.construct.conftest import REPO, construct_config, requests_logged, stub, write_sources
 
 STAGES = ("caption", "distill", "rewrite", "verify")
@@ -102,3 +105,15 @@ def test_flaky_server_succeeds_after_retries(tmp_path, servers, monkeypatch):
     report = pipeline.run(config, tmp_path / "out", stages="metadata,caption", progress=False)["caption"]
     assert report["kept"] == 3 and (report["usage"]["sent"], report["usage"]["retries"]) == (3, 6)
     assert len(requests_logged(log)) == 9 and {r["auth"] for r in requests_logged(log)} == {"Bearer sk-test"}
+
+
+def test_refused_api_key_stops_the_run(tmp_path, servers):
+    """A 401 is the endpoint's, not the record's: one error naming the endpoint, no record dropped for it,
+    and no requests after those in flight (concurrency 2 of 8 records)."""
+    server, log = stub(tmp_path, mode="401")
+    servers.append(server)
+    config = construct_config(_sources(tmp_path, 8), dict.fromkeys(STAGES, server.url),
+                              caption={"concurrency": 2})
+    with pytest.raises(EndpointError, match=r"/chat/completions \(model 'captioner'\): HTTP 401, the API key"):
+        pipeline.run(config, tmp_path / "out", stages="metadata,caption", progress=False)
+    assert len(requests_logged(log)) <= 2 * 2 and not (tmp_path / "out" / "work" / "caption.jsonl").exists()
