@@ -475,7 +475,7 @@ def split(ctx: Context, records: Sequence[dict]) -> StageResult:
     for r in records:
         by_source.setdefault(r["source"], []).append(r)
     rows: dict[str, list[dict]] = {"sft": [], "grpo": []}
-    images: dict[str, list[tuple[str, bytes]]] = {}
+    images: dict[str, list[tuple[str, Path]]] = {}  # read one at a time while the tars are written
     per_source: dict[str, dict[str, int]] = {}
     result = StageResult("split", [])
     names: dict[str, str] = {}
@@ -501,7 +501,7 @@ def split(ctx: Context, records: Sequence[dict]) -> StageResult:
                 raise ValueError(f"records {names[name]!r} and {r['id']!r} map to one image name {name!r}: "
                                  "give them ids that differ in letters, digits, '.', '_' or '-'")
             names[name] = r["id"]
-            images.setdefault(source, []).append((name, Path(r["image"]).read_bytes()))
+            images.setdefault(source, []).append((name, Path(r["image"])))
             base = {"id": r["id"], "image": name, "question": r["question"], "answer": r["response"], "gt": r["gt"],
                     "verifier_type": r["verifier_type"]}
             if i < n_rl:
@@ -512,7 +512,8 @@ def split(ctx: Context, records: Sequence[dict]) -> StageResult:
                                              "rationale": r["reasoning"], "text_question": r["question"],
                                              "url": "", "verified_by": r.get("verified_by", "")}})
             result.kept.append(r)
-    written = write_release(ctx.out, rows, images)
+    written = write_release(ctx.out, rows, {s: ((name, path.read_bytes()) for name, path in members)
+                                            for s, members in images.items()})
     result.extra.update(sft=len(rows["sft"]), grpo=len(rows["grpo"]), per_source=per_source,
                         files={k: str(v) for k, v in written.items()})
     return result
