@@ -3,7 +3,8 @@
     python tools/serve.py --model DIR [--host 127.0.0.1] [--port 8000] [--served_name NAME] [--slots 8]
 
 Endpoints: `POST /v1/chat/completions` (messages with text and images: `image_url` parts holding a
-base64 `data:` URL, a `file://` URL or a local path; `max_tokens`, `temperature` (0 = greedy, the
+base64 `data:` URL, a `file://` URL or a local path (a file is read only under --image_root; without one,
+anywhere when serving on loopback and nowhere otherwise); `max_tokens`, `temperature` (0 = greedy, the
 default), `top_p`, `top_k` (vLLM's extension), `seed`; the reply carries `usage` token counts and finish_reason "stop" / "length"),
 `GET /v1/models`, `GET /health`. Streaming, n > 1 and stop sequences are refused (HTTP 400).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import ipaddress
 import dataclasses
 import json
 import os
@@ -80,14 +82,14 @@ class Model:
     """The served model: one ModelGenerator (engine) per sampling setting, and its request parser."""
 
     def __init__(self, model_dir: str, *, served_name: str, slots: int, dtype: str, attention_impl: str,
-                 min_pixels: int, max_pixels: int, max_tokens_cap: int):
+                 min_pixels: int, max_pixels: int, max_tokens_cap: int, image_root: str | None = None):
         self.slots, self.cap = slots, max_tokens_cap
         model = q.from_pretrained(model_dir, dtype=dtype, attention_impl=attention_impl)
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = load_tokenizer(model_dir)
         self.parser = RequestParser(model_dir, served_name, self.config.vision,
-                                    *pixel_limits(model_dir, min_pixels, max_pixels), max_tokens_cap)
+                                    *pixel_limits(model_dir, min_pixels, max_pixels), max_tokens_cap, image_root)
         self._generators: dict[SamplingConfig, ModelGenerator] = {}
 
     def generate(self, sampling: SamplingConfig, prompts: list, limits: list[int], seed: int
@@ -110,6 +112,7 @@ class RequestParser:
     min_pixels: int
     max_pixels: int
     cap: int         # largest max_tokens
+    image_root: str | None = None  # file-path images: None = any path, "" = refused, DIR = only under DIR
 
     def _image(self, part: dict) -> bytes:
         url = part.get("image_url")
@@ -127,6 +130,13 @@ class RequestParser:
         if url.startswith(("http://", "https://")):
             raise RequestError("image URLs are not fetched: send the image as a base64 data: URL or a file path")
         path = url[len("file://"):] if url.startswith("file://") else url
+        if self.image_root == "":
+            raise RequestError("this server reads no image files (it serves beyond loopback without "
+                               "--image_root): send the image as a base64 data: URL")
+        if self.image_root is not None:
+            root = os.path.realpath(self.image_root)
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                raise RequestError(f"image file {path!r} is outside this server's --image_root")
         if not os.path.isfile(path):
             raise RequestError(f"image file {path!r} not found on the server")
         with open(path, "rb") as f:
@@ -296,6 +306,18 @@ def make_handler(parser: RequestParser, batcher: Batcher, verbose: bool):
     return Handler
 
 
+def image_root(host: str, root: str) -> str | None:
+    """The RequestParser's image_root: `root` if given, else any path on a loopback host (a local user's
+    own files) and no file at all on an address others can reach."""
+    if root:
+        return root
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return None if loopback else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="vlaa-jax model directory or HF Qwen2.5-VL directory")
@@ -310,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_pixels", type=int, default=0, help="default: the model's preprocessor_config.json")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
+    p.add_argument("--image_root", default="",
+                   help="image file paths in requests are read only under this directory; default: any path "
+                        "when --host is a loopback address, none otherwise (then only base64 data: URLs)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     a = p.parse_args(argv)
     if not os.path.isdir(a.model):
@@ -319,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     with cli.user_errors():
         model = Model(a.model, served_name=a.served_name, slots=a.slots, dtype=a.dtype,
                       attention_impl=a.attention_impl, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
-                      max_tokens_cap=a.max_tokens_cap)
+                      max_tokens_cap=a.max_tokens_cap, image_root=image_root(a.host, a.image_root))
         batcher = Batcher(model.generate, a.batch_wait_ms / 1000.0, a.slots * ModelGenerator.CALL_ITEMS)
         batcher.start()
         server = ThreadingHTTPServer((a.host, a.port), make_handler(model.parser, batcher, a.verbose))

@@ -93,3 +93,29 @@ def test_requests_are_batched_and_prompts_are_the_pipelines(server):
 def test_bad_requests_are_named(server, body, status, says):
     got, reply = post_chat(server[0], body, 30)
     assert got == status and says in reply["error"]["message"]
+
+
+def test_image_files_are_read_only_where_allowed(qwen_tokenizer_dir, tmp_path):
+    """A file-path image is read anywhere on a loopback server, only under --image_root when one is
+    given, and never on an address others can reach without one (base64 still works there)."""
+    inside, outside = tmp_path / "images", tmp_path / "secret"
+    inside.mkdir(), outside.mkdir()
+    for d in (inside, outside):
+        Image.new("RGB", (56, 56), (10, 200, 10)).save(d / "a.png")
+    assert serve.image_root("127.0.0.1", "") is None and serve.image_root("localhost", "") is None
+    assert serve.image_root("0.0.0.0", "") == "" and serve.image_root("0.0.0.0", str(inside)) == str(inside)
+
+    def parse(root, url):
+        parser = serve.RequestParser(qwen_tokenizer_dir, "tiny", VisionConfig(), 4 * 28 * 28, 256 * 32 * 32, 64,
+                                     root)
+        return parser({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "colour?"}]}]})
+
+    assert parse(None, str(outside / "a.png"))
+    assert parse(str(inside), f"file://{inside / 'a.png'}")
+    for root, url, says in ((str(inside), str(outside / "a.png"), "outside this server's --image_root"),
+                            (str(inside), str(inside / ".." / "secret" / "a.png"), "outside"),
+                            ("", str(inside / "a.png"), "reads no image files")):
+        with pytest.raises(serve.RequestError, match=says):
+            parse(root, url)
+    assert parse("", _png())
