@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import tree as ocp_tree
 
+from vlaa_jax import quiet
 from vlaa_jax.models.qwen2_5_vl.loading import short_reason
 
 STATE, DATA, META = "state", "data", "meta"
@@ -135,7 +136,8 @@ class TrainCheckpointer:
             self._check_meta(step, meta, expect_meta)
             try:
                 self._check_tree(step, abstract_state)
-                state, data_state, meta = self.restore(abstract_state, step)
+                with quiet.orbax_restore():
+                    state, data_state, meta = self.restore(abstract_state, step)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001

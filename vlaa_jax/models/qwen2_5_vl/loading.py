@@ -31,6 +31,7 @@ from orbax.checkpoint import type_handlers
 from orbax.checkpoint._src.serialization import type_handler_registry
 
 import vlaa_jax.models.qwen2_5_vl.params as hf_params
+from vlaa_jax import quiet
 from vlaa_jax import sharding as shd
 from vlaa_jax.models.qwen2_5_vl.config import Qwen25VLConfig, load_config
 from vlaa_jax.models.qwen2_5_vl.model import Qwen25VL, abstract_model
@@ -334,7 +335,8 @@ def short_reason(e: BaseException, limit: int = 300) -> str:
 def _damage_named(params_dir: str, read: Callable[[], Any]) -> Any:
     """read(), with Orbax / tensorstore errors about damaged files as one ValueError naming the directory."""
     try:
-        return read()
+        with quiet.orbax_restore():
+            return read()
     except (ValueError, OSError, KeyError, AttributeError) as e:
         raise ValueError(f"{params_dir}: the parameters do not restore ({short_reason(e)}): the model directory "
                          "is damaged or does not match its config.json; write it again "
