@@ -67,6 +67,15 @@ def is_held_out(record_id: str, per_mille: int) -> bool:
     return per_mille > 0 and int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % 1000 < per_mille
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a dataset built from local files only: no look-up of precomputed info on TFDS's GCS
+    bucket, whose attempt (GCS is off offline) leaves an empty /tmp/tmp*tfds directory behind at every
+    builder made before the first build (a test session made hundreds)."""
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class VlaaThinking(tfds.core.GeneratorBasedBuilder):
     """VLAA-Thinking (arXiv 2504.11468): image, question, R1-style response, ground truth, reward type."""
 
@@ -114,7 +123,7 @@ class VlaaThinking(tfds.core.GeneratorBasedBuilder):
             "file": tfds.features.Text(),
             "line": tfds.features.Scalar(dtype=np.int64),
         })
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=__doc__.split("\n\n")[0],
             features=features,

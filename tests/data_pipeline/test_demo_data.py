@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 
 import ml_collections
 from absl import logging as absl_logging
@@ -14,7 +15,10 @@ from data_pipeline.vlaa_thinking.vlaa_thinking import build_vlaa_thinking
 from vlaa_jax.train import common
 
 
-def test_visual_demo_written_once_and_built_quietly(tmp_path, capfd):
+def test_visual_demo_written_once_and_built_quietly(tmp_path, capfd, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # what TFDS's temporary directories go under
     out = ensure_demo_data(tmp_path / "demo_data" / "visual", "visual")
     grpo = [json.loads(l) for l in open(out / SPLIT_FILES["grpo"][0])]
     assert {r["verifier_type"] for r in grpo} == {"digit", "mcq", "math", "iou"}  # no unscored open-ended
@@ -30,6 +34,7 @@ def test_visual_demo_written_once_and_built_quietly(tmp_path, capfd):
     assert "Downloading and preparing" not in captured.out + captured.err
     build_vlaa_thinking("grpo", manual_dir=out, data_dir=out / "tfds")
     assert capfd.readouterr().out == ""  # prepared: nothing at all
+    assert list(scratch.iterdir()) == []  # no empty /tmp/tmp*tfds left by a GCS look-up per build
 
 
 def test_demo_data_dir_defaults_to_the_shared_cache(tmp_path, monkeypatch):
