@@ -7,21 +7,13 @@ types and keep their traceback.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
-from typing import NoReturn
+
+from vlaa_jax.command_line import fail  # the one `error:` line, exit code 2
 
 # Errors of bad input: missing / unreadable files and directories (OSError), a missing tensor or key
 # (KeyError), bad values and damaged files (ValueError: DataError, BenchmarkError, JSON errors included).
 USER_ERRORS = (OSError, KeyError, ValueError)
-
-
-def fail(error: object) -> NoReturn:
-    """Prints `error: <message>` (one line) to stderr and exits with code 2."""
-    if isinstance(error, KeyError) and error.args:
-        error = error.args[0]  # str(KeyError) quotes its message
-    print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
-    sys.exit(2)
 
 
 @contextlib.contextmanager

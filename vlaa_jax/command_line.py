@@ -182,6 +182,8 @@ def help_text() -> str:
 
 def fail(error: object) -> NoReturn:
     """The user's mistake: one `error:` line on stderr, exit code 2."""
+    if isinstance(error, KeyError) and error.args:
+        error = error.args[0]  # str(KeyError) quotes its message
     print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
     sys.exit(2)
 
