@@ -180,10 +180,16 @@ def mrope(position_ids: jax.Array, head_dim: int, theta: float,
 # --------------------------------------------------------------------------------------------- attention
 
 def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool,
-                   q_slots: jax.Array | None = None, kv_slots: jax.Array | None = None) -> jax.Array:
+                   q_slots: jax.Array | None = None, kv_slots: jax.Array | None = None,
+                   shared_prefix: bool = False) -> jax.Array:
     """Boolean mask [B, 1, T, S]: same segment id (0 = padding, never attends or is attended) and, when
-    `causal`, key slot <= query slot (slots default to 0..T-1 / 0..S-1)."""
-    mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
+    `causal`, key slot <= query slot (slots default to 0..T-1 / 0..S-1). shared_prefix: keys of segment
+    1 are also read by every other segment of the row (one prompt laid out once before its n responses,
+    each its own segment: the prompt's forward is shared, `grpo_step.response_logprobs`)."""
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    if shared_prefix:
+        same |= kv_segments[:, None, :] == 1
+    mask = same & (kv_segments[:, None, :] > 0)
     mask &= (q_segments[:, :, None] > 0)
     if causal:
         T, S = q_segments.shape[1], kv_segments.shape[1]

@@ -176,11 +176,12 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh, rules, *, batch_size: int,
     return shd.shard_batch(batch, shardings)
 
 
-def hidden_states(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Final-norm hidden states [B, L, D] of the batch (no logits: the loss chunks the vocabulary)."""
+def hidden_states(model: Any, batch: Mapping[str, jax.Array], *, shared_prefix: bool = False) -> jax.Array:
+    """Final-norm hidden states [B, L, D] of the batch (no logits: the loss chunks the vocabulary).
+    shared_prefix: the attention_mask's segment 1 is read by every segment of its row (`nn.attention_mask`)."""
     hidden, _ = model.forward(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
                               pixel_values=batch.get("pixel_values"), vision=vision_from_batch(batch),
-                              return_hidden=True)
+                              return_hidden=True, shared_prefix=shared_prefix)
     return hidden
 
 

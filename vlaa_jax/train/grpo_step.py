@@ -24,6 +24,7 @@ from flax import nnx
 from data_pipeline.model_inputs import GroupShape, PromptBatch
 from vlaa_jax import rollout as rollout_lib
 from vlaa_jax import sharding as shd
+from vlaa_jax.models.qwen2_5_vl import layout
 from vlaa_jax.rl import grpo as grpo_lib
 from vlaa_jax.rl.dynamic_sampling import filter_zero_variance_groups
 from vlaa_jax.rl.kl import kl_penalty
@@ -138,15 +139,28 @@ def old_logprob_source(settings: GRPOSettings) -> str:
 # --------------------------------------------------------------------------------------------- losses
 def response_logprobs(model: Any, batch: Mapping[str, jax.Array], *, chunk_size: int, temperature: float
                       ) -> tuple[jax.Array, jax.Array]:
-    """(log-probs, entropies) [B, T] of the response tokens (the last T columns) under the policy's
-    temperature-scaled distribution, the one they were sampled from."""
-    t = batch["response_mask"].shape[1]
-    hidden = common.hidden_states(model, batch)
+    """(log-probs, entropies) [R, T] of the R responses' tokens under the policy's temperature-scaled
+    distribution, the one they were sampled from. Two layouts (`GRPOStep.micro_batch`): R rows, each a
+    prompt and its response in the last T columns; or grouped, G = R / n rows: a prompt once (segment 1)
+    then its n responses, T columns each (segments 2..n+1, `nn.attention_mask(shared_prefix=True)`), so
+    the n samples share one forward of their prompt and its image."""
+    mask = batch["response_mask"]
+    rows, t = mask.shape
+    groups = batch["input_ids"].shape[0]
+    hidden = common.hidden_states(model, batch, shared_prefix=rows != groups)
     length = hidden.shape[1]
-    h = hidden[:, length - t - 1:length - 1]
-    targets = batch["input_ids"][:, length - t:]
-    return token_logprobs(h, common.lm_head(model), targets, batch["response_mask"], chunk_size=chunk_size,
-                          temperature=temperature)
+    if rows == groups:
+        h = hidden[:, length - t - 1:length - 1]
+        targets = batch["input_ids"][:, length - t:]
+    else:
+        n, dim = rows // groups, hidden.shape[-1]
+        start = length - n * t                      # first response column
+        # token k of response j is predicted at column start + j*t + k - 1; its first at the prompt's last
+        last = jnp.broadcast_to(hidden[:, None, start - 1:start], (groups, n, 1, dim))
+        h = jnp.concatenate([last, hidden[:, start:].reshape(groups, n, t, dim)[:, :, :-1]], axis=2)
+        h = h.reshape(rows, t, dim)
+        targets = batch["input_ids"][:, start:].reshape(rows, t)
+    return token_logprobs(h, common.lm_head(model), targets, mask, chunk_size=chunk_size, temperature=temperature)
 
 
 def grpo_loss_fn(model: Any, batch: Mapping[str, jax.Array], *, cfg: grpo_lib.GRPOConfig, chunk_size: int,
@@ -283,20 +297,51 @@ class GRPOStep:
         return ScoredRollout(rollout, np.asarray(rewards, np.float32), dict(stats))
 
     # -- ScoredRollout -> TrainBatch -----------------------------------------------------------------
-    def update_shape(self, prompts: PromptBatch) -> GroupShape:
+    def grouped(self, rollout: Rollout) -> bool:
+        """Whether this rollout's log-prob forwards and update are laid out grouped: each prompt once
+        before its n responses (`response_logprobs`), so its forward and its image's run once, not n
+        times. Taken when the whole rollout batch is one update (its micro-batches can then be whole
+        groups; the reference / old-policy forwards and the update then use the same layout, so equal
+        parameters give equal log-probs), every data-parallel device gets whole groups, and the
+        attention scores do not grow: a grouped row of Lp + n*T columns against n rows of Lp + T (short
+        responses after long prompts, as in GRPO on images; long responses keep one row each)."""
+        s = self.settings
+        n, rows = s.num_samples, s.micro
+        lp, t = rollout.prompts.input_ids.shape[1], rollout.tokens.shape[1]
+        return (s.updates_per_step == 1 and n > 1 and rows % n == 0
+                and (rows // n) % shd.data_parallel_size(self.mesh, self.rules) == 0
+                and (lp + n * t) ** 2 <= n * (lp + t) ** 2)
+
+    def update_shape(self, prompts: PromptBatch, grouped: bool = False) -> GroupShape:
         """One image-group shape for every forward / update micro-batch of this rollout batch (they stack
-        for gradient accumulation)."""
-        micro = self.settings.micro
-        return prompts.uniform_shape(micro, self.image_groups(micro), self.mcfg)
+        for gradient accumulation); grouped: of micro / n prompt rows."""
+        rows = self.settings.micro // (self.settings.num_samples if grouped else 1)
+        return prompts.uniform_shape(rows, self.image_groups(rows), self.mcfg)
 
     def micro_batch(self, batch: TrainBatch, idx: np.ndarray, shape: GroupShape, *,
-                    loss_normalizer: float | None = None) -> dict[str, np.ndarray]:
+                    loss_normalizer: float | None = None, grouped: bool = False) -> dict[str, np.ndarray]:
         """Host fields of the rollout rows `idx`: prompts + responses laid out and the response mask (a
         log-prob forward's input); with `loss_normalizer`, also what the loss reads (an update's input):
-        advantages, beta, the normaliser, old-policy and reference log-probs where there are any."""
+        advantages, beta, the normaliser, old-policy and reference log-probs where there are any.
+        grouped: `idx` is whole groups (the n rows of a prompt, consecutive), one row per prompt: the
+        prompt, then each response at its own segment id 2..n+1 with the positions it was sampled at."""
         r = batch.scored.rollout
-        fields = r.prompts.rows(r.prompt_index[idx], self.mcfg, shape, responses=r.tokens[idx],
-                                response_mask=batch.response_mask[idx])
+        if grouped:
+            n = self.settings.num_samples
+            rows = np.asarray(idx).reshape(-1, n)
+            if (r.prompt_index[rows] != r.prompt_index[rows[:, :1]]).any():
+                raise ValueError("a grouped micro-batch needs the rows of each prompt together")
+            fields = r.prompts.rows(r.prompt_index[rows[:, 0]], self.mcfg, shape)
+            t = r.tokens.shape[1]
+            segments = (2 + np.arange(n, dtype=np.int32))[None, :, None] * batch.response_mask[rows]
+            positions = layout.response_positions(fields["attention_mask"], fields["rope_deltas"], t)
+            fields.update(
+                input_ids=np.concatenate([fields["input_ids"], r.tokens[rows].reshape(len(rows), -1)], axis=1),
+                attention_mask=np.concatenate([fields["attention_mask"], segments.reshape(len(rows), -1)], axis=1),
+                position_ids=np.concatenate([fields["position_ids"], np.tile(positions, (1, 1, n))], axis=2))
+        else:
+            fields = r.prompts.rows(r.prompt_index[idx], self.mcfg, shape, responses=r.tokens[idx],
+                                    response_mask=batch.response_mask[idx])
         fields.pop("rope_deltas")
         fields["response_mask"] = batch.response_mask[idx]
         if loss_normalizer is not None:
@@ -332,13 +377,15 @@ class GRPOStep:
 
     def _forward_batches(self, batch: TrainBatch, prompts: PromptBatch) -> list[dict]:
         micro, n = self.settings.micro, len(batch.advantages)
-        shape = self.update_shape(prompts)
-        return [self.micro_batch(batch, np.arange(i, min(i + micro, n)), shape) for i in range(0, n, micro)]
+        grouped = self.grouped(batch.scored.rollout)
+        shape = self.update_shape(prompts, grouped)
+        return [self.micro_batch(batch, np.arange(i, min(i + micro, n)), shape, grouped=grouped)
+                for i in range(0, n, micro)]
 
     def _forward_logprobs(self, params: Any, batches: list[dict]) -> np.ndarray:
         out = []
         for b in batches:
-            dev = common.put_batch(b, self.mesh, self.rules, batch_size=b["input_ids"].shape[0])
+            dev = common.put_batch(b, self.mesh, self.rules, batch_size=b["response_mask"].shape[0])
             with shd.activate(self.mesh, self.rules):
                 out.append(np.asarray(jax.device_get(self.logprob_fn(params, self.rest, dev))))
         return np.concatenate(out, axis=0)
@@ -350,17 +397,22 @@ class GRPOStep:
         sharded update with gradient accumulation and the minibatch's global loss normaliser."""
         s = self.settings
         n, micro = len(batch.advantages), s.micro
-        shape = self.update_shape(batch.scored.rollout.prompts)
+        grouped = self.grouped(batch.scored.rollout)       # one update: whole groups, shuffled as groups
+        shape = self.update_shape(batch.scored.rollout.prompts, grouped)
         mask = batch.response_mask
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64))
         all_metrics = []
         for _ in range(s.update_epochs):
-            order = rng.permutation(n)
+            if grouped:
+                order = (rng.permutation(n // s.num_samples)[:, None] * s.num_samples
+                         + np.arange(s.num_samples)).reshape(-1)
+            else:
+                order = rng.permutation(n)
             for start in range(0, n, s.batch_size):
                 mb = order[start:start + s.batch_size]
                 norm = float(grpo_lib.loss_normalizer(mask[mb], s.loss.loss_agg_mode))
                 micro_batches = [self.micro_batch(batch, mb[m * micro:(m + 1) * micro], shape,
-                                                  loss_normalizer=max(norm, 1.0) / s.grad_accum_steps)
+                                                  loss_normalizer=max(norm, 1.0) / s.grad_accum_steps, grouped=grouped)
                                  for m in range(s.grad_accum_steps)]
                 host = micro_batches[0] if s.grad_accum_steps == 1 else step_lib.stack_micro_batches(micro_batches)
                 dev = common.put_batch(host, self.mesh, self.rules, batch_size=micro,

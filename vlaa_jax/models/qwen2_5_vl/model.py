@@ -112,21 +112,23 @@ class Qwen25VL(nnx.Module):
     def forward(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array, *,
                 pixel_values: jax.Array | None = None, vision: layout_lib.VisionLayout | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False, last_only: bool = False,
-                ) -> tuple[jax.Array, KVCache | None]:
+                shared_prefix: bool = False) -> tuple[jax.Array, KVCache | None]:
         """input_ids [B, T], position_ids [3, B, T] (`layout.mrope_positions`), segment_ids [B, T]
         (attention_mask, 0 = padding), optional pixel_values [G, P, patch_dim] (image groups of B // G
         rows; or [P, patch_dim], one group) with `vision` =
         `layout.grouped_vision(...)` (or `layout.vision_layout(..., num_patches_padded=P)`), optional KV cache.
         Returns (float32 logits [B, T, vocab], or final hidden states [B, T, D] with return_hidden; the
         updated cache or None). last_only: outputs of the last position only ([B, 1, ...]; with a cache,
-        the whole prompt's keys/values are still written: a prefill)."""
+        the whole prompt's keys/values are still written: a prefill). shared_prefix: segment 1 of a row is
+        read by all its other segments (`TextModel.__call__`)."""
         x = shd.constrain(self.language_model.embed(input_ids), shd.ACTIVATION_AXES)
         if pixel_values is not None:
             if vision is None:
                 raise ValueError("pixel_values given without its vision layout")
             feats = self.encode_images(pixel_values, vision)
             x = scatter_image_features(x, input_ids, feats, self.config.image_token_id)
-        hidden, cache = self.language_model(x, position_ids, segment_ids, cache, last_only=last_only)
+        hidden, cache = self.language_model(x, position_ids, segment_ids, cache, last_only=last_only,
+                                            shared_prefix=shared_prefix)
         return (hidden if return_hidden else self.logits(hidden)), cache
 
     # ------------------------------------------------------------------------------- HF-shaped call

@@ -218,17 +218,21 @@ class TextModel(nnx.Module):
         self._decode_kernels = nnx.data(self.decode_kernels() if kernels is None else kernels)
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, last_only: bool = False, shared_prefix: bool = False
+                 ) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D], position_ids [3, B, T], segment_ids [B, T] -> (final-norm hidden
         [B, T, D], updated cache or None). last_only: hidden of the last token only, [B, 1, D] (a
         prefill: layers 0..N-2 run in the scan, then the top layer, its slice of the stacked parameters,
         computes keys/values for every token and the rest for the last one, the only one whose output
-        is used)."""
+        is used). shared_prefix (no cache): segment 1 is read by every segment of its row
+        (`nn.attention_mask`); attention then takes the dense mask, not the segment-id kernel path."""
         t = self.config.text
         cos, sin = nn.mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         segment_ids = segment_ids.astype(jnp.int32)
         if cache is None:
-            mask = nn.attention_mask(segment_ids, segment_ids, causal=True)
+            mask = nn.attention_mask(segment_ids, segment_ids, causal=True, shared_prefix=shared_prefix)
+        elif shared_prefix:
+            raise ValueError("shared_prefix is for a forward without a KV cache")
         else:
             T = inputs_embeds.shape[1]
             segments = write_slots(cache.segments, segment_ids, cache.index)
@@ -245,8 +249,8 @@ class TextModel(nnx.Module):
 
         def run(layer, carry, i, last_only=False):
             x, kv = carry
-            x, kv = layer(x, cos, sin, mask, segment_ids, None if kv is None else LayerCache(*kv, i), index,
-                          last_only=last_only)
+            x, kv = layer(x, cos, sin, mask, None if shared_prefix else segment_ids,
+                          None if kv is None else LayerCache(*kv, i), index, last_only=last_only)
             return x, None if kv is None else kv[:2]
 
         def body(carry, xs):
