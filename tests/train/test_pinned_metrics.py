@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from tests.train.helpers import metrics, run_trainer
+from tests.train.helpers import metrics
 from tests.train.test_demo import _main
 
 PINNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinned")
@@ -44,7 +44,6 @@ def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
     _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"))
 
 
-def test_grpo_toy_reward_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
-    run_trainer("grpo", tmp_path, demo_data_dir, "--steps", "3", "--checkpoint_every", "3", "--toy_reward",
-                cache_dir=jax_cache_dir)
-    _compare(metrics(tmp_path), _pinned("grpo_toy_reward.jsonl"))
+def test_grpo_toy_reward_first_steps_pinned(grpo_toy_run):
+    workdir, _ = grpo_toy_run  # `--steps 3 --checkpoint_every 3 --toy_reward` (tests/fixtures/train.py)
+    _compare(metrics(workdir), _pinned("grpo_toy_reward.jsonl"))
