@@ -56,13 +56,14 @@ def test_sft_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
 
 
 def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
+    # The training shapes and length of test_pinned_metrics.py's demo run (3 steps, 32 new tokens, the
+    # preset's batch), so that one of the two compiles the warm start's and GRPO's programs for both.
     proc = _main("configs/grpo.py:demo", tmp_path, f"--config.data.dir={demo_data_dir}",
-                 "--config.train.num_steps=2", "--config.warm_start.train.num_steps=2",
-                 "--config.grpo.eval_prompts=5", "--config.grpo.max_new_tokens=16",
-                 "--config.grpo.rollout_batch_prompts=2", "--config.train.batch_size=8",
+                 "--config.train.num_steps=3", "--config.warm_start.train.num_steps=2",
+                 "--config.grpo.eval_prompts=5", "--config.grpo.max_new_tokens=32",
                  cache_dir=jax_cache_dir)
     out = proc.stdout
-    assert "grpo: 100%" in proc.stderr and "GRPO finished: 2 steps" in out
+    assert "grpo: 100%" in proc.stderr and "GRPO finished: 3 steps" in out
     assert "before" in out and "after" in out and "no answer" in out
     assert f"curves: {tmp_path / 'runs.png'}" in out and os.path.getsize(tmp_path / "runs.png") > 0
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -97,7 +98,7 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert (report["settings"]["min_pixels"], report["settings"]["max_pixels"]) == (56 * 56, 56 * 56)
     assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
     assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too
-    # Distinct generate programs so far: the before-table's (5 prompts, greedy) and the steps' (2 prompts,
+    # Distinct generate programs so far: the before-table's (5 prompts, greedy) and the steps' (8 prompts,
     # 4 samples; one per prompt-length bucket at most).
     counts = [r["compiles/rollout"] for r in rows]
     assert counts == sorted(counts) and 2 <= counts[-1] <= 1 + len(rows)
