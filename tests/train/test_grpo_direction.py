@@ -10,9 +10,10 @@ import numpy as np
 
 from tests.train.helpers import run_trainer
 
-# 6 steps: the last 5 (averaged below) follow 1 update; with 10 the rewards were 0.27 then 0.83 from step 2 on
-# (up) and 0.27 then 0.0-0.08 (down): the update's direction shows at the first update.
-ARGS = ("--steps", "6", "--checkpoint_every", "0", "--toy_reward", "--set", "optim.learning_rate=1e-3",
+# 3 steps: with 10 the rewards were 0.27 then 0.83 from step 2 on (up) and 0.27 then 0.0-0.08 (down): the
+# update's direction shows from the first update. 3 is the length (and the learning rate the same) of the
+# `grpo_toy_run` fixture's run, whose compiled steps these runs share (the embedding's std is init only).
+ARGS = ("--steps", "3", "--checkpoint_every", "0", "--toy_reward", "--set", "optim.learning_rate=1e-3",
         "--set", "model.tiny.embedding_init_std=0.5")
 
 
@@ -22,6 +23,6 @@ def test_grpo_raises_reward_and_negated_reward_lowers_it(demo_data_dir, jax_cach
     r_up = np.array([h["reward"] for h in up["reward_history"]])
     r_down = -np.array([h["reward"] for h in down["reward_history"]])  # it was trained on -toy_reward
     assert r_up[0] == r_down[0]  # same seed, same first rollout
-    assert r_up[-5:].mean() > r_up[0] + 0.15, r_up                 # rises (the toy task's noise is ~0.1)
+    assert r_up[1:].mean() > r_up[0] + 0.15, r_up                  # rises (the toy task's noise is ~0.1)
     assert r_down[1:].mean() < r_down[0], r_down                   # falls (it may start near 0)
     assert r_up[1:].mean() - r_down[1:].mean() > 0.3, (r_up, r_down)  # and the two runs part ways
