@@ -27,13 +27,23 @@ def _pinned(name: str) -> list[dict]:
         return [json.loads(l) for l in f if l.strip()]
 
 
-def _compare(rows: list[dict], pinned: list[dict]) -> None:
+def _compare(rows: list[dict], pinned: list[dict], abs_tol: dict[str, float] | None = None) -> None:
+    """Every pinned metric to rel 1e-4 / abs 1e-7; `abs_tol` widens the absolute tolerance of named keys."""
     assert [r["step"] for r in rows] == [p["step"] for p in pinned]
     for row, pin in zip(rows, pinned):
         got = {k: v for k, v in row.items() if not k.startswith(TIMING)}
         assert sorted(got) == sorted(pin), f"step {pin['step']}: metric keys differ"
         for key, want in pin.items():
-            assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-7), f"step {pin['step']} {key}"
+            tol = (abs_tol or {}).get(key, 1e-7)
+            assert got[key] == pytest.approx(want, rel=1e-4, abs=tol), f"step {pin['step']} {key}"
+
+
+# The demo run's rewards are all 0, so its update is the KL term alone: the KL between the policy and its
+# bfloat16 reference copy after one or two updates, ~1e-6, where bfloat16 rounding is the signal. XLA CPU
+# splits its reductions by thread count: one core gives 2.98e-6 where two give 3.16e-6 (step 2's
+# kl_rollout). These keys are pinned to their magnitude; every other metric (tokens, entropy, reward
+# counts, loss, gradient norm) stays pinned to 1e-4.
+BF16_ROUNDING_LEVEL = {k: 5e-7 for k in ("kl_rollout", "kl", "kl_loss", "approx_kl")}
 
 
 def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
@@ -41,7 +51,7 @@ def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
           "--config.train.num_steps=3", "--config.warm_start.train.num_steps=2", "--config.grpo.eval_prompts=0",
           "--config.grpo.max_new_tokens=32", "--config.train.export_hf=False",
           "--config.train.progress_bar=False", cache_dir=jax_cache_dir)
-    _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"))
+    _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"), abs_tol=BF16_ROUNDING_LEVEL)
 
 
 def test_grpo_toy_reward_first_steps_pinned(grpo_toy_run):
