@@ -106,3 +106,26 @@ def test_grouped_logprobs_loss_and_grads_match(setup):
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  g2.to_pure_dict(), g1.to_pure_dict())
+
+
+def test_grouped_logprobs_sharded_over_data_parallel_devices(setup):
+    """On a (2, 1, 1) mesh each device holds whole groups: its prompt rows and their responses' rows; the
+    trainer's log-prob forward (`GRPOStep.logprob_fn`, the sharded batch of `_forward_logprobs`) gives the
+    one-device per-row layout's log-probs."""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 (simulated) devices")
+    model, step, batch = setup
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step = dataclasses.replace(step, graphdef=graphdef, rest=rest)
+    rollout, rows = batch.scored.rollout, np.arange(2 * N)
+
+    def logprobs(s: gs.GRPOStep, grouped: bool) -> np.ndarray:
+        host = s.micro_batch(batch, rows, s.update_shape(rollout.prompts, grouped), grouped=grouped)
+        return s._forward_logprobs(params, [host]) * host["response_mask"]
+
+    ref = logprobs(step, False)
+    sharded = dataclasses.replace(step, mesh=shd.make_mesh((2, 1, 1), jax.devices()[:2]))
+    assert sharded.grouped(rollout)  # one group per device
+    assert np.abs(ref).sum() > 0
+    np.testing.assert_allclose(logprobs(sharded, True), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logprobs(sharded, False), ref, rtol=1e-5, atol=1e-5)
