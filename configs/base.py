@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.min_pixels = 4 * 28 * 28      # image resize lower bound in pixels (Qwen2.5-VL processor)
     c.data.max_pixels = 256 * 28 * 28    # image resize upper bound in pixels; not given in the paper
     #                                      for training (eval uses 256*32*32, paper sec. 5)
+    c.data.system_prompt = "vlaa"  # system message of every prompt: "vlaa" (the VLAA-Thinker prompt, paper) |
+    #                                "default" (the chat template's own, short) | the text itself; the
+    #                                trained model directory records it (generate / evaluate use it)
     c.data.shuffle = True     # shuffle records each epoch (seeded by `seed`)
     c.data.pack = False       # SFT: pack several examples per row (segment ids) instead of padding
     c.data.num_epochs = 1     # passes over the training split (paper: 1)
@@ -109,7 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Evaluation (mode="eval", tools/evaluate.py, vlaa_jax/eval/harness.py) ---------------------
     # Defaults are the paper's evaluation settings (sec. 5): greedy decoding, max pixels 256*32*32,
-    # 800 new tokens, the VLAA-Thinker system prompt.
+    # 800 new tokens, the VLAA-Thinker system prompt (for a model trained here: the image bounds and system
+    # prompt it was trained with, recorded in its directory).
     e = c.eval = ml_collections.ConfigDict()
     e.data = ""            # benchmark: VLMEvalKit TSV, JSON / JSONL, or a VLAA-Thinking dataset dir (held-out)
     e.images_root = ""     # folder the image paths of JSON benchmarks are relative to ("" = the file's folder)
@@ -121,7 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
     e.min_pixels = 0       # image resize bounds in pixels; 0 = what the model directory's processor config
     e.max_pixels = 0       # records (a trained model: its training bounds), else the paper's 4*28*28 and
     #                        256*32*32 (sec. 5); one rule for mode=eval and tools (harness.pixel_limits)
-    e.system_prompt = "vlaa"  # "vlaa": the VLAA-Thinker prompt (paper); "default": the chat template's own
+    e.system_prompt = ""   # "" = what the model directory records (a trained model: its data.system_prompt),
+    #                        else "vlaa" (the VLAA-Thinker prompt, paper); "default": the chat template's own
     e.output_dir = ""      # predictions.jsonl, report.json, table.txt ("" = workdir/eval/<benchmark name>)
     e.length_bins = 4      # quantile bins of the accuracy-vs-length table
     return c

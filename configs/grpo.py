@@ -32,14 +32,15 @@ BASE_MODELS = sft.BASE_MODELS
 def warm_start_stage(c: ml_collections.ConfigDict, *, num_steps: int) -> ml_collections.ConfigDict:
     """The SFT stage run before GRPO config `c`: configs/sft.py:demo for `num_steps` updates on the
     same model, data and seed. The shared fields are references (the model block is the same object),
-    so an override of c.seed / c.model.* / c.data.source / c.data.dir / c.train.progress_bar applies to
-    both stages. Only its final checkpoint and the vlaa-jax model directory are written."""
+    so an override of c.seed / c.model.* / c.data.source / c.data.dir / c.data.system_prompt /
+    c.train.progress_bar applies to both stages. Only its final checkpoint and the vlaa-jax model directory are written."""
     w = sft.get_config("demo")
     w.seed = c.get_ref("seed")
     w.model = c.model
     w.data.source = c.data.get_ref("source")
     w.data.dir = c.data.get_ref("dir")   # "" = the shared demo data dir of the GRPO run (vlaa_jax/main.py)
     w.data.demo_tasks = c.data.get_ref("demo_tasks")
+    w.data.system_prompt = c.data.get_ref("system_prompt")
     w.train.num_steps = num_steps
     w.train.eval_every = 0
     w.train.checkpoint_every = 0

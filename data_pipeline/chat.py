@@ -23,6 +23,7 @@ import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from data_pipeline.image import PROCESSOR_CONFIG, read_processor_config, update_processor_config
 from data_pipeline.records import DataError, Record
 from data_pipeline.tokenizer import pad_id, token_id
 
@@ -34,6 +35,43 @@ VLAA_SYSTEM_PROMPT = (
     "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer "
     "here </answer>."
 )
+
+# Config names of system prompts (data.system_prompt, eval.system_prompt, tools' --system_prompt).
+SYSTEM_PROMPTS = {"vlaa": VLAA_SYSTEM_PROMPT, "default": None}
+
+
+def system_prompt_of(name: str) -> str | None:
+    """A configured system prompt: "vlaa" -> the VLAA-Thinker prompt (the paper's); "default" -> none of
+    ours (the chat template's own, Qwen's "You are a helpful assistant."); any other text is the prompt."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"system prompt {name!r}: give 'vlaa', 'default' or the prompt's text")
+    return SYSTEM_PROMPTS.get(name, name)
+
+
+TRAINED_SYSTEM_PROMPT_KEY = "vlaa_jax_system_prompt"  # the data.system_prompt a vlaa-jax trainer trained with
+
+
+def trained_system_prompt(model_dir: str) -> str | None:
+    """The system prompt name (or text) a vlaa-jax export records in its processor config; None for any
+    other directory."""
+    name = (read_processor_config(model_dir) or {}).get(TRAINED_SYSTEM_PROMPT_KEY)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"{os.path.join(model_dir, PROCESSOR_CONFIG)}: {TRAINED_SYSTEM_PROMPT_KEY} must be "
+                         f"'vlaa', 'default' or a prompt's text, got {name!r}")
+    return name
+
+
+def write_trained_system_prompt(model_dir: str, name: str) -> None:
+    """Records the system prompt a model was trained with, so generation and evaluation prompt it alike."""
+    system_prompt_of(name)  # a valid name
+    update_processor_config(model_dir, {TRAINED_SYSTEM_PROMPT_KEY: name})
+
+
+def resolve_system_prompt(model_dir: str, name: str = "") -> str:
+    """The system prompt to generate with: `name` if given, else what the model directory records (a
+    vlaa-jax trained model: its training prompt), else the paper's "vlaa". One rule for mode=eval and tools."""
+    return name or trained_system_prompt(model_dir) or "vlaa"
+
 
 _Q, _R = "\x00VLAA_QUESTION\x00", "\x00VLAA_RESPONSE\x00"
 

@@ -201,34 +201,47 @@ PROCESSOR_CONFIG = "preprocessor_config.json"
 TRAINED_PIXELS_KEY = "vlaa_jax_trained_pixels"  # [min, max] a vlaa-jax trainer trained the model with
 
 
-def processor_pixels(model_dir: str) -> tuple[int, int] | None:
-    """(min_pixels, max_pixels) a model was trained with, as a vlaa-jax export records them in its
-    processor config; None for any other directory (an HF download's processor config states HF's
-    defaults, not what the model was trained or is evaluated with)."""
+def read_processor_config(model_dir: str) -> dict | None:
+    """A model directory's processor config (preprocessor_config.json), None where it has none."""
     path = os.path.join(model_dir, PROCESSOR_CONFIG) if model_dir else ""
     if not path or not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): copy it again from the model's source") from None
-    trained = cfg.get(TRAINED_PIXELS_KEY)
+
+
+def update_processor_config(model_dir: str, updates: dict) -> None:
+    """Sets keys of a model directory's processor config (what a trainer records of how it trained)."""
+    path = os.path.join(model_dir, PROCESSOR_CONFIG)
+    cfg = read_processor_config(model_dir)
+    if cfg is None:
+        raise FileNotFoundError(f"{path} not found (the export writes it from the tokenizer directory)")
+    cfg.update(updates)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def processor_pixels(model_dir: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) a model was trained with, as a vlaa-jax export records them in its
+    processor config; None for any other directory (an HF download's processor config states HF's
+    defaults, not what the model was trained or is evaluated with)."""
+    trained = (read_processor_config(model_dir) or {}).get(TRAINED_PIXELS_KEY)
     if not trained:
         return None
     if not (isinstance(trained, list) and len(trained) == 2 and all(isinstance(v, int) and v > 0 for v in trained)):
-        raise ValueError(f"{path}: {TRAINED_PIXELS_KEY} must be [min_pixels, max_pixels], got {trained!r}")
+        raise ValueError(f"{os.path.join(model_dir, PROCESSOR_CONFIG)}: {TRAINED_PIXELS_KEY} must be "
+                         f"[min_pixels, max_pixels], got {trained!r}")
     return trained[0], trained[1]
 
 
 def write_processor_pixels(model_dir: str, min_pixels: int, max_pixels: int) -> None:
     """Records the image bounds a model was trained with in its processor config (HF's keys, both forms),
     so generation and evaluation resize images as in training."""
-    path = os.path.join(model_dir, PROCESSOR_CONFIG)
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["min_pixels"], cfg["max_pixels"] = int(min_pixels), int(max_pixels)
-    cfg[TRAINED_PIXELS_KEY] = [int(min_pixels), int(max_pixels)]
-    cfg["size"] = {**(cfg.get("size") or {}), "shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
+    size = (read_processor_config(model_dir) or {}).get("size") or {}
+    update_processor_config(model_dir, {
+        "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
+        TRAINED_PIXELS_KEY: [int(min_pixels), int(max_pixels)],
+        "size": {**size, "shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}})

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min_pixels", type=int, default=d.min_pixels, help="0 = MODEL_DIR's processor config's")
     p.add_argument("--max_pixels", type=int, default=d.max_pixels, help="0 = MODEL_DIR's processor config's")
     p.add_argument("--system_prompt", default=d.system_prompt,
-                   help="'vlaa' (paper), 'default' (template's) or a text")
+                   help="'' = MODEL_DIR's (a trained model records its own), else 'vlaa' (paper); "
+                        "'default' (the template's) or a text")
     p.add_argument("--length_bins", type=int, default=d.length_bins, help="bins of the accuracy-vs-length table")
     p.add_argument("--reward_model_url", default="", help="tools/reward_server.py URL for open-ended items")
     p.add_argument("--dtype", default="float32", help="parameter and compute dtype (bfloat16 on TPU/GPU)")

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from data_pipeline import tokenizer as tokenizer_lib  # noqa: E402
-from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter, load_tokenizer  # noqa: E402
+from data_pipeline.chat import ChatFormatter, load_tokenizer, resolve_system_prompt, system_prompt_of  # noqa: E402
 from data_pipeline.image import decode_image, preprocess_image  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
 from tools import cli  # noqa: E402
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system_prompt", default=VLAA_SYSTEM_PROMPT, help="'' for none")
+    p.add_argument("--system_prompt", default="",
+                   help="'' = the checkpoint's (a model trained here records its own), else 'vlaa' (the "
+                        "VLAA-Thinker prompt, paper); 'default' = the chat template's own; or the prompt's text")
     p.add_argument("--min_pixels", type=int, default=None, help="default: the checkpoint's preprocessor_config.json")
     p.add_argument("--max_pixels", type=int, default=None, help="default: the checkpoint's preprocessor_config.json "
                                                                  "(paper's evaluation: 262144 = 256*32*32)")
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     with cli.user_errors():  # a damaged or foreign checkpoint, a bad image: one line, exit code 2
         model = q.from_pretrained(a.ckpt, dtype=a.dtype, attention_impl=a.attention_impl)
-        formatter, prompts = build_prompt(a.ckpt, a.question, a.image, a.system_prompt or None, a.min_pixels,
-                                          a.max_pixels, model.config)
+        system_prompt = system_prompt_of(resolve_system_prompt(a.ckpt, a.system_prompt))
+        formatter, prompts = build_prompt(a.ckpt, a.question, a.image, system_prompt, a.min_pixels, a.max_pixels,
+                                          model.config)
     graphdef, state = nnx.split(model)
     stop_ids = tokenizer_lib.stop_ids(load_tokenizer(a.ckpt))
     t1 = time.time()

@@ -50,6 +50,7 @@ def test_third_party_noise_is_dropped(caplog):
         absl_logging.warning("[process=%s][thread=%s] Skipping merge of OCDBT checkpoints: No per-process OCDBT "
                              "checkpoint subdirs found in %s, ", 0, "MainThread", "/x")
         absl_logging.warning("Variant folder %s has no %s", "/x/1.0.0", "dataset_info.json")
+        absl_logging.warning("Metadata file does not exist: %s", "/run/checkpoints/5/state/_CHECKPOINT_METADATA")
         absl_logging.warning("a warning that %s", "stays")
-    assert "OCDBT" not in caplog.text and "Variant folder" not in caplog.text
+    assert "OCDBT" not in caplog.text and "Variant folder" not in caplog.text and "Metadata file" not in caplog.text
     assert "a warning that stays" in caplog.text

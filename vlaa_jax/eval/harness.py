@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from data_pipeline.chat import VLAA_SYSTEM_PROMPT, ChatFormatter
+from data_pipeline.chat import ChatFormatter, resolve_system_prompt, system_prompt_of
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image import decode_image, preprocess_image, processor_pixels
 from data_pipeline.records import DataError, Record
@@ -75,11 +75,6 @@ class PromptBuilder:
         except (DataError, ValueError) as e:
             raise BenchmarkError(f"{item.where} (id {item.id!r}): {e}") from e
         return ids, feats
-
-
-def system_prompt_of(name: str) -> str | None:
-    """eval.system_prompt: "vlaa" -> the VLAA-Thinker prompt; "default" -> the template's; else the text."""
-    return {"vlaa": VLAA_SYSTEM_PROMPT, "default": None, "": None}.get(name, name)
 
 
 # --------------------------------------------------------------------------------- generation
@@ -228,7 +223,8 @@ def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     items = load_benchmark(data, images_root=e.images_root or None, ids_file=e.ids_file or None, limit=e.limit)
     run = loop.Run.setup(config, workdir)
     min_pixels, max_pixels = pixel_limits(config.model.path, e.min_pixels, e.max_pixels)
-    prompts = PromptBuilder(run.tokenizer_dir, system_prompt_of(e.system_prompt), min_pixels, max_pixels)
+    system_prompt = resolve_system_prompt(config.model.path, e.system_prompt)
+    prompts = PromptBuilder(run.tokenizer_dir, system_prompt_of(system_prompt), min_pixels, max_pixels)
     done = [0]
 
     def progress(k: int, n: int) -> None:
@@ -244,7 +240,7 @@ def run_eval(config: Any, workdir: str) -> dict[str, Any]:
     out_dir = e.output_dir or os.path.join(workdir, "eval", name)
     settings = {"data": os.path.abspath(data), "model": config.model.path or f"{config.model.init} init",
                 "num_items": len(items), "greedy": True, "max_new_tokens": e.max_new_tokens,
-                "min_pixels": min_pixels, "max_pixels": max_pixels, "system_prompt": e.system_prompt,
+                "min_pixels": min_pixels, "max_pixels": max_pixels, "system_prompt": system_prompt,
                 "batch_size": e.batch_size}
     report = evaluate(items, gen, output_dir=out_dir, judge=Judge(reward_cfg), settings=settings,
                       length_bins=e.length_bins, write=jax.process_index() == 0)

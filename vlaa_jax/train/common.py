@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data_pipeline.chat import system_prompt_of, write_trained_system_prompt
 from data_pipeline.image import PROCESSOR_CONFIG, write_processor_pixels
 from data_pipeline.loader import make_loader
 from data_pipeline.model_inputs import grouped_vision_fields, round_up
@@ -255,10 +256,12 @@ def rng_key(data: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------- export
 def export_model(workdir: str, params: Any, mcfg: qwen.Qwen25VLConfig, tokenizer_dir: str, *,
-                 hf: bool = True, pixels: tuple[int, int] | None = None) -> dict[str, str]:
+                 hf: bool = True, pixels: tuple[int, int] | None = None,
+                 system_prompt: str | None = None) -> dict[str, str]:
     """Writes the trained policy's parameters as a vlaa-jax model dir (workdir/model) and an HF dir
-    (workdir/hf) with tokenizer / processor files; `pixels` = (min, max) the model was trained with, recorded
-    in their processor config (what generate / evaluate / mode=eval resize images with). Returns the paths."""
+    (workdir/hf) with tokenizer / processor files; `pixels` = (min, max) the model was trained with and
+    `system_prompt` its data.system_prompt, recorded in their processor config (what generate / evaluate /
+    mode=eval resize images and prompt with). Returns the paths."""
     out: dict[str, str] = {}
     if jax.process_index() != 0:
         return out
@@ -268,8 +271,11 @@ def export_model(workdir: str, params: Any, mcfg: qwen.Qwen25VLConfig, tokenizer
         shutil.rmtree(model_dir)
     qwen.loading.save_model_dir(model_dir, pure, qwen.to_hf_dict(mcfg), processor_dir=tokenizer_dir,
                               info={"source": "vlaa_jax.train"})
-    if pixels is not None and os.path.isfile(os.path.join(model_dir, PROCESSOR_CONFIG)):
-        write_processor_pixels(model_dir, *pixels)
+    if os.path.isfile(os.path.join(model_dir, PROCESSOR_CONFIG)):
+        if pixels is not None:
+            write_processor_pixels(model_dir, *pixels)
+        if system_prompt is not None:
+            write_trained_system_prompt(model_dir, system_prompt)
     out["model_dir"] = model_dir
     if not hf:
         return out
@@ -325,7 +331,7 @@ def run_loader(config: ml_collections.ConfigDict, workdir: str, split: str, toke
         raise ValueError(f"batch size {batch_size} is not divisible by {jax.process_count()} processes")
     cfg = dict(
         **data_source_fields(config, workdir), max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels, system_prompt=system_prompt_of(d.system_prompt),
         batch_size=batch_size // jax.process_count(), seed=config.seed + seed_offset,
         shuffle=d.shuffle if shuffle is None else shuffle,
         num_epochs=d.num_epochs if num_epochs == -1 else num_epochs,

@@ -219,6 +219,9 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
     require(d.source in ("vlaa_thinking", "demo"), "data.source",
             f"'vlaa_thinking' or 'demo', got {d.source!r}")
     require(d.source != "vlaa_thinking" or bool(d.dir), "data.dir", "needed for data.source='vlaa_thinking'")
+    require(isinstance(d.system_prompt, str) and bool(d.system_prompt), "data.system_prompt",
+            f"'vlaa' (the VLAA-Thinker prompt), 'default' (the chat template's) or the prompt's text, got "
+            f"{d.system_prompt!r}")
     require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
             f"must divide train.batch_size={t.batch_size}, got {t.grad_accum_steps}")
     require(t.nonfinite_policy in ("skip", "stop"), "train.nonfinite_policy",

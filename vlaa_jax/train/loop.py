@@ -155,7 +155,7 @@ class Run:
     def export(self, *, hf: bool = True) -> dict[str, str]:
         d = self.config.data
         return common.export_model(self.workdir, self.params, self.mcfg, self.tokenizer_dir, hf=hf,
-                                   pixels=(d.min_pixels, d.max_pixels))
+                                   pixels=(d.min_pixels, d.max_pixels), system_prompt=d.system_prompt)
 
     def message(self, text: str) -> None:
         if jax.process_index() == 0:
