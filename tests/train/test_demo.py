@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline.chat import trained_system_prompt
 from data_pipeline.image import processor_pixels
 from tests.train.helpers import REPO
 
@@ -93,9 +94,12 @@ def test_grpo_demo_shortened(demo_data_dir, jax_cache_dir, tmp_path):
     assert report["settings"]["max_new_tokens"] == 16 and report["settings"]["num_items"] == 6
     # One source for image settings: the bounds the demo trained with (56*56), recorded in the exported
     # processor configs, are what mode=eval resizes with.
+    # The system prompt too: the demo's data.system_prompt is recorded and is what mode=eval prompts with.
     for d in ("model", "hf"):
         assert processor_pixels(str(tmp_path / d)) == (56 * 56, 56 * 56), d
+        assert trained_system_prompt(str(tmp_path / d)) == "vlaa", d
     assert (report["settings"]["min_pixels"], report["settings"]["max_pixels"]) == (56 * 56, 56 * 56)
+    assert report["settings"]["system_prompt"] == "vlaa"
     assert 0.0 <= result["behaviour"]["reflection_rate"] <= 1.0
     assert "behaviour/reflection_rate" in rows[-1]  # the GRPO run logged its rollouts' behaviour too
     # Distinct generate programs so far: the before-table's (5 prompts, greedy) and the steps' (8 prompts,
