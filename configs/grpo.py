@@ -33,7 +33,8 @@ def warm_start_stage(c: ml_collections.ConfigDict, *, num_steps: int) -> ml_coll
     """The SFT stage run before GRPO config `c`: configs/sft.py:demo for `num_steps` updates on the
     same model, data and seed. The shared fields are references (the model block is the same object),
     so an override of c.seed / c.model.* / c.data.source / c.data.dir / c.data.system_prompt /
-    c.train.progress_bar applies to both stages. Only its final checkpoint and the vlaa-jax model directory are written."""
+    c.train.progress_bar applies to both stages. Only its final checkpoint and the vlaa-jax model
+    directory are written."""
     w = sft.get_config("demo")
     w.seed = c.get_ref("seed")
     w.model = c.model

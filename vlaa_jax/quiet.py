@@ -3,8 +3,8 @@
 Orbax warns "Skipping merge of OCDBT checkpoints" on every single-process save, convert and export, and
 TFDS warns "Variant folder ... has no dataset_info.json" for a dataset it has not yet built (ours, built
 from local files a moment later), and Orbax warns "Metadata file does not exist" on every resume (a
-checkpoint of ours has no _CHECKPOINT_METADATA file; the restore does not need it). All go through absl logging; a filter on its logger drops them and
-nothing else. After a restore fails on a damaged checkpoint (`orbax_restore`), the reads still in flight
+checkpoint of ours has no _CHECKPOINT_METADATA file; the restore does not need it). All go through absl
+logging; a filter on its logger drops them and nothing else. After a restore fails on a damaged checkpoint (`orbax_restore`), the reads still in flight
 report themselves, dozens of tracebacks after our one-line error: those are dropped too.
 """
 from __future__ import annotations
