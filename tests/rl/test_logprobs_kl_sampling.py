@@ -76,7 +76,9 @@ def test_memory_stays_chunked_in_forward_and_gradient():
             pytest.skip("backend gives no memory analysis")
         return analysis.temp_size_in_bytes
 
-    chunked = lambda h, w, t: jnp.sum(token_logprobs(h, w, t, chunk_size=16)[0])  # 512 KiB chunks
+    # 16 positions x 1024 vocabulary rows a block: 128 KiB logits blocks (the default block here is the
+    # whole 4096-row vocabulary: 512 KiB, whose gradient with the float32 d lm_head is ~2.2 MiB)
+    chunked = lambda h, w, t: jnp.sum(token_logprobs(h, w, t, chunk_size=16, vocab_block=1024)[0])
     plain = lambda h, w, t: jnp.sum(full_reference(h, w, t)[0])
     grad = lambda f: (lambda h, w, t: jax.grad(f, argnums=(0, 1))(h, w, t))
     assert temp_bytes(plain) >= full_bytes
@@ -96,23 +98,24 @@ def _primitive_counts(jaxpr, counts=None):
     return counts
 
 
-def test_one_chunk_gradient_reuses_the_logits_and_scatters_nothing():
-    """All positions in one chunk: value and gradient take three vocabulary projections (logits,
-    d hidden, d lm_head) with no rematerialised fourth, and the target logit's gradient is a select,
-    not a scatter-add into a zeroed [B, L, V] buffer. Several chunks keep the remat (four dots)."""
+def test_gradient_recomputes_each_block_and_scatters_nothing():
+    """The hand-written backward (`logprobs._head_bwd`): per vocabulary block one projection for the
+    forward's statistics, one to recompute the logits and two for d hidden and d lm_head, plus one dot of
+    the hidden states with their targets' rows; the target's gradient is a select, no scatter-add into a
+    zeroed [B, L, V] buffer, with one chunk or several."""
     B, L, D, V = 2, 24, 16, 512
     h = jnp.zeros((B, L, D), jnp.float32)
     w = jnp.zeros((V, D), jnp.float32)
     t = jnp.zeros((B, L), jnp.int32)
 
     def counts(chunk):
-        f = lambda h, w: jnp.sum(token_logprobs(h, w, t, chunk_size=chunk)[0])
+        f = lambda h, w: jnp.sum(token_logprobs(h, w, t, chunk_size=chunk, vocab_block=128)[0])
         return _primitive_counts(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(h, w).jaxpr)
 
-    one = counts(L)
-    assert one["dot_general"] == 3, one
-    assert not any("scatter" in name for name in one), one
-    assert counts(8)["dot_general"] == 4
+    for chunk in (L, 8):
+        c = counts(chunk)
+        assert c["dot_general"] == 5, c
+        assert not any("scatter" in name for name in c), c
 
 
 def test_data_parallel_sharding_is_kept():
