@@ -54,6 +54,13 @@ def test_grpo_demo_first_steps_pinned(demo_data_dir, jax_cache_dir, tmp_path):
     _compare(metrics(tmp_path), _pinned("grpo_demo.jsonl"), abs_tol=BF16_ROUNDING_LEVEL)
 
 
+# The toy run's policy-gradient loss is a mean of advantage-weighted ratios whose advantages sum to zero per
+# group: O(1) terms cancelling to ~5e-4, so float32 summation order shows at ~1e-7 absolute (the fused
+# log-prob head, dd529bb, sums the vocabulary in blocks: step 3's 5.5034e-4 -> 5.5024e-4). Pinned to
+# that level; tokens, rewards, KL, entropy and gradient norms stay pinned to 1e-4.
+CANCELLATION_LEVEL = {k: 5e-7 for k in ("pg_loss", "loss")}
+
+
 def test_grpo_toy_reward_first_steps_pinned(grpo_toy_run):
     workdir, _ = grpo_toy_run  # `--steps 3 --checkpoint_every 3 --toy_reward` (tests/fixtures/train.py)
-    _compare(metrics(workdir), _pinned("grpo_toy_reward.jsonl"))
+    _compare(metrics(workdir), _pinned("grpo_toy_reward.jsonl"), abs_tol=CANCELLATION_LEVEL)
