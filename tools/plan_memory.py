@@ -50,6 +50,7 @@ from vlaa_jax import sharding as shd  # noqa: E402
 from vlaa_jax.models.qwen2_5_vl import (  # noqa: E402
     Qwen25VL, Qwen25VLConfig, TextConfig, VisionConfig, from_hf_dict, layout, load_config)
 from vlaa_jax.rewards.mixed import RewardConfig  # noqa: E402
+from vlaa_jax.rl.logprobs import head_vocab_blocks  # noqa: E402
 from vlaa_jax.train import common  # noqa: E402
 from vlaa_jax.train import optim as optim_lib  # noqa: E402
 
@@ -576,29 +577,32 @@ def estimate_rollout(d: DeviceSizes, host: dict) -> dict[str, Any]:
 
 def estimate_logprobs(d: DeviceSizes, host: dict, *, reference: bool) -> dict[str, Any]:
     """The log-prob forward of one micro-batch (no backward): per layer its attention scores over the
-    whole row, then the response positions' logits chunk by chunk ([rows, chunk, vocab] float32)."""
+    whole row, then the fused head (vlaa_jax.rl.logprobs): the projection and one vocabulary block's
+    logits at a time."""
     w = d.w
     rows, length = d.rows(np.shape(host["input_ids"])[0]), np.shape(host["input_ids"])[1]
     stored = jnp.dtype(w.model.param_dtype if not reference or w.ref_dtype == "param" else w.ref_dtype).itemsize
     # Weights stored narrower than float32 (a bf16 reference): XLA:CPU converts the decoder's stacked
-    # weights to float32 once, before the layer scan, and gathers the output projection as stored.
-    head = {"head": d.head * stored // F32}
-    if stored < F32:
-        head["decoder_weights_f32"] = d.stack_f32
-    # the gathered projection and its float32 / relaid copy (one copy where it is not gathered)
-    logits = {"head": d.head + (head["head"] if d.head_gathered else 0)}
-    layer = _layer_parts(d, rows, length, length, backward=False)
-    # FSDP: a third score-sized buffer (the probabilities relaid for the value matmul) shares the room of
-    # the gathered projection's copy; where it is larger it adds the difference
-    if d.head_gathered:
-        layer["scores_relaid"] = max(0, layer["scores"] // 2 - logits["head"] + head["head"])
+    # weights to float32 once, before the layer scan; the output projection is used as stored.
+    narrow = {"decoder_weights_f32": d.stack_f32} if stored < F32 else {}
+    # the gathered projection (and its float32 copy where it is stored narrower); the fused head gathers
+    # it after the layers, so the layer stage does not hold it
+    logits = {"head": d.head + (d.head * stored // F32 if d.head_gathered else 0)}
     stages = {
-        "vision": {**head, **_vision_parts(d, host, backward=False)},
-        "layer": {**head, **layer},
-        "logits": {**head, **logits, "logits": 2 * rows * _logits_positions(d, host) * d.vocab * F32},
+        "vision": {**narrow, **_vision_parts(d, host, backward=False)},
+        "layer": {**narrow, **_layer_parts(d, rows, length, length, backward=False)},
+        "logits": {**narrow, **logits, "logits": _head_block_logits(d, host, rows)},
     }
     args = (d.ref if reference else d.params) + d.rest + d.batch_bytes(host)
     return _peak(args, {}, stages)
+
+
+def _head_block_logits(d: DeviceSizes, host: dict, rows: int) -> int:
+    """Bytes of the fused head's live logits: one vocabulary block's float32 logits and their
+    exponentials (or gradient) over one chunk of positions."""
+    positions = _logits_positions(d, host)
+    _, block = head_vocab_blocks(rows, positions, d.m.text.vocab_size)
+    return 2 * rows * positions * min(block, d.vocab) * F32
 
 
 def _logits_positions(d: DeviceSizes, host: dict) -> int:
@@ -627,7 +631,7 @@ def estimate_train_step(d: DeviceSizes, host: dict) -> dict[str, Any]:
         block_input = vision.pop("vision_residuals") // d.m.vision.depth // F32
         persistent["vision_residuals"] = d.m.vision.depth * _residual_per_layer(d, vision, block_input)
     stages = {
-        "head": {"head": 3 * d.head, "logits": 2 * rows * _logits_positions(d, host) * d.vocab * F32},
+        "head": {"head": 3 * d.head, "logits": _head_block_logits(d, host, rows)},
         "layer": {"head": 2 * d.head, **layer},
         "vision": {"head": d.head, **vision},
         # the AdamW update: gradients, their clipped / masked copies and the updates, float32 (the

@@ -6,7 +6,10 @@ recorded in tests/train/pinned/ by the code before the GRPO step was redesigned 
   steps, 32 new tokens, no before/after table). Two updates per rollout batch: old-policy log-probs
   recomputed, reference log-probs, adaptive KL controller, the mixed reward (all 0 this early).
 - grpo_toy_reward.jsonl: the test trainer (tests/train/runner.py) with a dense toy reward, so advantages,
-  the clipped policy-gradient loss and gradient accumulation carry non-zero numbers.
+  the clipped policy-gradient loss and gradient accumulation carry non-zero numbers. Re-recorded on 2 cores
+  with the fused log-prob head (dd529bb, which sums the vocabulary in blocks): steps 1-2 equal the old pin
+  to 1e-4 in every metric; at step 3 one sampled token flips (reward 0.6227 -> 0.6369), as a change of
+  float32 summation order can do to a sample drawn after two updates.
 Timing metrics (time/*, tokens_per_s) and the rollout engine's accounting (rollout/*: slot utilisation,
 prefill / decode time, added with the continuous engine) are not pinned; the tokens it samples are.
 """

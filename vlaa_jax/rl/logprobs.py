@@ -212,6 +212,14 @@ def _finish(logp, entropy, mask):
     return logp, entropy
 
 
+def head_vocab_blocks(batch: int, chunk: int, vocab: int, vocab_block: int | None = None) -> tuple[int, int]:
+    """(num_blocks, rows per block) of a head call over [batch, chunk] positions (the default block: about
+    4 MiB of float32 logits, at least 256 rows); also what tools/plan_memory.py counts for its logits."""
+    if vocab_block is None:
+        vocab_block = max(_MIN_BLOCK, _BLOCK_BYTES // (4 * batch * chunk))
+    return _vocab_blocks(vocab, vocab_block)
+
+
 def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
                    mask: jax.Array | None = None, *, chunk_size: int = 256,
                    temperature: float = 1.0, vocab_block: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -230,9 +238,7 @@ def token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
     vocab = lm_head.shape[0]
     targets = jnp.clip(targets.astype(jnp.int32), 0, vocab - 1)
     chunk = max(1, min(int(chunk_size), length))
-    if vocab_block is None:
-        vocab_block = max(_MIN_BLOCK, _BLOCK_BYTES // (4 * batch * chunk))
-    num_blocks, block = _vocab_blocks(vocab, vocab_block)
+    num_blocks, block = head_vocab_blocks(batch, chunk, vocab, vocab_block)
     spec = _Spec(chunk, -(-length // chunk), num_blocks, block, vocab, float(temperature))
     logp, entropy = _head(hidden, lm_head, targets, spec)
     return _finish(logp, entropy, mask)
